@@ -1,0 +1,38 @@
+"""Fingerprints: what a store was computed from, so a stale store is refused instead of misused."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+
+# Keys that change the stored values. Library versions are recorded beside them but not compared:
+# a transformers upgrade should not make every cache unusable.
+COMPARED_KEYS = (
+    "backbone", "model_type", "weights_sha256", "tokenizer_sha256", "dataset", "dataset_files_sha256",
+    "splits", "columns", "max_length", "max_examples", "dev_carve", "taps", "codec", "precision",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "zarr", "numcodecs", "lst-cache"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def diff_fingerprints(stored: dict, requested: dict) -> list[str]:
+    """Human-readable differences in the compared keys; empty when the store matches."""
+    out = []
+    for key in COMPARED_KEYS:
+        a, b = stored.get(key), requested.get(key)
+        if a != b:
+            out.append(f"{key}: store has {_short(a)}, requested {_short(b)}")
+    return out
+
+
+def _short(v: object) -> str:
+    s = repr(v)
+    return s if len(s) <= 120 else s[:117] + "..."

@@ -1,0 +1,20 @@
+"""Registry of `lst` subcommands defined outside cli.py (bench, train, sweep, ...).
+
+Each entry is a function ``register(subparsers)`` that adds one subcommand; keeping them beside
+their library code keeps cli.py small.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+REGISTRY: list[Callable] = []
+
+
+def _load() -> None:
+    from pipeline.bench import cli as bench_cli
+
+    REGISTRY.append(bench_cli.register)
+
+
+_load()

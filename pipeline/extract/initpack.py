@@ -1,0 +1,89 @@
+"""The init pack: what stage two needs of the backbone besides activations, so it never loads it.
+
+``init/weights.safetensors`` (the backbone's state dict, which pruning-based initialisation slices
+and which carries frozen head pieces such as T5's tied LM head), ``init/config.json`` (the HF config
+the side network is shaped from), ``init/tokenizer/`` (for predict and for readers that want text),
+and optionally ``init/importance.safetensors`` (Fisher scores, same keys as the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import fsspec
+import safetensors.torch
+import torch
+
+INIT_DIR = "init"
+DONE_MARKER = "init/.complete"
+
+
+def _fs(url: str, storage_options: dict | None):
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def init_pack_written(url: str, storage_options: dict | None = None) -> bool:
+    fs, root = _fs(url, storage_options)
+    return fs.exists(f"{root}/{DONE_MARKER}")
+
+
+def write_init_pack(url: str, state: dict[str, torch.Tensor], config_json: str, tokenizer,
+                    storage_options: dict | None = None) -> None:
+    fs, root = _fs(url, storage_options)
+    base = f"{root}/{INIT_DIR}"
+    fs.makedirs(f"{base}/tokenizer", exist_ok=True)
+    with fs.open(f"{base}/weights.safetensors", "wb") as f:
+        f.write(safetensors.torch.save(state))
+    with fs.open(f"{base}/config.json", "w") as f:
+        f.write(config_json)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for p in Path(tmp).iterdir():
+            fs.put_file(str(p), f"{base}/tokenizer/{p.name}")
+    with fs.open(f"{root}/{DONE_MARKER}", "w") as f:
+        f.write(json.dumps({"tensors": len(state)}))
+
+
+def write_importance(url: str, importance: dict[str, torch.Tensor], meta: dict,
+                     storage_options: dict | None = None) -> None:
+    fs, root = _fs(url, storage_options)
+    with fs.open(f"{root}/{INIT_DIR}/importance.safetensors", "wb") as f:
+        f.write(safetensors.torch.save(importance, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def read_weights(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    fs, root = _fs(url, storage_options)
+    with fs.open(f"{root}/{INIT_DIR}/weights.safetensors", "rb") as f:
+        return safetensors.torch.load(f.read())
+
+
+def read_importance(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor] | None:
+    fs, root = _fs(url, storage_options)
+    path = f"{root}/{INIT_DIR}/importance.safetensors"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return safetensors.torch.load(f.read())
+
+
+def read_config(url: str, storage_options: dict | None = None):
+    """The backbone's HF config, rebuilt from the pack (no weights, no network)."""
+    from transformers import AutoConfig
+
+    fs, root = _fs(url, storage_options)
+    with fs.open(f"{root}/{INIT_DIR}/config.json", "r") as f:
+        data = json.load(f)
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def tokenizer_dir(url: str, dest: str | Path, storage_options: dict | None = None) -> Path:
+    """Copy the packed tokenizer to a local dir (for AutoTokenizer)."""
+    fs, root = _fs(url, storage_options)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in fs.ls(f"{root}/{INIT_DIR}/tokenizer", detail=False):
+        fs.get_file(p, str(dest / Path(p).name))
+    return dest

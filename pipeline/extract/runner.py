@@ -1,0 +1,335 @@
+"""Stage one: run the frozen backbone once over a dataset and fill the activation cache.
+
+Order of work: resolve the backbone and dataset (cheap, and errors surface before anything is
+written), fingerprint them, take the store's write lock, create or resume the store, write the init
+pack, then compute the pending shards -- in this process with writes overlapped in a thread, or on
+a Dask cluster, one task per shard so that no two writers ever touch one shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
+
+from pipeline.backbones import load_backbone, resolve_backbone, tokenizer_sha256, weights_sha256
+from pipeline.backbones import init_pack_state
+from pipeline.cache import codecs as C
+from pipeline.cache.fingerprint import diff_fingerprints, library_versions
+from pipeline.cache.store import ActivationCache, CacheError, create_store, open_group
+from pipeline.datasets import load_dataset, sha256_path
+from pipeline.extract import initpack
+from pipeline.extract.plan import build_split_plan
+from pipeline.extract.worker import ComputeSettings, compute_shard
+
+
+class ExtractError(RuntimeError):
+    """Extraction stopped; the message says why and what was kept."""
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = "minilm"
+    dataset: str = "sst2"
+    out: str = "data/cache/sst2-minilm.zarr"
+    splits: list[str] | None = None
+    layers: str = "all"  # 'all' or tap indices '0,1,3' (0 = embedding output, i = block i)
+    codec: str = "bf16"
+    max_length: int = 128
+    max_examples: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_tokens: int = 8192
+    shard_tokens: int = 16384
+    workers: int = 0
+    scheduler: str | None = None
+    overwrite: bool = False
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    data_dir: str | None = None
+    dev_fraction: float = 0.1
+    seed: int = 0
+    storage_options: dict | None = field(default=None)
+    progress: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExtractError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def parse_taps(layers: str, num_layers: int) -> list[int]:
+    if layers in ("all", "", None):
+        return list(range(num_layers + 1))
+    try:
+        taps = sorted({int(x) for x in str(layers).split(",") if x.strip() != ""})
+    except ValueError:
+        raise ExtractError(f"--layers {layers!r}: give 'all' or comma-separated tap indices such as 0,1,3") from None
+    bad = [t for t in taps if t < 0 or t > num_layers]
+    if bad or not taps:
+        raise ExtractError(
+            f"--layers {layers!r}: taps {bad} do not exist; this backbone has taps 0..{num_layers} "
+            "(0 = embedding output, i = output of block i)"
+        )
+    return taps
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> Path:
+    return Path(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def _store_state(url: str, storage_options: dict | None) -> str:
+    """'absent', 'cache' (a complete layout), 'partial' (creation was interrupted) or 'foreign'."""
+    try:
+        root = open_group(url, mode="r", storage_options=storage_options)
+    except Exception:
+        if _is_local(url) and _local_path(url).exists() and any(_local_path(url).iterdir()):
+            return "foreign"
+        return "absent"
+    if "format_version" not in root.attrs:
+        return "foreign"
+    return "cache" if root.attrs.get("layout_complete") else "partial"
+
+
+def build_fingerprint(cfg: ExtractConfig, backbone_path: Path, model_type: str, bundle, taps: list[int]) -> dict:
+    return {
+        "backbone": cfg.backbone,
+        "model_type": model_type,
+        "weights_sha256": weights_sha256(backbone_path),
+        "tokenizer_sha256": tokenizer_sha256(backbone_path),
+        "dataset": cfg.dataset,
+        "dataset_files_sha256": {s: sha256_path(p) for s, p in sorted(bundle.files.items())},
+        "splits": sorted(bundle.splits),
+        "columns": bundle.columns,
+        "max_length": cfg.max_length,
+        "max_examples": cfg.max_examples,
+        "dev_carve": bundle.dev_carve,
+        "taps": taps,
+        "codec": cfg.codec,
+        "precision": cfg.precision,
+    }
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Extract (or resume) a store; returns a JSON-able summary."""
+    C.codec_spec(cfg.codec)
+    if cfg.precision not in ("fp32", "fp16", "bf16"):
+        raise ExtractError(f"--precision {cfg.precision!r}: choose fp32, fp16 or bf16")
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    path = resolve_backbone(cfg.backbone)
+    bundle = load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, text_column=cfg.text_column,
+        text_pair_column=cfg.text_pair_column, label_column=cfg.label_column, splits=cfg.splits,
+        max_examples=cfg.max_examples, dev_fraction=cfg.dev_fraction, seed=cfg.seed,
+    )
+    backbone = load_backbone(str(path), device=str(device)) if cfg.workers == 0 and not cfg.scheduler else None
+    if backbone is None:
+        backbone = load_backbone(str(path), device="cpu")  # coordinator: tokenizer, config, init pack
+    taps = parse_taps(cfg.layers, backbone.num_layers)
+    fingerprint = build_fingerprint(cfg, path, backbone.config.model_type, bundle, taps)
+
+    lock = None
+    if _is_local(cfg.out):
+        out = _local_path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ExtractError(
+                f"{cfg.out} is being written by another extraction (lock {out}.lock is held); "
+                "wait for it to finish, or stop it first"
+            ) from None
+    try:
+        return _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ExtractError(
+                f"disk full while writing {cfg.out}: shards already marked done are kept; "
+                "free space and re-run the same command to resume"
+            ) from e
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start) -> dict:
+    state = _store_state(cfg.out, cfg.storage_options)
+    resumed = False
+    if state == "cache" and not cfg.overwrite:
+        cache = ActivationCache.open(cfg.out, mode="r+", storage_options=cfg.storage_options)
+        diffs = diff_fingerprints(cache.fingerprint, fingerprint)
+        if diffs:
+            raise CacheError(
+                f"{cfg.out} holds a different cache:\n  " + "\n  ".join(diffs)
+                + "\nuse another --out, or --overwrite to replace it"
+            )
+        resumed = True
+    elif state == "foreign" and not cfg.overwrite:
+        raise CacheError(f"{cfg.out} exists and is not an lst activation cache; choose another --out or pass --overwrite")
+    else:
+        plans = []
+        for name in sorted(bundle.splits):
+            plans.append(build_split_plan(name, backbone.tokenizer, bundle.splits[name], cfg.max_length, cfg.shard_tokens))
+        meta = {
+            "task": {
+                "name": bundle.name, "task_type": bundle.task_type, "metric": bundle.metric,
+                "label_names": bundle.label_names, "num_labels": bundle.num_labels(),
+            },
+            "backbone": {
+                "name": cfg.backbone, "family": backbone.family, "model_type": backbone.config.model_type,
+                "num_layers": backbone.num_layers, "hidden_size": backbone.hidden_size,
+                "num_parameters": int(sum(p.numel() for p in backbone.model.parameters())),
+                "pad_token_id": backbone.tokenizer.pad_token_id,
+            },
+            "max_length": cfg.max_length,
+        }
+        cache = create_store(
+            cfg.out, fingerprint=fingerprint, meta=meta, plans=plans, taps=taps, codec=cfg.codec,
+            hidden_size=backbone.hidden_size, versions=library_versions(),
+            storage_options=cfg.storage_options,
+        )
+        cache.root.attrs["layout_complete"] = True
+    if not initpack.init_pack_written(cfg.out, cfg.storage_options):
+        initpack.write_init_pack(
+            cfg.out, init_pack_state(backbone), backbone.config.to_json_string(), backbone.tokenizer,
+            cfg.storage_options,
+        )
+
+    settings = ComputeSettings(taps=tuple(taps), codec=cfg.codec, batch_tokens=cfg.batch_tokens, precision=cfg.precision)
+    work = [(s, shard) for s in cache.splits for shard in cache.split(s).pending_shards()]
+    total_rows = sum(_rows(cache, s, k) for s, k in work)
+    t_compute = time.perf_counter()
+    bar = tqdm(total=total_rows, unit="tok", unit_scale=True, desc=f"extract {Path(cfg.out).name}",
+               file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        if cfg.workers or cfg.scheduler:
+            _run_dask(cfg, cache, work, settings, bar)
+        else:
+            _run_local(cache, work, backbone, settings, device, bar)
+    finally:
+        bar.close()
+    compute_s = time.perf_counter() - t_compute
+    complete = cache.mark_complete()
+    splits = {s: _split_summary(cache, s) for s in cache.splits}
+    return {
+        "store": cfg.out,
+        "complete": complete,
+        "resumed": resumed,
+        "shards_computed": len(work),
+        "tokens_computed": total_rows,
+        "extract_s": round(compute_s, 3),
+        "tokens_per_s": round(total_rows / compute_s, 1) if compute_s > 0 else None,
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "device": str(device),
+        "codec": cfg.codec,
+        "taps": taps,
+        "splits": splits,
+    }
+
+
+def _rows(cache: ActivationCache, split: str, shard: int) -> int:
+    a, b = cache.split(split).shard_rows(shard)
+    return b - a
+
+
+def _split_summary(cache: ActivationCache, name: str) -> dict:
+    v = cache.split(name)
+    return {"examples": v.num_examples, "tokens": v.num_tokens, "truncated": v.num_truncated, "shards": v.num_shards}
+
+
+def _run_local(cache, work, backbone, settings, device, bar, max_inflight: int = 2) -> None:
+    """Compute shards in order; compression and writes of shard k overlap the forward of shard k+1."""
+    views = {s: cache.split(s) for s in cache.splits}
+    inflight: deque = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lst-writer") as pool:
+        for split, shard in work:
+            view = views[split]
+            values = compute_shard(backbone, view, shard, settings, device)
+            inflight.append((pool.submit(view.write_shard, shard, values), _rows(cache, split, shard)))
+            while len(inflight) > max_inflight:
+                fut, rows = inflight.popleft()
+                fut.result()
+                bar.update(rows)
+        while inflight:
+            fut, rows = inflight.popleft()
+            fut.result()
+            bar.update(rows)
+
+
+# -- Dask -----------------------------------------------------------------------------------------
+
+def _worker_backbone(name: str, device: str):
+    """Each Dask worker loads the backbone once and keeps it on its Worker object."""
+    from distributed import get_worker
+
+    w = get_worker()
+    cache = w.__dict__.setdefault("_lst_backbones", {})
+    key = (name, device)
+    if key not in cache:
+        cache[key] = load_backbone(name, device=device)
+    return cache[key]
+
+
+def dask_extract_shard(url: str, storage_options, split: str, shard: int, backbone_path: str,
+                       device: str, settings: ComputeSettings) -> int:
+    """One work unit on a Dask worker: compute and write one shard; returns rows written."""
+    dev = resolve_device(device)
+    backbone = _worker_backbone(backbone_path, str(dev))
+    cache = ActivationCache.open(url, mode="r+", storage_options=storage_options)
+    view = cache.split(split)
+    if view.done()[shard]:
+        return 0
+    view.write_shard(shard, compute_shard(backbone, view, shard, settings, dev))
+    a, b = view.shard_rows(shard)
+    return b - a
+
+
+def _run_dask(cfg: ExtractConfig, cache, work, settings, bar) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    url = cfg.out if not _is_local(cfg.out) else str(_local_path(cfg.out).resolve())
+    cluster = None
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+    else:
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        path = str(resolve_backbone(cfg.backbone))
+        run_id = uuid.uuid4().hex[:8]
+        futures = [
+            client.submit(dask_extract_shard, url, cfg.storage_options, split, shard, path, cfg.device,
+                          settings, key=f"lst-extract-{split}-{shard}-{run_id}", pure=False, retries=0)
+            for split, shard in work
+        ]
+        for fut in as_completed(futures):
+            bar.update(fut.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,101 @@
+"""Compute one shard: run the frozen backbone over the examples that overlap the shard's token rows.
+
+The batching of a shard is a pure function of the shard (examples in storage order, cut by token
+budget), so whichever process computes a shard, first run or resume, produces the same values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.backbones import Backbone, forward_taps
+from pipeline.cache import codecs as C
+from pipeline.cache.store import SplitView
+from pipeline.extract.plan import batches_by_token_budget
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    taps: tuple[int, ...]
+    codec: str
+    batch_tokens: int = 8192
+    precision: str = "fp32"  # compute dtype: fp32 | fp16 | bf16 (half precision is for CUDA)
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _forward_real_tokens(
+    backbone: Backbone, seqs: list[np.ndarray], settings: ComputeSettings, device: torch.device,
+    types: list[np.ndarray] | None = None,
+) -> list[torch.Tensor]:
+    """Taps of the real tokens of these sequences, concatenated in order: one [n_tokens, d] per tap.
+
+    An out-of-memory batch is split in half and retried, down to single examples.
+    """
+    longest = max(len(s) for s in seqs)
+    pad = backbone.tokenizer.pad_token_id or 0
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    tt = torch.zeros_like(ids) if types is not None else None
+    for k, s in enumerate(seqs):
+        ids[k, : len(s)] = torch.from_numpy(s.astype(np.int64))
+        mask[k, : len(s)] = 1
+        if tt is not None:
+            tt[k, : len(s)] = torch.from_numpy(types[k].astype(np.int64))
+    try:
+        with torch.inference_mode(), _autocast(device, settings.precision):
+            ids_d = ids.to(device, non_blocking=True)
+            mask_d = mask.to(device, non_blocking=True)
+            tt_d = tt.to(device, non_blocking=True) if tt is not None else None
+            taps = forward_taps(backbone, ids_d, mask_d, list(settings.taps), token_type_ids=tt_d)
+            keep = mask_d.bool()
+            return [t[keep].float() for t in taps]
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        if not _is_oom(err) or len(seqs) == 1:
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(seqs) // 2
+        a = _forward_real_tokens(backbone, seqs[:half], settings, device, types[:half] if types else None)
+        b = _forward_real_tokens(backbone, seqs[half:], settings, device, types[half:] if types else None)
+        return [torch.cat([x, y]) for x, y in zip(a, b)]
+
+
+def compute_shard(
+    backbone: Backbone, split: SplitView, shard: int, settings: ComputeSettings, device: torch.device
+) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """Encoded values of every tap for the shard's rows, ready for ``SplitView.write_shard``."""
+    start, end = split.shard_rows(shard)
+    i0, i1 = split.shard_examples(shard)
+    offsets = split.offsets
+    input_ids = split.input_ids
+    token_types = split.token_type_ids
+    lengths = np.diff(offsets[i0 : i1 + 1])
+    parts: list[list[torch.Tensor]] = [[] for _ in settings.taps]
+    for a, b in batches_by_token_budget(lengths, settings.batch_tokens):
+        seqs = [input_ids[offsets[i] : offsets[i + 1]] for i in range(i0 + a, i0 + b)]
+        types = None if token_types is None else [token_types[offsets[i] : offsets[i + 1]] for i in range(i0 + a, i0 + b)]
+        for k, t in enumerate(_forward_real_tokens(backbone, seqs, settings, device, types)):
+            parts[k].append(t)
+    lo, hi = start - int(offsets[i0]), end - int(offsets[i0])
+    out = {}
+    for tap, chunks in zip(settings.taps, parts):
+        rows = torch.cat(chunks)[lo:hi]
+        out[tap] = C.encode(rows, settings.codec)  # encodes on device, copies the smaller result
+    return out

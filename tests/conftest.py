@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random backbones of each family (built once per session) and store comparison."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+from pipeline.backbones import make_tiny_backbone
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-backbones")
+    return {f: str(make_tiny_backbone(f, root / f)) for f in ("bert", "t5", "gpt2", "llama")}
+
+
+def store_arrays(url: str) -> dict[str, np.ndarray]:
+    """Every array of every split of a store, by path (for value-for-value comparisons)."""
+    from pipeline.cache.store import ActivationCache, tap_name
+
+    cache = ActivationCache.open(url)
+    out = {}
+    for s in cache.splits:
+        v = cache.split(s)
+        for name in ("offsets", "input_ids", "labels", "source_rows", "done"):
+            out[f"{s}/{name}"] = v.group[name][:]
+        for t in cache.taps:
+            out[f"{s}/acts/{tap_name(t)}"] = v.tap_array(t)[:]
+            if cache.spec.has_scale:
+                out[f"{s}/scales/{tap_name(t)}"] = v.scale_array(t)[:]
+    return out
+
+
+def assert_same_store(a: str, b: str) -> None:
+    xa, xb = store_arrays(a), store_arrays(b)
+    assert xa.keys() == xb.keys()
+    for k in xa:
+        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
