@@ -13,8 +13,9 @@ REGISTRY: list[Callable] = []
 
 def _load() -> None:
     from pipeline.bench import cli as bench_cli
+    from pipeline.train import cli as train_cli
 
-    REGISTRY.append(bench_cli.register)
+    REGISTRY.extend([train_cli.register, bench_cli.register])
 
 
 _load()

@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pytest
+import torch
+
+# One intra-op thread: on 2 shared cores, two torch threads contend with the reader/writer threads
+# and with each other (a tiny side-network step went from 0.6 s to 55 s for 40 steps under load).
+torch.set_num_threads(1)
 
 from pipeline.backbones import make_tiny_backbone
 

@@ -147,7 +147,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
             "--batch-tokens", "512", "--codec", "bf16", "--no-progress", "--json"]
     ref, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     assert lst_main(["extract", *args, "--out", str(ref)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", *args, "--out", str(killed)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

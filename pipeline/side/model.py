@@ -1,0 +1,126 @@
+"""LadderSideNetwork: the LST side network for encoder and decoder-only backbones.
+
+It reads the backbone only through its taps (tap 0 = embedding output, tap b = block b's
+output on the residual stream), so it trains from an activation cache as well as beside
+a live backbone.  Structure and init follow the official ``modeling_side_t5.py``:
+
+    h = Down_0(dropout(tap_0))                               # first side state
+    for each kept block b (1-based, backbone order):
+        mu = sigmoid(alpha_b / T)                            # 'learnable' (alpha=0 -> 0.5)
+        h  = mu * h + (1 - mu) * Down_b(tap_b)               # 'sum': h + Down_b(tap_b)
+        h  = SideBlock_b(h)                                  # 'none': no ladder here
+    h = dropout(FinalNorm(h)); h = Up(h)                     # Up: d/r -> d, with bias
+    logits = Head(pool(h))
+
+Ladders, Up and the head are ``Linear`` with N(0, 0.01) weights and zero bias (the
+official ``_init_weights`` branch for every non-T5 ``nn.Linear``).  Ladder b reads block
+b's *output*: in the official loop backbone block i runs first and its output is mixed
+into the side state right before side block i.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import build_block, make_context
+from .blocks.norms import make_norm
+from .config import SideConfig
+from .families import backbone_dims, family_for, reduced_config
+from .pooling import pool
+
+__all__ = ["LadderSideNetwork", "LADDER_INIT_STD"]
+
+LADDER_INIT_STD = 0.01
+
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out, bias=True)
+    nn.init.normal_(lin.weight, 0.0, LADDER_INIT_STD)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+class LadderSideNetwork(nn.Module):
+    """Side network for ``backbone_config`` shaped by ``config``.
+
+    ``forward(taps, attention_mask)`` takes the taps listed by ``required_taps()``, in
+    that order, each [B, L, d] (cast to the side network's dtype), and a [B, L] mask
+    (1 = real token, right padding); it returns logits [B, num_labels] (regression: [B, 1]).
+    """
+
+    def __init__(self, config: SideConfig, backbone_config: Any) -> None:
+        super().__init__()
+        self.config = config.resolved(backbone_config)
+        self.backbone_config = backbone_config
+        self.family = family_for(backbone_config)
+        self.dims = backbone_dims(backbone_config)
+        self.side_hf_config = reduced_config(backbone_config, self.config.r, self.config.dropout)
+        self.side_dims = self.dims.reduced(self.config.r)
+        self.layers: list[int] = list(self.config.layers or [])
+        d, ds = self.dims.hidden, self.side_dims.hidden
+
+        self.tap_dropout = nn.Dropout(self.config.dropout)
+        self.ladders = nn.ModuleDict({str(t): _linear(d, ds) for t in self.required_taps()})
+        if self.config.gate == "learnable":
+            self.gate_alpha = nn.Parameter(torch.full((len(self.layers),), float(self.config.gate_alpha_init)))
+        else:
+            self.register_parameter("gate_alpha", None)
+        self.blocks = nn.ModuleDict(
+            {
+                str(b): build_block(self.config.block, self.side_hf_config, index=j, layer=b)
+                for j, b in enumerate(self.layers)
+            }
+        )
+        self.final_norm = make_norm(self.family.norm, ds, self.side_dims.norm_eps)
+        self.dropout = nn.Dropout(self.config.dropout)
+        self.upsample = _linear(ds, d)
+        out = self.config.num_labels if self.config.task_type == "classification" else 1
+        self.head = _linear(d, out)
+
+    # -- what the reader must load ---------------------------------------------------------
+    def required_taps(self) -> list[int]:
+        """Tap indices the forward consumes, in order: 0 plus every kept block (only 0 for
+        gate='none', whose kept blocks take no ladder input)."""
+        return [0] if self.config.gate == "none" else [0, *self.layers]
+
+    # -- forward ----------------------------------------------------------------------------
+    def gate_values(self) -> Tensor:
+        """mu per kept block (1.0 = side state only); meaningful for gate='learnable'."""
+        if self.gate_alpha is None:
+            return torch.ones(len(self.layers))
+        return torch.sigmoid(self.gate_alpha / self.config.gate_T)
+
+    def encode(self, taps: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+        """Side states after the final norm, dropout and upsample: [B, L, d]."""
+        need = self.required_taps()
+        if len(taps) != len(need):
+            raise ValueError(f"expected {len(need)} taps (indices {need}, in that order), got {len(taps)}")
+        dtype = self.upsample.weight.dtype
+        taps = [t.to(dtype) for t in taps]  # a cache may decode to bf16; compute in the side's dtype
+        ctx = make_context(attention_mask, self.family.causal, dtype)
+        h = self.ladders["0"](self.tap_dropout(taps[0]))
+        gates = self.gate_values().to(dtype) if self.gate_alpha is not None else None
+        for j, b in enumerate(self.layers):
+            if self.config.gate != "none":
+                ladder = self.ladders[str(b)](taps[j + 1])
+                h = gates[j] * h + (1 - gates[j]) * ladder if gates is not None else h + ladder
+            h = self.blocks[str(b)](h, ctx)
+        return self.upsample(self.dropout(self.final_norm(h)))
+
+    def forward(self, taps: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+        h = self.encode(taps, attention_mask)
+        return self.head(pool(h, attention_mask, self.config.pooling))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy (classification) or MSE on the single output (regression)."""
+        if self.config.task_type == "classification":
+            return F.cross_entropy(logits, labels.long())
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

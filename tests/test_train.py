@@ -1,0 +1,112 @@
+"""Stage two on real computations: cache/live parity, learning on real SST-2, resume, refusals, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache.store import ActivationCache, CacheError
+from pipeline.cli import main as lst_main
+from pipeline.extract.runner import ExtractConfig, run_extract
+from pipeline.train.errors import TrainError
+from pipeline.train.metrics import majority_baseline
+from pipeline.train.trainer import TrainConfig, train
+
+
+def _cache(tmp_path_factory, name, backbone="minilm", n=48, codec="fp32", **kw) -> str:
+    out = tmp_path_factory.mktemp("caches") / f"{name}.zarr"
+    run_extract(ExtractConfig(backbone=backbone, dataset="sst2", out=str(out), max_examples=n, codec=codec,
+                              shard_tokens=kw.pop("shard_tokens", 256), progress=False, **kw))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def minilm_fp32(tmp_path_factory) -> str:
+    return _cache(tmp_path_factory, "minilm-fp32")
+
+
+@pytest.mark.parametrize("family", ["minilm", "bert", "t5", "gpt2", "llama"])
+def test_cache_and_live_give_the_same_first_losses(tmp_path, tmp_path_factory, tiny_backbones, minilm_fp32, family):
+    cache = minilm_fp32 if family == "minilm" else _cache(tmp_path_factory, family, tiny_backbones[family], n=32)
+    side = {"dropout": 0.0, "r": 8 if family == "minilm" else 2}  # tiny models: hidden 32
+    common = dict(cache=cache, side=side, max_steps=6, epochs=2, batch_size=8, progress=False,
+                  lr=1e-3, seed=3)
+    cached = train(TrainConfig(out=str(tmp_path / "cached"), **common))
+    live = train(TrainConfig(out=str(tmp_path / "live"), live=True, **common))
+    assert len(cached["first_losses"]) == 6
+    np.testing.assert_allclose(cached["first_losses"], live["first_losses"], atol=1e-4, rtol=0)
+    assert live["live"] and not cached["live"]
+
+
+@pytest.mark.integration
+def test_training_from_cache_beats_majority_on_real_sst2(tmp_path, tmp_path_factory):
+    cache = _cache(tmp_path_factory, "sst2-1k", n=1000, codec="bf16", shard_tokens=4096)
+    s = train(TrainConfig(cache=cache, out=str(tmp_path / "run"), epochs=3, batch_size=32, lr=3e-3, progress=False))
+    c = ActivationCache.open(cache)
+    majority = majority_baseline("accuracy", c.split("train").labels, c.split("validation").labels)
+    assert s["dev_score"] > majority + 0.15, (s["dev_score"], majority)
+    assert 0 < s["trainable_pct"] < 5 and s["stall_fraction"] is not None
+    for f in ("config.yaml", "side.safetensors", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "run" / f).exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, minilm_fp32):
+    args = ["train", "--cache", minilm_fp32, "--epochs", "4", "--batch-size", "4", "--no-progress", "--json"]
+    assert lst_main([*args, "--out", str(tmp_path / "ref")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.cli", *args, "--out", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    info = tmp_path / "killed" / "checkpoint" / "info.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and not info.exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    epochs_done = json.loads(info.read_text())["epoch"]
+    assert 1 <= epochs_done < 4, "the kill should land after an epoch, before the end"
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["dev_score"] == ref["dev_score"]
+    ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    got_rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_s", "stall_fraction")} for r in rows]
+    assert strip(got_rows) == strip(ref_rows)
+
+
+def test_refuses_a_different_cache_and_missing_layers(tmp_path, tmp_path_factory, minilm_fp32):
+    run = str(tmp_path / "run")
+    train(TrainConfig(cache=minilm_fp32, out=run, epochs=2, max_steps=2, batch_size=8, progress=False))
+    (tmp_path / "run" / "summary.json").unlink()
+    other = _cache(tmp_path_factory, "other", n=40)
+    with pytest.raises(CacheError, match="max_examples"):
+        train(TrainConfig(cache=other, out=run, epochs=2, max_steps=2, batch_size=8, progress=False))
+    partial = _cache(tmp_path_factory, "partial", n=16, layers="0,1,2")
+    with pytest.raises(TrainError, match=r"taps \[3\]"):
+        train(TrainConfig(cache=partial, out=str(tmp_path / "p"), side={"layers": [1, 3]}, progress=False))
+    with pytest.raises(TrainError, match="1..6"):
+        train(TrainConfig(cache=minilm_fp32, out=str(tmp_path / "q"), side={"layers": [7]}, progress=False))
+
+
+def test_train_json_line_and_predict(tmp_path, minilm_fp32, capsys):
+    out = str(tmp_path / "run")
+    assert lst_main(["train", "--cache", minilm_fp32, "--out", out, "--epochs", "1", "--batch-size", "8",
+                     "--r", "16", "--layers", "1,2,3,5", "--init", "magnitude", "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("task", "metric", "dev_score", "trainable_params", "trainable_pct", "peak_mem_mb", "epoch_s",
+              "examples_per_s", "stall_fraction"):
+        assert k in s
+    assert s["task"] == "sst2" and s["metric"] == "accuracy"
+    assert lst_main(["predict", "--run", out, "--text", "a wonderful , moving film", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"][0]
+    assert p["label"] in ("negative", "positive", 0, 1) and abs(sum(p["probabilities"]) - 1) < 1e-5
