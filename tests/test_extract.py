@@ -268,3 +268,26 @@ def test_pair_task_keeps_segment_ids(tmp_path):
             ref = forward_taps(backbone, enc["input_ids"], enc["attention_mask"], token_type_ids=enc["token_type_ids"])
         for tap in (1, 6):
             assert torch.equal(v.read_example(tap, i), ref[tap][0])
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_direct_shard_decoder_equals_zarr_and_checks_crc(tmp_path, codec):
+    """The stage-two fast path decodes shard files itself; it must agree with Zarr and verify checksums."""
+    from pipeline.cache.fastread import ChecksumError, DirectArray
+
+    out = tmp_path / "c.zarr"
+    _extract(out, codec=codec, splits=["validation"], shard_tokens=256)
+    v = ActivationCache.open(str(out)).split("validation")
+    assert DirectArray.for_array(v.tap_array(1)) is not None
+    for a, b in [(0, v.num_tokens), (3, 300), (255, 257), (v.num_tokens - 5, v.num_tokens)]:
+        vals, scale = v.read_rows_raw(1, a, b)
+        np.testing.assert_array_equal(vals, v.tap_array(1)[a:b])
+        if codec == "int8":
+            np.testing.assert_array_equal(scale, v.scale_array(1)[a:b])
+    f = out / "validation" / "acts" / "layer_1" / "c" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0x01
+    f.write_bytes(bytes(data))
+    fresh = ActivationCache.open(str(out)).split("validation")
+    with pytest.raises(ChecksumError, match="checksum"):
+        fresh.read_rows_raw(1, 0, 10)

@@ -19,6 +19,33 @@ def _extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train(a: argparse.Namespace) -> int:
+    from pipeline.bench.train import TrainBenchConfig, run_train_bench
+
+    res = run_train_bench(TrainBenchConfig(backbone=a.backbone, dataset=a.dataset, examples=a.examples, cache=a.cache,
+                                           batch_size=a.batch_size, workdir=a.workdir, device=a.device,
+                                           progress=not a.no_progress))
+    print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+    return 0
+
+
+def _memory(a: argparse.Namespace) -> int:
+    from pipeline.bench.memory import run_memory_bench
+    from pipeline.extract.runner import ExtractConfig, run_extract
+
+    cache = a.cache
+    if cache is None:
+        import tempfile
+
+        cache = tempfile.mkdtemp(prefix="lst-bench-mem-") + "/cache.zarr"
+        run_extract(ExtractConfig(backbone=a.backbone, dataset="sst2", out=cache, splits=["validation"],
+                                  progress=not a.no_progress))
+    side = {} if a.attention_dropout is None else {"attention_dropout": a.attention_dropout}
+    res = run_memory_bench(cache, batch_size=a.batch_size, steps=a.steps, device=a.device, side=side)
+    print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print JSON (extract, train, memory, sweep)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -36,6 +63,33 @@ def register(sub) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_extract)
+
+    t = bsub.add_parser("train", help="one epoch cached vs live, and the FLOP-based speedup limit",
+                        description="Train the same side network for one epoch from the cache and with the live "
+                                    "backbone; report epoch times, cached_over_live_speedup and speedup_limit.")
+    t.add_argument("--backbone", default="minilm", help="minilm (default) or mpnet")
+    t.add_argument("--dataset", default="sst2")
+    t.add_argument("--examples", type=int, default=20000, help="SST-2 train examples to extract (if no --cache)")
+    t.add_argument("--cache", help="use this cache instead of extracting one")
+    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--workdir")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_train)
+
+    m = bsub.add_parser("memory", help="peak training memory: full fine-tuning vs live LST vs cached LST",
+                        description="Each method runs in a fresh process on the same batches (the longest SST-2 "
+                                    "validation examples). CUDA: max_memory_allocated; CPU: peak RSS above baseline.")
+    m.add_argument("--backbone", default="minilm")
+    m.add_argument("--cache", help="cache with a validation split (default: extract SST-2 validation)")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--steps", type=int, default=3)
+    m.add_argument("--attention-dropout", type=float, help="side attention dropout (default: as dropout, 0.1)")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_memory)
     for extra in EXTRA:
         extra(bsub)
 

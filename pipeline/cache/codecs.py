@@ -47,16 +47,16 @@ def codec_spec(name: str) -> CodecSpec:
     return SPECS[name]
 
 
-def compressors(clevel: int = 1) -> list:
-    """Bytes-to-bytes chain for every chunk: bitshuffle+zstd, then a crc32c checksum.
+def compressors(clevel: int = 1, codec: str | None = None) -> list:
+    """Bytes-to-bytes chain for every chunk: Blosc zstd, then a crc32c checksum.
 
+    Floats are bitshuffled (exponent bits line up and compress). int8 codes are not: measured on
+    MiniLM taps, plain zstd finds more structure in whole bytes (1.58x vs 1.47x on a middle tap).
     zstd level 1: activations are high-entropy in the mantissa, so higher levels buy little
     ratio and cost the compression time that must hide behind the backbone forward.
     """
-    return [
-        BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.bitshuffle),
-        Crc32cCodec(),
-    ]
+    shuffle = BloscShuffle.noshuffle if codec == "int8" else BloscShuffle.bitshuffle
+    return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
 
 
 def encode(x: torch.Tensor, codec: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -26,6 +26,8 @@ concurrent partial writes into one Zarr shard lose data.
 from __future__ import annotations
 
 import datetime as _dt
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -35,6 +37,7 @@ import torch
 import zarr
 
 from pipeline.cache import codecs as C
+from pipeline.cache.fastread import DirectArray
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 16384
@@ -169,7 +172,7 @@ def create_store(
             a = acts.create_array(
                 tap_name(tap), shape=(t, hidden_size), dtype=spec.storage_dtype,
                 chunks=(rows, hidden_size), shards=(shard, hidden_size),
-                compressors=C.compressors(), fill_value=0,
+                compressors=C.compressors(codec=codec), fill_value=0,
                 attributes={"logical_dtype": spec.logical_dtype, "codec": codec, "tap": tap},
             )
             del a
@@ -199,6 +202,7 @@ class SplitView:
         self.shard_tokens: int = a["shard_tokens"]
         self.num_shards: int = a["num_shards"]
         self.num_truncated: int = a.get("num_truncated", 0)
+        self._direct: dict[str, DirectArray | None] = {}
 
     @cached_property
     def offsets(self) -> np.ndarray:
@@ -256,9 +260,20 @@ class SplitView:
         self.group["done"][shard] = True
 
     # -- reading -----------------------------------------------------------------------------
+    def _read(self, key: str, arr_fn, start: int, end: int) -> np.ndarray:
+        """Rows of one array: the direct shard decoder where it applies, Zarr otherwise."""
+        if key not in self._direct:
+            self._direct[key] = DirectArray.for_array(arr_fn()) if self.cache.direct_reads else None
+        direct = self._direct[key]
+        if direct is None:
+            return arr_fn()[start:end]
+        return direct.read(start, end, self.cache.decode_pool())
+
     def read_rows_raw(self, tap: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
-        vals = self.tap_array(tap)[start:end]
-        scale = self.scale_array(tap)[start:end] if self.cache.spec.has_scale else None
+        vals = self._read(f"acts/{tap}", lambda: self.tap_array(tap), start, end)
+        scale = None
+        if self.cache.spec.has_scale:
+            scale = self._read(f"scales/{tap}", lambda: self.scale_array(tap), start, end)
         return vals, scale
 
     def read_rows(self, tap: int, start: int, end: int) -> torch.Tensor:
@@ -278,6 +293,15 @@ class ActivationCache:
         self.url = url
         self.root = root
         self.storage_options = storage_options
+        self.direct_reads = os.environ.get("LST_DIRECT_READ", "1") != "0"
+        self._pool: ThreadPoolExecutor | None = None
+        self._splits: dict[str, SplitView] = {}
+
+    def decode_pool(self) -> ThreadPoolExecutor:
+        """Threads that decode inner chunks in parallel (Blosc releases the GIL)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="lst-decode")
+        return self._pool
 
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "ActivationCache":
@@ -328,13 +352,16 @@ class ActivationCache:
     def split(self, name: str) -> SplitView:
         if name not in self.splits:
             raise CacheError(f"cache {self.url} has no split {name!r}; it has {', '.join(self.splits)}")
-        return SplitView(self, name)
+        if name not in self._splits:
+            self._splits[name] = SplitView(self, name)
+        return self._splits[name]
 
     def mark_complete(self) -> bool:
         """Set ``complete`` once every shard of every split is done; returns the new state."""
-        done = all(self.split(s).done().all() for s in self.splits)
-        self.root.attrs["complete"] = bool(done)
-        return bool(done)
+        done = bool(all(self.split(s).done().all() for s in self.splits))
+        if done != self.complete:  # a finished store is never rewritten (DVC may hard-link its files)
+            self.root.attrs["complete"] = done
+        return done
 
     def require_complete(self) -> None:
         if not self.complete:

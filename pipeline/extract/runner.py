@@ -175,18 +175,18 @@ def run_extract(cfg: ExtractConfig) -> dict:
 def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start) -> dict:
     state = _store_state(cfg.out, cfg.storage_options)
     resumed = False
-    if state == "cache" and not cfg.overwrite:
+    if state == "cache":
         cache = ActivationCache.open(cfg.out, mode="r+", storage_options=cfg.storage_options)
         diffs = diff_fingerprints(cache.fingerprint, fingerprint)
-        if diffs:
+        if diffs and not cfg.overwrite:
             raise CacheError(
                 f"{cfg.out} holds a different cache:\n  " + "\n  ".join(diffs)
                 + "\nuse another --out, or --overwrite to replace it"
             )
-        resumed = True
-    elif state == "foreign" and not cfg.overwrite:
+        resumed = not diffs  # the same request resumes (or finds nothing to do); a stale one is replaced
+    if state == "foreign" and not cfg.overwrite:
         raise CacheError(f"{cfg.out} exists and is not an lst activation cache; choose another --out or pass --overwrite")
-    else:
+    elif not resumed:
         plans = []
         for name in sorted(bundle.splits):
             plans.append(build_split_plan(name, backbone.tokenizer, bundle.splits[name], cfg.max_length, cfg.shard_tokens))
@@ -257,9 +257,27 @@ def _split_summary(cache: ActivationCache, name: str) -> dict:
     return {"examples": v.num_examples, "tokens": v.num_tokens, "truncated": v.num_truncated, "shards": v.num_shards}
 
 
+def overlap_writes(device: torch.device) -> bool:
+    """Overlap compression/writes with compute only where a core is free for them.
+
+    On CUDA the host is idle during the forward, so a writer thread hides I/O completely. On a CPU
+    whose cores all run torch's OpenMP team, a writer thread does not add a core: it preempts
+    one team member and the others spin at the next barrier, which costs more than writing in line.
+    """
+    import os
+
+    return device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
+
+
 def _run_local(cache, work, backbone, settings, device, bar, max_inflight: int = 2) -> None:
-    """Compute shards in order; compression and writes of shard k overlap the forward of shard k+1."""
+    """Compute shards in order; compression and writes of shard k overlap the forward of shard k+1
+    where that helps (see ``overlap_writes``), else they run in line."""
     views = {s: cache.split(s) for s in cache.splits}
+    if not overlap_writes(device):
+        for split, shard in work:
+            views[split].write_shard(shard, compute_shard(backbone, views[split], shard, settings, device))
+            bar.update(_rows(cache, split, shard))
+        return
     inflight: deque = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lst-writer") as pool:
         for split, shard in work:

@@ -52,6 +52,9 @@ class SideConfig:
             T5 encoder: 'mean', BERT-like: 'cls').
         dropout: side dropout (on tap 0 before its ladder, inside the side blocks, after the
             final norm - where the official code puts it).
+        attention_dropout: dropout on attention probabilities; None = ``dropout`` (as the
+            official blocks). 0 lets PyTorch use its fused flash-attention kernel, which never
+            materialises the [B, H, L, L] maps: far less memory and time for the same weights.
         task_type: 'classification' (cross-entropy over num_labels) or 'regression'
             (one output).
         num_labels: classes; None means 2 for classification and 1 for regression.
@@ -67,6 +70,7 @@ class SideConfig:
     init: str = "random"
     pooling: str | None = None
     dropout: float = 0.1
+    attention_dropout: float | None = None
     task_type: str = "classification"
     num_labels: int | None = None
     head: str = "task"
@@ -97,6 +101,8 @@ class SideConfig:
             _choice("pooling", self.pooling, POOLINGS)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"SideConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.attention_dropout is not None and not 0.0 <= float(self.attention_dropout) < 1.0:
+            raise ValueError(f"SideConfig.attention_dropout must be in [0, 1) or None, got {self.attention_dropout!r}")
         _choice("task_type", self.task_type, TASK_TYPES)
         _choice("head", self.head, HEADS)
         if self.num_labels is None:

@@ -63,7 +63,7 @@ class Family:
     embedding_keys: tuple[str, ...]
     final_norm_prefix: str | None
     dims: Callable[[Any], Dims]
-    shrink: Callable[[Any, Dims, float], None]  # sets the side widths/dropout on a config copy
+    shrink: Callable[[Any, Dims, float, float], None]  # sets the side widths/dropouts on a config copy
 
 
 # -- per-family dims and shrinking -----------------------------------------------------------
@@ -72,19 +72,20 @@ def _bert_dims(c: Any) -> Dims:
                 c.hidden_size // c.num_attention_heads, c.num_hidden_layers, float(c.layer_norm_eps))
 
 
-def _bert_shrink(c: Any, side: Dims, p: float) -> None:
+def _bert_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
     c.hidden_size, c.intermediate_size = side.hidden, side.intermediate
-    c.hidden_dropout_prob = c.attention_probs_dropout_prob = p
+    c.hidden_dropout_prob, c.attention_probs_dropout_prob = p, pa
 
 
 def _t5_dims(c: Any) -> Dims:
     return Dims(c.d_model, c.d_ff, c.num_heads, c.num_heads, c.d_kv, c.num_layers, float(c.layer_norm_epsilon))
 
 
-def _t5_shrink(c: Any, side: Dims, p: float) -> None:
+def _t5_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
     # As the official modeling_side_t5.py: d_model, d_ff and d_kv all divided by r.
     c.d_model, c.d_ff, c.d_kv = side.hidden, side.intermediate, side.head_dim
     c.dropout_rate = p
+    c.lst_attention_dropout = pa
 
 
 def _gpt2_dims(c: Any) -> Dims:
@@ -92,9 +93,10 @@ def _gpt2_dims(c: Any) -> Dims:
     return Dims(c.n_embd, ff, c.n_head, c.n_head, c.n_embd // c.n_head, c.n_layer, float(c.layer_norm_epsilon))
 
 
-def _gpt2_shrink(c: Any, side: Dims, p: float) -> None:
+def _gpt2_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
     c.n_embd, c.n_inner = side.hidden, side.intermediate
-    c.resid_pdrop = c.attn_pdrop = c.embd_pdrop = p
+    c.resid_pdrop = c.embd_pdrop = p
+    c.attn_pdrop = pa
 
 
 def _llama_dims(c: Any) -> Dims:
@@ -104,9 +106,9 @@ def _llama_dims(c: Any) -> Dims:
     return Dims(c.hidden_size, c.intermediate_size, heads, kv, hd, c.num_hidden_layers, float(c.rms_norm_eps))
 
 
-def _llama_shrink(c: Any, side: Dims, p: float) -> None:
+def _llama_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
     c.hidden_size, c.intermediate_size, c.head_dim = side.hidden, side.intermediate, side.head_dim
-    c.attention_dropout = p
+    c.attention_dropout = pa
     c.lst_hidden_dropout = p  # Llama blocks have no residual dropout; the side block adds one
 
 
@@ -145,11 +147,12 @@ def valid_reductions(dims: Dims, rotary: bool = False) -> list[int]:
     return [r for r in range(1, g + 1) if g % r == 0 and not (rotary and (dims.head_dim // r) % 2)]
 
 
-def reduced_config(config: Any, r: int, dropout: float) -> Any:
+def reduced_config(config: Any, r: int, dropout: float, attention_dropout: float | None = None) -> Any:
     """A copy of the backbone's HF config at side width (the config side blocks are built from).
 
     Hidden, FFN and per-head dims are divided by r, the head count is kept (the paper: "same
-    number of heads, per-head dim divided by r"), dropouts are set to the side dropout, and
+    number of heads, per-head dim divided by r"), dropouts are set to the side dropout
+    (attention-probability dropout to ``attention_dropout`` when given), and
     ``lst_reduction_factor`` records r (T5 blocks use it to reproduce the official init).
     """
     fam = family_for(config)
@@ -162,7 +165,8 @@ def reduced_config(config: Any, r: int, dropout: float) -> Any:
             f"valid r: {valid_reductions(dims, rotary)}"
         )
     side = copy.deepcopy(config)
-    fam.shrink(side, dims.reduced(r), float(dropout))
+    pa = float(dropout if attention_dropout is None else attention_dropout)
+    fam.shrink(side, dims.reduced(r), float(dropout), pa)
     side.lst_reduction_factor = int(r)
     side.lst_dropout = float(dropout)
     return side

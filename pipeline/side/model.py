@@ -58,7 +58,8 @@ class LadderSideNetwork(nn.Module):
         self.backbone_config = backbone_config
         self.family = family_for(backbone_config)
         self.dims = backbone_dims(backbone_config)
-        self.side_hf_config = reduced_config(backbone_config, self.config.r, self.config.dropout)
+        self.side_hf_config = reduced_config(backbone_config, self.config.r, self.config.dropout,
+                                             self.config.attention_dropout)
         self.side_dims = self.dims.reduced(self.config.r)
         self.layers: list[int] = list(self.config.layers or [])
         d, ds = self.dims.hidden, self.side_dims.hidden

@@ -11,7 +11,8 @@ import yaml
 from pipeline.train.errors import TrainError
 
 # CLI flag -> SideConfig field
-SIDE_FLAGS = {"r": int, "gate": str, "block": str, "init": str, "pooling": str, "dropout": float}
+SIDE_FLAGS = {"r": int, "gate": str, "block": str, "init": str, "pooling": str, "dropout": float,
+              "attention_dropout": float}
 
 
 def _layers(s: str) -> list[int] | None:
@@ -97,6 +98,9 @@ def register(sub) -> None:
     g.add_argument("--init", choices=["random", "magnitude", "fisher"], help="side initialisation (default random)")
     g.add_argument("--pooling", choices=["cls", "mean", "last"], help="pooling for the task head")
     g.add_argument("--dropout", type=float, help="side dropout (default 0.1)")
+    g.add_argument("--attention-dropout", type=float,
+                   help="dropout on attention probabilities (default: same as --dropout); 0 enables the fused "
+                        "flash-attention kernel: much less memory and time")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-3)")
     o.add_argument("--weight-decay", type=float)

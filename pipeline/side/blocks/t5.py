@@ -36,7 +36,7 @@ class T5Attention(nn.Module):
         self.k = nn.Linear(c.d_model, inner, bias=False)
         self.v = nn.Linear(c.d_model, inner, bias=False)
         self.o = nn.Linear(inner, c.d_model, bias=False)
-        self.dropout = float(c.dropout_rate)
+        self.dropout = float(getattr(c, "lst_attention_dropout", c.dropout_rate))
         self.is_decoder = is_decoder
         self.num_buckets = int(c.relative_attention_num_buckets)
         self.max_distance = int(getattr(c, "relative_attention_max_distance", 128))

@@ -1,0 +1,142 @@
+"""`lst bench memory`: peak training memory of full fine-tuning, live LST and cached LST.
+
+Each method runs in a fresh process on the same batches (the longest examples of the cache's
+validation split, so length matters): on CUDA the peak is ``torch.cuda.max_memory_allocated`` in
+fp32 (the paper's measure); on CPU it is the process's peak resident memory above its idle baseline
+after imports. Methods are compared in one run at the same batch size and length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import torch
+
+METHODS = ("full", "live", "cached")
+
+
+def _batches(cache, batch_size: int, steps: int):
+    """The same `steps` batches for every method: the longest validation examples, padded."""
+    v = cache.split("validation")
+    lengths = np.diff(v.offsets)
+    order = np.argsort(-lengths, kind="stable")[: batch_size * steps]
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def measure(method: str, cache_url: str, batch_size: int, steps: int, device: str, side: dict | None = None) -> dict:
+    """Runs in the child process. Imports happen before the baseline is taken."""
+    from pipeline.backbones import forward_taps, load_backbone, resolve_backbone
+    from pipeline.cache.store import ActivationCache
+    from pipeline.train.reader import CacheReader
+    from pipeline.train.trainer import build_side
+
+    dev = torch.device(device)
+    cache = ActivationCache.open(cache_url)
+    batches_idx = _batches(cache, batch_size, steps)
+    baseline = psutil.Process().memory_info().rss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_cuda = torch.cuda.memory_allocated(dev)
+    reader = CacheReader(cache, "validation", [0], batch_size=batch_size, shuffle=False, load_acts=False)
+    t0 = time.perf_counter()
+    if method == "full":
+        from transformers import AutoModelForSequenceClassification
+
+        path = resolve_backbone(cache.fingerprint["backbone"])
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2).to(dev).train()
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        model, _ = build_side(cache, side or {}, 0)
+        model.to(dev).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        taps = model.required_taps()
+        backbone = load_backbone(str(resolve_backbone(cache.fingerprint["backbone"])), device=device) if method == "live" else None
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    tokens = 0
+    for idx in batches_idx:
+        b = reader._assemble(idx, {}, None)
+        ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
+        labels = b.labels.to(dev)
+        tokens += int(mask.sum())
+        if method == "full":
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
+            if method == "live":
+                with torch.no_grad():
+                    t = forward_taps(backbone, ids, mask, taps)
+            else:
+                v = cache.split("validation")
+                t = []
+                for tap in taps:
+                    rows = [v.read_rows(tap, int(v.offsets[i]), int(v.offsets[i + 1])) for i in idx]
+                    padded = torch.zeros(len(idx), ids.shape[1], cache.hidden_size)
+                    for k, r in enumerate(rows):
+                        padded[k, : len(r)] = r
+                    t.append(padded.to(dev))
+            loss = model.loss(model(t, mask), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    out = {"method": method, "device": device, "batch_size": batch_size, "steps": steps,
+           "max_length": int(max(np.diff(cache.split("validation").offsets)[batches_idx[0]])),
+           "tokens": tokens, "trainable_params": sum(p.numel() for p in params), "s": round(time.perf_counter() - t0, 3)}
+    if dev.type == "cuda":
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
+    else:
+        out["peak_mb"] = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2**20
+        out["baseline_rss_mb"] = baseline / 2**20
+    return out
+
+
+def run_memory_bench(cache_url: str, batch_size: int = 32, steps: int = 3, device: str = "auto",
+                     side: dict | None = None) -> dict:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for m in METHODS:
+        cmd = [sys.executable, "-m", "pipeline.bench.memory", "--method", m, "--cache", cache_url,
+               "--batch-size", str(batch_size), "--steps", str(steps), "--device", device,
+               "--side", json.dumps(side or {})]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if res.returncode:
+            raise RuntimeError(f"memory bench for {m} failed:\n{res.stderr[-2000:]}")
+        results[m] = json.loads(res.stdout.strip().splitlines()[-1])
+    full = results["full"]["peak_mb"]
+    live_ratio = results["live"]["peak_mb"] / full
+    cached_ratio = results["cached"]["peak_mb"] / full
+    return {
+        "benchmark": "memory", "device": device, "measure": "cuda max_memory_allocated (fp32)" if device == "cuda"
+        else "peak RSS above the post-import baseline of a fresh process",
+        "batch_size": batch_size, "max_length": results["full"]["max_length"], "side": side or {},
+        "full_ft_mb": round(full, 1), "live_lst_mb": round(results["live"]["peak_mb"], 1),
+        "cached_lst_mb": round(results["cached"]["peak_mb"], 1),
+        "live_over_full": round(live_ratio, 4), "cached_over_full": round(cached_ratio, 4),
+        "goals_met": {"live_over_full<=0.40": live_ratio <= 0.40, "cached_over_full<=0.05": cached_ratio <= 0.05},
+        "details": results,
+    }
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--side", default="{}", help="SideConfig overrides as JSON")
+    a = p.parse_args()
+    print(json.dumps(measure(a.method, a.cache, a.batch_size, a.steps, a.device, json.loads(a.side))))
+
+
+if __name__ == "__main__":
+    _main()

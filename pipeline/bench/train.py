@@ -1,0 +1,77 @@
+"""`lst bench train`: one epoch of the same side network from the cache and with the live backbone.
+
+The ceiling on what a cache can save is FLOP-based: per token, (backbone forward + side training)
+/ (side training), counted with ``FlopCounterMode`` on a real batch. The goal is to reach 80% of it,
+which needs reading/decoding hidden and the small side matmuls kept efficient.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.cache.store import ActivationCache
+from pipeline.extract.runner import ExtractConfig, run_extract
+from pipeline.train.reader import CacheReader
+from pipeline.train.trainer import TrainConfig, build_side, train
+
+
+@dataclass
+class TrainBenchConfig:
+    backbone: str = "minilm"
+    dataset: str = "sst2"
+    examples: int = 20000
+    cache: str | None = None
+    batch_size: int = 100
+    workdir: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+
+def run_train_bench(cfg: TrainBenchConfig) -> dict:
+    from pipeline.search.flops import speedup_limit
+
+    work = Path(cfg.workdir or tempfile.mkdtemp(prefix="lst-bench-train-"))
+    try:
+        cache_url = cfg.cache
+        if cache_url is None:
+            cache_url = str(work / "cache.zarr")
+            run_extract(ExtractConfig(backbone=cfg.backbone, dataset=cfg.dataset, out=cache_url,
+                                      max_examples=cfg.examples, progress=cfg.progress, overwrite=True))
+        cache = ActivationCache.open(cache_url)
+        common = dict(cache=cache_url, epochs=1, batch_size=cfg.batch_size, progress=cfg.progress,
+                      device=cfg.device, overwrite=True)
+        cached = train(TrainConfig(out=str(work / "cached"), **common))
+        live = train(TrainConfig(out=str(work / "live"), live=True, **common))
+        model, _ = build_side(cache, {}, 0)
+        batch = next(iter(CacheReader(cache, "train", model.required_taps(), batch_size=cfg.batch_size,
+                                      load_acts=False).iter_epoch(0)))
+        limit = speedup_limit(cache.fingerprint["backbone"], [model.config.to_dict()], batch, backbone_config_source=cache_url) \
+            if _takes_source(speedup_limit) else speedup_limit(cache.fingerprint["backbone"], [model.config.to_dict()], batch)
+        speedup = live["epoch_s"] / cached["epoch_s"]
+        lim = limit["speedup_limit"]
+        return {
+            "benchmark": "train", "backbone": cfg.backbone, "dataset": cfg.dataset,
+            "train_examples": cache.split("train").num_examples, "train_tokens": cache.split("train").num_tokens,
+            "device": cached["device"], "torch_threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
+            "cached_epoch_s": cached["epoch_s"], "live_epoch_s": live["epoch_s"],
+            "cached_over_live_speedup": round(speedup, 3), "speedup_limit": round(lim, 3),
+            "speedup_over_limit": round(speedup / lim, 4),
+            "cached_stall_fraction": cached["stall_fraction"],
+            "cached_dev_score": cached["dev_score"], "live_dev_score": live["dev_score"],
+            "flops": limit,
+            "goals_met": {"cached_over_live_speedup>=0.8*speedup_limit": speedup >= 0.8 * lim},
+        }
+    finally:
+        if cfg.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _takes_source(fn) -> bool:
+    import inspect
+
+    return "backbone_config_source" in inspect.signature(fn).parameters

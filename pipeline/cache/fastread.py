@@ -1,0 +1,119 @@
+"""Direct decoding of the cache's sharded arrays from local shard files: the stage-two hot path.
+
+Zarr's generic async codec pipeline decodes our shards at 250-550 MB/s on two cores; decoding the
+same bytes ourselves, inner chunks in parallel threads (Blosc releases the GIL), runs at 1-1.4 GB/s.
+The format is the Zarr v3 sharding spec: a shard file is the concatenated inner chunks followed by
+an index of (offset, nbytes) uint64 pairs and its crc32c. Each inner chunk is a Blosc frame
+followed by the crc32c of that frame (the chain ``create_store`` writes). Both checksums are
+verified, so corruption is still an error.
+
+Only arrays whose codec chain is exactly that, in a local store, take this path;
+``DirectArray.for_array`` returns None for anything else and callers fall back to Zarr.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import zarr
+from numcodecs import blosc
+
+EMPTY = np.uint64(2**64 - 1)
+
+
+class ChecksumError(IOError):
+    """A shard's index or an inner chunk does not match its crc32c."""
+
+
+class DirectArray:
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, shard_rows: int, chunk_rows: int,
+                 fill_value):
+        self.path = path
+        self.shape = shape
+        self.dtype = dtype
+        self.shard_rows = shard_rows
+        self.chunk_rows = chunk_rows
+        self.chunks_per_shard = shard_rows // chunk_rows
+        self.row_shape = shape[1:]
+        self.fill_value = fill_value
+
+    @classmethod
+    def for_array(cls, arr: zarr.Array) -> "DirectArray | None":
+        try:
+            from zarr.storage import LocalStore
+
+            store = arr.store
+            if not isinstance(store, LocalStore):
+                return None
+            codecs = arr.metadata.codecs
+            if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec":
+                return None
+            sh = codecs[0]
+            inner = [type(c).__name__ for c in sh.codecs]
+            index = [type(c).__name__ for c in sh.index_codecs]
+            if inner != ["BytesCodec", "BloscCodec", "Crc32cCodec"] or index != ["BytesCodec", "Crc32cCodec"]:
+                return None
+            if str(sh.index_location.value if hasattr(sh.index_location, "value") else sh.index_location) != "end":
+                return None
+            if any(c != s for c, s in zip(sh.chunk_shape[1:], arr.shape[1:])):
+                return None
+            endian = getattr(sh.codecs[0], "endian", None)
+            if endian is not None and str(getattr(endian, "value", endian)) not in ("little", "None"):
+                return None
+            shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
+            return cls(Path(store.root) / arr.path, tuple(arr.shape), np.dtype(arr.dtype.to_native_dtype()
+                       if hasattr(arr.dtype, "to_native_dtype") else arr.dtype), shard_rows, sh.chunk_shape[0],
+                       arr.fill_value)
+        except Exception:  # noqa: BLE001 - any surprise means: use Zarr
+            return None
+
+    def _shard_file(self, shard: int) -> Path:
+        return self.path.joinpath("c", str(shard), *["0"] * len(self.row_shape))
+
+    def read(self, start: int, end: int, pool: Executor | None = None) -> np.ndarray:
+        out = np.empty((end - start, *self.row_shape), dtype=self.dtype)
+        jobs = []
+        for shard in range(start // self.shard_rows, (end - 1) // self.shard_rows + 1 if end > start else 0):
+            s0 = shard * self.shard_rows
+            f = self._shard_file(shard)
+            if not f.exists():
+                out[max(start, s0) - start:min(end, s0 + self.shard_rows) - start] = self.fill_value
+                continue
+            buf = f.read_bytes()
+            n = self.chunks_per_shard
+            idx_raw = memoryview(buf)[len(buf) - 16 * n - 4:]
+            if crc32c.crc32c(idx_raw[:-4]) != int.from_bytes(idx_raw[-4:], "little"):
+                raise ChecksumError(f"{f}: shard index checksum mismatch")
+            index = np.frombuffer(idx_raw[:-4], dtype="<u8").reshape(n, 2)
+            for c in range(n):
+                c0 = s0 + c * self.chunk_rows
+                c1 = c0 + self.chunk_rows
+                if c1 <= start or c0 >= end:
+                    continue
+                jobs.append((buf, index[c], c0, c1, start, end, out, f))
+        if pool is not None and len(jobs) > 1:
+            list(pool.map(self._decode, jobs))
+        else:
+            for j in jobs:
+                self._decode(j)
+        return out
+
+    def _decode(self, job) -> None:
+        buf, (off, nbytes), c0, c1, start, end, out, f = job
+        lo, hi = max(c0, start), min(c1, end)
+        if off == EMPTY:
+            out[lo - start:hi - start] = self.fill_value
+            return
+        mv = memoryview(buf)[int(off):int(off) + int(nbytes)]
+        frame = mv[:-4]
+        if crc32c.crc32c(frame) != int.from_bytes(mv[-4:], "little"):
+            raise ChecksumError(f"{f}: chunk at rows {c0}:{c1} fails its checksum")
+        if lo == c0 and hi == c1:
+            blosc.decompress(frame, out[lo - start:hi - start])
+        else:
+            tmp = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+            blosc.decompress(frame, tmp)
+            out[lo - start:hi - start] = tmp[lo - c0:hi - c0]
