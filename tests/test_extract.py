@@ -291,3 +291,55 @@ def test_direct_shard_decoder_equals_zarr_and_checks_crc(tmp_path, codec):
     fresh = ActivationCache.open(str(out)).split("validation")
     with pytest.raises(ChecksumError, match="checksum"):
         fresh.read_rows_raw(1, 0, 10)
+
+
+def test_out_of_memory_batch_is_retried_smaller(tmp_path, monkeypatch):
+    """A batch that does not fit is split in half and retried; values match an unconstrained run."""
+    import pipeline.extract.worker as worker
+
+    ref = tmp_path / "ref.zarr"
+    _extract(ref, codec="fp32", splits=["validation"])
+    real = worker.forward_taps
+    sizes = []
+
+    def small_memory(backbone, ids, mask, taps, token_type_ids=None):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(backbone, ids, mask, taps, token_type_ids=token_type_ids)
+
+    monkeypatch.setattr(worker, "forward_taps", small_memory)
+    out = tmp_path / "oom.zarr"
+    _extract(out, codec="fp32", splits=["validation"])
+    assert max(sizes) > 2 and any(s <= 2 for s in sizes)
+    a, b = ActivationCache.open(str(ref)).split("validation"), ActivationCache.open(str(out)).split("validation")
+    for tap in (0, 6):
+        torch.testing.assert_close(b.read_rows(tap, 0, b.num_tokens), a.read_rows(tap, 0, a.num_tokens),
+                                   rtol=1e-5, atol=2e-5)
+
+
+def test_full_disk_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from pipeline.cache.store import SplitView
+
+    out = tmp_path / "c.zarr"
+    real = SplitView.write_shard
+    calls = {"n": 0}
+
+    def full_disk(self, shard, values):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, shard, values)
+
+    monkeypatch.setattr(SplitView, "write_shard", full_disk)
+    code = lst_main(["extract", "--max-examples", str(N), "--splits", "validation", "--shard-tokens", "128",
+                     "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "disk full" in err and "re-run the same command to resume" in err
+    done = ActivationCache.open(str(out)).split("validation").done()
+    assert done[:2].all() and not done[2]  # shards written before the failure are kept, the failed one is not
+    monkeypatch.setattr(SplitView, "write_shard", real)
+    res = _extract(out, splits=["validation"])
+    assert res["resumed"] and res["complete"] and res["shards_computed"] == int(done.size - done.sum())

@@ -1,6 +1,6 @@
 """The activation cache: a Zarr v3 group that is the contract between stage one and stage two.
 
-Layout (see docs/CACHE.md)::
+Layout (README.md, "The cache")::
 
     <name>.zarr/
       zarr.json                 attrs: format_version, fingerprint, versions, created, complete, ...

@@ -282,6 +282,9 @@ def _run_local(cache, work, backbone, settings, device, bar, max_inflight: int =
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lst-writer") as pool:
         for split, shard in work:
             view = views[split]
+            for fut, _ in inflight:  # stop at the first failed write instead of computing on
+                if fut.done() and fut.exception() is not None:
+                    fut.result()
             values = compute_shard(backbone, view, shard, settings, device)
             inflight.append((pool.submit(view.write_shard, shard, values), _rows(cache, split, shard)))
             while len(inflight) > max_inflight:

@@ -158,6 +158,13 @@ def evaluate(model: LadderSideNetwork, reader: CacheReader, metric: str, live: L
     return {**compute_metrics(metric, logits, labels), "loss": loss}
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: a side network has many small tensors, so one fused update
+    instead of a dozen ops per tensor is a visible share of a cached step."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, fused=True)
+
+
 def _lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -210,8 +217,7 @@ def train(cfg: TrainConfig) -> dict:
                               **{**reader_kw, "batch_size": max(cfg.batch_size, 256)})
     steps_per_epoch = train_reader.num_batches(0)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, int(cfg.warmup_ratio * total)))
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": None, "bad_epochs": 0,
              "history": [], "step_losses": []}
