@@ -40,9 +40,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.backbones import BackboneError
     from pipeline.cache.store import CacheError
     from pipeline.datasets import DatasetError
+    from pipeline.extract.fisher import FisherError
     from pipeline.extract.runner import ExtractError
+    from pipeline.side.params_cli import ParamsError
 
-    errs: list[type[BaseException]] = [UserError, BackboneError, CacheError, DatasetError, ExtractError]
+    errs: list[type[BaseException]] = [UserError, BackboneError, CacheError, DatasetError, ExtractError,
+                                       FisherError, ParamsError]
     try:
         from pipeline.train.errors import TrainError
 
@@ -81,6 +84,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data directory for named tasks (default $LST_DATA_DIR or ../shared/data)")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="share of train carved out as validation when there is none")
     p.add_argument("--seed", type=int, default=0, help="seed of the dev carve")
+    p.add_argument("--fisher-samples", type=int, default=0,
+                   help="also compute Fisher importance over N labelled train examples for --init fisher "
+                        "(the paper uses 1024; same as running `lst fisher` afterwards)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
 
@@ -96,7 +102,7 @@ def extract_config_from_args(a: argparse.Namespace):
         batch_tokens=a.batch_tokens, shard_tokens=a.shard_tokens, workers=a.workers, scheduler=a.scheduler,
         overwrite=a.overwrite, text_column=a.text_column, text_pair_column=a.text_pair_column,
         label_column=a.label_column, data_dir=a.data_dir, dev_fraction=a.dev_fraction, seed=a.seed,
-        progress=not a.no_progress,
+        progress=not a.no_progress, fisher_samples=a.fisher_samples,
     )
 
 

@@ -61,6 +61,7 @@ class ExtractConfig:
     seed: int = 0
     storage_options: dict | None = field(default=None)
     progress: bool = True
+    fisher_samples: int = 0  # > 0: also compute Fisher importance for --init fisher (the paper: 1,024)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -159,7 +160,12 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 "wait for it to finish, or stop it first"
             ) from None
     try:
-        return _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start)
+        summary = _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start)
+        if cfg.fisher_samples and summary["complete"]:
+            from pipeline.extract.fisher import maybe_compute_fisher
+
+            summary["fisher"] = maybe_compute_fisher(cfg)
+        return summary
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ExtractError(

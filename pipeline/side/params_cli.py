@@ -1,0 +1,243 @@
+"""`lst params`: the side network's trainable parameter count and its share of the backbone.
+
+A faithfulness check of the paper's "trainable %" column: the numbers come from the real side
+modules built (on the meta device, so no memory and no weights) from a backbone *configuration*,
+and they are broken down per component so a difference from the paper can be traced.
+
+T5 backbones get the official encoder-decoder LST (``T5LadderSideModel``: two side stacks,
+upsample, frozen LM head not counted); every other family gets ``LadderSideNetwork``.
+
+Layer numbering: the official LST scripts give 0-based lists (``encoder_side_layers``; T5-base
+dropping: 1,2,3,5,6,7,9,10,11).  For T5 configs ``--layers`` is read 0-based by default so those
+lists can be pasted as they are; for every other config it is 1-based (as ``SideConfig.layers``
+and ``lst train --layers``).  ``--layers-base`` overrides either default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_CONFIGS", "T5_TOKENIZER_VOCAB", "backbone_config", "side_params", "register"]
+
+# T5 v1.0 checkpoints (Raffel et al.; the HF t5-* config.json values).  vocab_size is the
+# checkpoints' 32,128 rows; the official run_seq2seq resizes the embeddings to len(tokenizer).
+_T5 = {
+    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6),
+    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12),
+    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24),
+    "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24),
+}
+T5_CHECKPOINT_VOCAB = 32128
+T5_TOKENIZER_VOCAB = 32100  # len(T5Tokenizer): what the official code resizes the embeddings to
+BUILTIN_CONFIGS = (*_T5, "bert-base", "minilm")
+
+
+class ParamsError(ValueError):
+    """A configuration or layer list that cannot be counted; the message says how to fix it."""
+
+
+def backbone_config(name: str) -> tuple[Any, str]:
+    """(HF config, where it came from) for a built-in name, a config.json or a model dir."""
+    import transformers as tf
+
+    key = name.strip().lower()
+    if key in _T5:
+        return tf.T5Config(vocab_size=T5_CHECKPOINT_VOCAB, **_T5[key]), f"built-in {key} (T5 v1.0)"
+    if key == "bert-base":
+        return tf.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072), "built-in bert-base (bert-base-uncased)"
+    if key in ("minilm", "mpnet"):
+        from pipeline.backbones import resolve_backbone
+
+        path = resolve_backbone(key)
+        return tf.AutoConfig.from_pretrained(path, local_files_only=True), f"{key} ({path}/config.json)"
+    p = Path(name).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ParamsError(
+            f"--backbone-config {name!r}: not a built-in name ({', '.join(BUILTIN_CONFIGS)}) "
+            "and no such config.json or model directory"
+        )
+    try:
+        data = json.loads(p.read_text())
+        model_type = data.pop("model_type")
+        return tf.AutoConfig.for_model(model_type, **data), str(p)
+    except (ValueError, KeyError) as e:
+        raise ParamsError(f"--backbone-config {name!r}: {p} is not a Hugging Face config.json ({e})") from None
+
+
+def _parse_layers(spec: str | None, base: int, n: int) -> list[int] | None:
+    """1-based layer list (None = all) from a comma list given ``base``-based."""
+    if spec is None or spec.strip().lower() == "all":
+        return None
+    try:
+        raw = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ParamsError(f"--layers {spec!r}: give 'all' or comma-separated block numbers") from None
+    layers = [x + 1 - base for x in raw]
+    bad = [r for r, x in zip(raw, layers) if not 1 <= x <= n]
+    if not raw or bad:
+        lo, hi = base, n - 1 + base
+        raise ParamsError(f"--layers {spec!r}: {bad or 'empty'} outside {lo}..{hi} ({base}-based, {n} blocks)")
+    if layers != sorted(set(layers)):
+        raise ParamsError(f"--layers {spec!r}: give increasing block numbers without duplicates")
+    return layers
+
+
+def _backbone_params(config: Any, family: str) -> int:
+    """Parameters of the backbone as load_backbone builds it (T5 with its LM head, otherwise the
+    base model), counted on the meta device; tied weights once."""
+    import torch
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = tf.T5ForConditionalGeneration(config) if family == "t5" else tf.AutoModel.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def side_params(name: str, r: int = 8, layers: str | None = None, layers_base: int | None = None,
+                vocab_size: int | None = None, num_labels: int = 2, gate: str = "learnable",
+                block: str = "backbone") -> dict:
+    """Trainable side parameters for ``name`` (see ``backbone_config``) with per-component counts.
+
+    ``layers``: comma list (``layers_base``-based; default 0 for T5, 1 otherwise) or None/'all'.
+    ``vocab_size``: resize the backbone's embeddings before counting it (T5 built-ins default to
+    the tokenizer's 32,100, as the official code does; the side count does not depend on it).
+    """
+    import copy
+
+    import torch
+
+    from pipeline.backbones.model import family_of
+    from pipeline.side.config import SideConfig
+    from pipeline.side.params import COMPONENTS, count_parameters
+    from pipeline.side.t5 import T5LadderSideModel
+
+    config, source = backbone_config(name)
+    family = family_of(config)
+    if layers_base is None:
+        layers_base = 0 if family == "t5" else 1
+    if layers_base not in (0, 1):
+        raise ParamsError(f"--layers-base must be 0 or 1, got {layers_base}")
+    if vocab_size is None and name.strip().lower() in _T5:
+        vocab_size = T5_TOKENIZER_VOCAB
+    if vocab_size is not None:
+        config = copy.deepcopy(config)
+        config.vocab_size = int(vocab_size)
+    try:
+        if family == "t5":
+            n = config.num_layers
+            kept = _parse_layers(layers, layers_base, n)
+            with torch.device("meta"):
+                model = T5LadderSideModel(config, r, kept, kept, gate=gate)
+            counts = count_parameters(model)
+            by_stack = {s: count_parameters(getattr(model, s)) for s in ("encoder", "decoder")}
+            kept = model.encoder.layers
+            kind = "T5LadderSideModel (official encoder-decoder LST; frozen LM head not counted)"
+        else:
+            from pipeline.side.families import backbone_dims
+
+            n = backbone_dims(config).layers
+            kept = _parse_layers(layers, layers_base, n)
+            side = SideConfig(r=r, layers=kept, num_labels=num_labels, gate=gate, block=block)
+            from pipeline.side.model import LadderSideNetwork
+
+            with torch.device("meta"):
+                model = LadderSideNetwork(side, config)
+            counts = count_parameters(model)
+            by_stack = None
+            kept = model.layers
+            kind = f"LadderSideNetwork ({num_labels}-way task head included)"
+    except ValueError as e:
+        if isinstance(e, ParamsError):
+            raise
+        raise ParamsError(str(e)) from None
+    backbone = _backbone_params(config, family)
+    trainable = counts["trainable"]
+    components = {c: counts[c] for c in COMPONENTS if counts.get(c)}
+    if counts.get("other"):
+        components["other"] = counts["other"]
+    out = {
+        "backbone": name,
+        "backbone_source": source,
+        "family": family,
+        "model_type": config.model_type,
+        "side_model": kind,
+        "r": r,
+        "layers": list(kept),  # 1-based
+        "layers_given": layers if layers is not None else "all",
+        "layers_base": layers_base,
+        "official_layers": [b - 1 for b in kept],  # 0-based, as the official scripts write them
+        "num_backbone_layers": n,
+        "trainable_params": trainable,
+        "backbone_params": backbone,
+        "backbone_vocab": config.vocab_size,
+        "trainable_pct": round(100.0 * trainable / backbone, 4),
+        "components": components,
+    }
+    if by_stack is not None:
+        out["stacks"] = {s: {c: v[c] for c in COMPONENTS if v.get(c)} | {"total": v["trainable"]}
+                         for s, v in by_stack.items()}
+    return out
+
+
+def _human(r: dict) -> str:
+    lines = [
+        f"{r['backbone']} ({r['backbone_source']}), r={r['r']}, side layers (1-based) {r['layers']} "
+        f"= official 0-based {r['official_layers']} of {r['num_backbone_layers']}",
+        f"side model: {r['side_model']}",
+        f"trainable: {r['trainable_params']:,} = {r['trainable_pct']:.2f}% of the backbone's "
+        f"{r['backbone_params']:,} (vocab {r['backbone_vocab']:,})",
+        "components:",
+    ]
+    lines += [f"  {k:<12}{v:>14,}" for k, v in r["components"].items()]
+    for s, v in (r.get("stacks") or {}).items():
+        lines.append(f"  {s}: " + ", ".join(f"{k} {n:,}" for k, n in v.items()))
+    return "\n".join(lines)
+
+
+def cmd_params(a: argparse.Namespace) -> int:
+    from pipeline.cli import UserError, _emit
+
+    try:
+        res = side_params(a.backbone_config, a.r, a.layers, a.layers_base, a.vocab_size, a.num_labels, a.gate, a.block)
+    except ParamsError as e:
+        raise UserError(str(e)) from None
+    _emit(res, a.json, _human)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "params", help="side-network trainable parameter count and share of the backbone (no weights needed)",
+        description="Build the side network for a backbone configuration (on the meta device: no weights, no\n"
+                    "memory) and print its trainable parameter count, its share of the backbone and the count\n"
+                    "per component. T5 configs get the official encoder-decoder LST, others LadderSideNetwork.\n\n"
+                    "Paper check (official 0-based layer lists, r=8):\n"
+                    "  lst params --backbone-config t5-base --layers 1,2,3,5,6,7,9,10,11\n"
+                    "      -> 3,878,712 trainable = 1.74% of 222,882,048\n"
+                    "  lst params --backbone-config t5-large --layers 1,3,5,7,9,11,13,15,17,19,21,23  -> 9,057,328\n"
+                    "  lst params --backbone-config t5-3b --layers 23  -> 2,494,896",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--backbone-config", default="t5-base",
+                   help=f"built-in name ({', '.join(BUILTIN_CONFIGS)}, mpnet), a config.json, or a model directory")
+    p.add_argument("--r", type=int, default=8, help="reduction factor: side width d/r (default 8)")
+    p.add_argument("--layers", default=None,
+                   help="kept side blocks: 'all' (default) or a comma list, numbered per --layers-base")
+    p.add_argument("--layers-base", type=int, choices=[0, 1], default=None,
+                   help="numbering of --layers. Default 0 for T5 configs: the official LST scripts' 0-based lists "
+                        "(T5-base 1,2,3,5,6,7,9,10,11; T5-large 1,3,...,23; T5-3B 23) paste as they are. "
+                        "Default 1 for every other config, as `lst train --layers` and SideConfig.layers")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="resize the backbone's embeddings before counting it (default: 32100 for the T5 built-ins, "
+                        "len(tokenizer), as the official code resizes; otherwise the config's vocab)")
+    p.add_argument("--num-labels", type=int, default=2, help="task-head outputs for non-T5 backbones (default 2)")
+    p.add_argument("--gate", default="learnable", choices=["learnable", "sum", "none"])
+    p.add_argument("--block", default="backbone", help="side-block type for non-T5 backbones (default 'backbone')")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_params)
