@@ -4,7 +4,7 @@ from stages.common import params, run_lst
 
 
 def main() -> None:
-    run_lst(["report", "runs/sweep", "--json"], params().get("data_dir"))
+    run_lst(["report", "runs/sweep", "--out", "reports", "--json"], params().get("data_dir"))
 
 
 if __name__ == "__main__":

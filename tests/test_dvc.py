@@ -26,7 +26,8 @@ def test_dvc_repro_runs_all_stages_then_reuses_the_cache(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("stages", "pipeline"):  # the sweep stage depends on the library code
+        shutil.copytree(ROOT / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data_dir"] = str(default_data_dir())
     params["extract"].update(max_examples=24, shard_tokens=256, batch_tokens=1024)

@@ -95,3 +95,7 @@ def register(sub) -> None:
 
 
 EXTRA: list = []
+
+from pipeline.search import bench as _sweep_bench  # noqa: E402
+
+EXTRA.append(_sweep_bench.register)

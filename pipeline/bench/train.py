@@ -50,8 +50,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         model, _ = build_side(cache, {}, 0)
         batch = next(iter(CacheReader(cache, "train", model.required_taps(), batch_size=cfg.batch_size,
                                       load_acts=False).iter_epoch(0)))
-        limit = speedup_limit(cache.fingerprint["backbone"], [model.config.to_dict()], batch, backbone_config_source=cache_url) \
-            if _takes_source(speedup_limit) else speedup_limit(cache.fingerprint["backbone"], [model.config.to_dict()], batch)
+        limit = speedup_limit(cache.fingerprint["backbone"], [model.config.to_dict()], batch)
         speedup = live["epoch_s"] / cached["epoch_s"]
         lim = limit["speedup_limit"]
         return {
@@ -70,8 +69,3 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         if cfg.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-
-def _takes_source(fn) -> bool:
-    import inspect
-
-    return "backbone_config_source" in inspect.signature(fn).parameters

@@ -1,0 +1,459 @@
+"""`lst sweep`: an Optuna study of side-network variants trained from one activation cache.
+
+Layout of ``<out>``::
+
+    sweep_config.json   what this sweep is (space, sampler, pruner, seed, cache fingerprint);
+                        a re-run with a different one is refused
+    study.journal       the Optuna study (JournalStorage + JournalFileBackend: append-only,
+                        file-locked, so several processes and machines on a shared disk write one study)
+    trials/<n>/         one train()-style run per trial: config.yaml, side.safetensors,
+                        metrics.jsonl, summary.json
+    sweep.json          the summary: best trial, best params, best dev score, counts, wall time
+
+Trials are asked ``parallel`` at a time and trained fused (``pipeline.search.fused``: one read of
+each batch for all of them); each result reaches the study with ``study.tell``. With the ASHA
+pruner every variant reports its dev score after each epoch and a pruned one stops right there.
+
+Resume: re-running the same command counts the finished trials (complete, pruned, or failed
+with an error) in the journal and only runs the rest. Trials a kill left RUNNING are marked
+FAIL (``stale``), their half-written directories removed, and their parameters re-enqueued, so
+the retry trains the same configuration under a new trial number.
+
+Distributed: ``workers=N`` starts a Dask LocalCluster (N processes, one thread each);
+``scheduler='tcp://host:8786'`` uses a running cluster. Every Dask worker runs the same loop as
+a local sweep (claim up to ``parallel`` trials, train them fused, tell the study) against the one
+journal, opening the cache by its path or URL, until the study holds ``trials`` trials. Claims
+are serialised with a lock file beside the journal, so the study never overshoots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.train.errors import TrainError
+
+__all__ = ["SweepConfig", "run_sweep", "open_study", "study_counts", "SAMPLERS", "PRUNERS"]
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "asha")
+STUDY_NAME = "lst-sweep"
+# TrainConfig fields a sweep may set for every trial (beside the space's knobs)
+_TRAIN_EXTRAS = {"grad_clip", "max_steps", "batch_tokens", "patience", "device", "train_split", "eval_split",
+                 "reader_workers", "window_shards"}
+
+
+@dataclass
+class SweepConfig:
+    cache: str
+    space: Any  # path to space.yaml, or a dict
+    out: str
+    trials: int = 20
+    sampler: str = "tpe"
+    pruner: str = "none"
+    parallel: int = 1
+    workers: int = 0
+    scheduler: str | None = None
+    seed: int = 0
+    fuse: str = "auto"  # see pipeline.search.fused.resolve_fuse
+    train: dict = field(default_factory=dict)  # extra TrainConfig fields for every trial
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _abs(s: str) -> str:
+    return s if _is_url(s) else str(Path(s).resolve())
+
+
+def _log(cfg: SweepConfig, msg: str) -> None:
+    if cfg.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# -- study ---------------------------------------------------------------------------------------
+
+def _sampler(cfg: SweepConfig, space, worker: int, offset: int = 0):
+    """Seeded sampler. Workers must not draw the same sequence (seed + 1000 x worker), and a resumed
+    sweep must not replay the draws of its first run (seed shifted by the trials already in the study)."""
+    import optuna
+
+    seed = cfg.seed + 1000 * worker + 7919 * offset
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(space.grid() or {"_": [0]}, seed=seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=min(10, max(2, cfg.trials // 3)))
+
+
+def _pruner(cfg: SweepConfig):
+    import optuna
+
+    if cfg.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(out: str | Path, sampler=None, pruner=None, create: bool = True):
+    """The sweep's Optuna study from ``<out>/study.journal``."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = Path(out) / "study.journal"
+    if not create and not path.exists():
+        raise TrainError(f"{out} holds no study (no study.journal); run `lst sweep --out {out}` first")
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    if create:
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner,
+                                   direction="maximize", load_if_exists=True)
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _counted(t) -> bool:
+    """Does this trial count towards --trials? (A stale trial a kill left behind does not: it is retried.)"""
+    from optuna.trial import TrialState
+
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+        return True
+    return t.state == TrialState.FAIL and not t.user_attrs.get("stale", False)
+
+
+def study_counts(study) -> dict:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    by = {s: sum(1 for t in trials if t.state == s) for s in TrialState}
+    return {
+        "complete": by[TrialState.COMPLETE], "pruned": by[TrialState.PRUNED], "running": by[TrialState.RUNNING],
+        "waiting": by[TrialState.WAITING],
+        "failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("stale")),
+        "stale": sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("stale")),
+        "finished": sum(1 for t in trials if _counted(t) and t.state != TrialState.RUNNING),
+    }
+
+
+def _finished_summary(out: Path, number: int) -> dict | None:
+    """The summary of a trial whose training finished (summary.json is written last), else None."""
+    p = out / "trials" / str(number) / "summary.json"
+    try:
+        s = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and "dev_score" in s else None
+
+
+def _record(study, trial_id: int, s: dict) -> None:
+    for k in ("trainable_params", "trainable_pct", "peak_mem_mb", "side_mem_mb", "train_s", "amortised_s",
+              "epochs_run", "best_epoch", "fused_variants", "stack_size", "fuse"):
+        study._storage.set_trial_user_attr(trial_id, k, s.get(k))
+
+
+def _recover_stale(study, out: Path) -> tuple[list[int], list[int]]:
+    """Trials a killed sweep left RUNNING. One whose training had finished (its summary.json is
+    there: the kill fell between writing it and telling the study) is told now; the others are
+    marked FAIL (stale), their partial dirs removed and their parameters re-enqueued."""
+    from optuna.trial import TrialState
+
+    stale, told = [], []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        s = _finished_summary(out, t.number)
+        if s is not None:
+            _record(study, t._trial_id, s)
+            if s.get("pruned"):
+                study.tell(t.number, state=TrialState.PRUNED)
+            elif s.get("dev_score") is not None:
+                study.tell(t.number, float(s["dev_score"]))
+            else:
+                study.tell(t.number, state=TrialState.FAIL)
+            told.append(t.number)
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "stale", True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        shutil.rmtree(out / "trials" / str(t.number), ignore_errors=True)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        stale.append(t.number)
+    return stale, told
+
+
+# -- one worker's loop ---------------------------------------------------------------------------------
+
+def _claim(study, cfg: SweepConfig, target: int) -> list:
+    """Ask up to ``parallel`` new trials, never more than the study still needs (under a lock)."""
+    from optuna.storages.journal import JournalFileOpenLock
+
+    lock = JournalFileOpenLock(str(Path(cfg.out) / "claim.lock"))
+    lock.acquire()
+    try:
+        n = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t))
+        k = min(cfg.parallel, target - n)
+        return [study.ask() for _ in range(max(0, k))]
+    finally:
+        lock.release()
+
+
+def _trial_config(cfg: SweepConfig, space, params: dict, number: int):
+    from pipeline.train.trainer import TrainConfig
+
+    fields = space.train_fields(params)
+    base = {"seed": cfg.seed, **{k: v for k, v in cfg.train.items()}}
+    return TrainConfig.from_dict({**base, **fields, "cache": cfg.cache,
+                                  "out": str(Path(cfg.out) / "trials" / str(number)),
+                                  "overwrite": True, "progress": False})
+
+
+def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> list[dict]:
+    """Train one claimed batch fused; tell the study every result."""
+    from optuna.trial import TrialState
+
+    from pipeline.search.fused import train_many
+
+    cfgs, ok = [], []
+    results = []
+    for t in trials:
+        try:
+            params = space.suggest(t)
+            tc = _trial_config(cfg, space, params, t.number)
+        except Exception as e:  # noqa: BLE001 - a bad point of the space fails only its trial
+            t.set_user_attr("error", f"{type(e).__name__}: {e}")
+            study.tell(t, state=TrialState.FAIL)
+            results.append({"trial": t.number, "state": "FAIL", "error": str(e)})
+            continue
+        t.set_user_attr("config", {**space.train_fields(params), "seed": tc.seed})
+        t.set_user_attr("worker", worker)
+        t.set_user_attr("fused_with", [x.number for x in trials])
+        cfgs.append(tc)
+        ok.append(t)
+    if not ok:
+        return results
+    use_asha = cfg.pruner == "asha"
+
+    def on_epoch(i: int, row: dict) -> bool:
+        t = ok[i]
+        t.report(float(row["dev_score"]), int(row["epoch"]))
+        return use_asha and t.should_prune()
+
+    try:
+        summaries = train_many(cfgs, data_seed=cfg.seed, on_epoch=on_epoch, progress=False, fuse=cfg.fuse)
+    except (TrainError, ValueError, RuntimeError) as e:
+        for t in ok:
+            t.set_user_attr("error", f"{type(e).__name__}: {e}")
+            study.tell(t, state=TrialState.FAIL)
+            results.append({"trial": t.number, "state": "FAIL", "error": str(e)})
+        return results
+    for t, s in zip(ok, summaries):
+        _record(study, t._trial_id, s)
+        if s["pruned"]:
+            study.tell(t, state=TrialState.PRUNED)
+            state = "PRUNED"
+        elif s["dev_score"] is None:
+            study.tell(t, state=TrialState.FAIL)
+            state = "FAIL"
+        else:
+            study.tell(t, float(s["dev_score"]))
+            state = "COMPLETE"
+        results.append({"trial": t.number, "state": state, "dev_score": s["dev_score"]})
+    return results
+
+
+def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
+    """Run trials until the study holds ``trials`` of them; what a local sweep and each Dask worker do."""
+    import torch
+
+    if one_thread:  # a Dask worker process owns one core
+        torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = SweepConfig(**cfg_dict)
+    from pipeline.search.space import load_space
+
+    space = load_space(cfg.space)
+    study = open_study(cfg.out, None, _pruner(cfg))
+    study.sampler = _sampler(cfg, space, worker, offset=len(study.get_trials(deepcopy=False)))
+    target = _target(cfg, space)
+    name = f"{socket.gethostname()}:{os.getpid()}#{worker}"
+    done, t0 = [], time.perf_counter()
+    while True:
+        trials = _claim(study, cfg, target)
+        if not trials:
+            break
+        res = _run_batch(study, trials, cfg, space, name)
+        done += res
+        if cfg.progress:
+            c = study_counts(study)
+            best = _best(study)
+            print(f"[{name}] trials {', '.join(str(r['trial']) + ':' + r['state'].lower() for r in res)}; "
+                  f"{c['finished']}/{target} finished, best {best[1] if best else None}", file=sys.stderr, flush=True)
+    return {"worker": name, "trials": done, "wall_s": round(time.perf_counter() - t0, 3)}
+
+
+def _target(cfg: SweepConfig, space) -> int:
+    return min(cfg.trials, space.grid_size()) if cfg.sampler == "grid" else cfg.trials
+
+
+def _best(study):
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    t = max(done, key=lambda t: (t.value, -t.number))
+    return t.number, t.value, t.params
+
+
+# -- the driver --------------------------------------------------------------------------------------
+
+def _validate(cfg: SweepConfig):
+    from pipeline.cache.store import ActivationCache
+    from pipeline.extract import initpack
+    from pipeline.search.fused import FUSE_MODES
+    from pipeline.search.space import load_space
+
+    if cfg.sampler not in SAMPLERS:
+        raise TrainError(f"--sampler {cfg.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if cfg.pruner not in PRUNERS:
+        raise TrainError(f"--pruner {cfg.pruner!r}: use one of {', '.join(PRUNERS)}")
+    if cfg.fuse not in FUSE_MODES:
+        raise TrainError(f"fuse={cfg.fuse!r}: use one of {', '.join(FUSE_MODES)}")
+    if cfg.trials < 1 or cfg.parallel < 1 or cfg.workers < 0:
+        raise TrainError("--trials and --parallel must be >= 1 and --workers >= 0")
+    if cfg.workers and cfg.scheduler:
+        raise TrainError("give --workers N (a local Dask cluster) or --scheduler ADDRESS (an existing one), not both")
+    bad = sorted(set(cfg.train) - _TRAIN_EXTRAS)
+    if bad:
+        raise TrainError(f"sweep train options {bad} are not allowed; allowed: {', '.join(sorted(_TRAIN_EXTRAS))} "
+                         "(search knobs go in the space file)")
+    space = load_space(cfg.space)
+    cache = ActivationCache.open(cfg.cache)
+    cache.require_complete()
+    space.check_against(initpack.read_config(cache.url, cache.storage_options))
+    init = space.knobs.get("init")
+    if init is not None and "fisher" in (init.values or []):
+        if initpack.read_importance(cache.url, cache.storage_options) is None:
+            raise TrainError(f"init=fisher needs Fisher importance in {cache.url}/init; "
+                             f"run `lst fisher --cache {cfg.cache}` first or drop fisher from the space")
+    return space, cache
+
+
+def _identity(cfg: SweepConfig, space, cache) -> dict:
+    return {"space": space.describe(), "sampler": cfg.sampler, "pruner": cfg.pruner, "seed": cfg.seed,
+            "train": {k: v for k, v in cfg.train.items() if k not in ("device", "reader_workers")}, "cache_fingerprint_sha256": hashlib.sha256(
+                json.dumps(cache.fingerprint, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+def _check_identity(out: Path, ident: dict) -> bool:
+    p = out / "sweep_config.json"
+    if not p.exists():
+        p.write_text(json.dumps(ident, indent=2, default=str))
+        return False
+    old = json.loads(p.read_text())
+    new = json.loads(json.dumps(ident, default=str))
+    diffs = [k for k in new if json.dumps(old.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
+    if diffs:
+        raise TrainError(f"{out} holds a different sweep (differs in {', '.join(diffs)}); use another --out "
+                         "(only --trials, --parallel, --workers and --scheduler may change on a resume)")
+    return True
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Run (or resume) a sweep; returns the summary also written to ``<out>/sweep.json``."""
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, cache=_abs(cfg.cache), out=_abs(cfg.out),
+                              space=cfg.space if isinstance(cfg.space, dict) else _abs(str(cfg.space)))
+    space, cache = _validate(cfg)
+    if not isinstance(cfg.space, dict):  # workers on other machines get the content, not a path
+        cfg = dataclasses.replace(cfg, space=_space_dict(cfg.space))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trials").mkdir(exist_ok=True)
+    resumed = _check_identity(out, _identity(cfg, space, cache))
+    study = open_study(out, _sampler(cfg, space, 0), _pruner(cfg))
+    stale, told = _recover_stale(study, out)
+    before = study_counts(study)
+    target = _target(cfg, space)
+    if resumed:
+        _log(cfg, f"resuming {out}: {before['finished']} finished trials kept"
+                  + (f" ({told} finished before the kill reached the study)" if told else "")
+                  + (f", interrupted trials {stale} retried" if stale else ""))
+    workers_out = _dispatch(cfg)
+    after = study_counts(study)
+    summary = _summary(cfg, study, space, target, before, after, stale, workers_out, time.perf_counter() - t0, cache)
+    summary["recovered_finished"] = told
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _space_dict(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _dispatch(cfg: SweepConfig) -> list[dict]:
+    cfg_dict = cfg.to_dict()
+    if not cfg.workers and not cfg.scheduler:
+        return [_worker_loop(cfg_dict, 0)]
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if cfg.scheduler:
+            try:
+                client = Client(cfg.scheduler, timeout=30)
+            except (OSError, TimeoutError) as e:
+                raise TrainError(f"cannot reach the Dask scheduler at {cfg.scheduler}: {e}") from None
+        else:
+            cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+        with client:
+            addrs = sorted(client.scheduler_info()["workers"])
+            if not addrs:
+                raise TrainError(f"the Dask cluster at {cfg.scheduler} has no workers")
+            _log(cfg, f"dask: {len(addrs)} workers, {cfg.parallel} fused trial(s) per claim")
+            tag = uuid.uuid4().hex[:8]
+            futs = [client.submit(_worker_loop, {**cfg_dict, "progress": False}, i + 1, True, pure=False,
+                                  workers=[a], allow_other_workers=False, key=f"lst-sweep-{tag}-{i}")
+                    for i, a in enumerate(addrs)]
+            return client.gather(futs)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _summary(cfg, study, space, target, before, after, stale, workers_out, wall, cache) -> dict:
+    best = _best(study)
+    task = cache.attrs["task"]
+    new = after["finished"] - before["finished"]
+    return {
+        "out": cfg.out, "study": str(Path(cfg.out) / "study.journal"), "cache": cfg.cache,
+        "task": task["name"], "metric": task["metric"],
+        "sampler": cfg.sampler, "pruner": cfg.pruner, "parallel": cfg.parallel,
+        "workers": len(workers_out) if (cfg.workers or cfg.scheduler) else 0,
+        "trials_target": target, "n_trials": after["finished"], "n_complete": after["complete"],
+        "n_pruned": after["pruned"], "n_failed": after["failed"], "n_stale_retried": after["stale"],
+        "finished_before": before["finished"], "new_trials": new, "stale_now": stale,
+        "best_trial": best[0] if best else None, "best_dev_score": best[1] if best else None,
+        "best_params": best[2] if best else None,
+        "best_run": str(Path(cfg.out) / "trials" / str(best[0])) if best else None,
+        "wall_s": round(wall, 3), "trials_per_min": round(60 * new / wall, 2) if wall else None,
+        "per_worker": [{"worker": w["worker"], "trials": len(w["trials"]), "wall_s": w["wall_s"]} for w in workers_out],
+        "space": space.describe(),
+    }
