@@ -328,11 +328,12 @@ def fisher_importance(backbone: Any, split: SplitView, indices: np.ndarray, prob
 
 # -- entry points ----------------------------------------------------------------------------------------
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FisherError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
+    from pipeline.extract.runner import ExtractError, resolve_device
+
+    try:
+        return resolve_device(name)
+    except ExtractError as e:
+        raise FisherError(str(e)) from None
 
 
 def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int = 0, batch_size: int = 1, *,

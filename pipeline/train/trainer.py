@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.cache.fingerprint import diff_fingerprints
 from pipeline.cache.store import ActivationCache, CacheError
 from pipeline.extract import initpack
+from pipeline.extract.runner import resolve_device
 from pipeline.side.config import SideConfig
 from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
@@ -75,12 +76,6 @@ class TrainConfig:
 
 # Keys that may differ between a run and its resume without changing its results.
 _RESUME_FREE = {"progress", "overwrite", "reader_workers", "device", "cache"}  # a moved cache is checked by fingerprint
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[LadderSideNetwork, dict]:
