@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import time
 import numpy as np
 import psutil
 import torch
+
+from pipeline.memory import peak_rss_bytes
 
 METHODS = ("full", "live", "cached")
 
@@ -93,7 +94,7 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
     if dev.type == "cuda":
         out["peak_mb"] = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
     else:
-        out["peak_mb"] = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2**20
+        out["peak_mb"] = max(0.0, peak_rss_bytes() - baseline) / 2**20
         out["baseline_rss_mb"] = baseline / 2**20
     return out
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import resource
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from pipeline.cache.fingerprint import diff_fingerprints
 from pipeline.cache.store import ActivationCache, CacheError
 from pipeline.extract import initpack
 from pipeline.extract.runner import resolve_device
+from pipeline.memory import peak_rss_bytes
 from pipeline.side.config import SideConfig
 from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
@@ -135,7 +135,7 @@ class LiveTaps:
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def evaluate(model: LadderSideNetwork, reader: CacheReader, metric: str, live: LiveTaps | None = None) -> dict:
