@@ -141,9 +141,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column, splits=cfg.splits,
         max_examples=cfg.max_examples, dev_fraction=cfg.dev_fraction, seed=cfg.seed,
     )
-    backbone = load_backbone(str(path), device=str(device)) if cfg.workers == 0 and not cfg.scheduler else None
-    if backbone is None:
-        backbone = load_backbone(str(path), device="cpu")  # coordinator: tokenizer, config, init pack
+    distributed = bool(cfg.workers or cfg.scheduler)
+    # A Dask coordinator only needs the tokenizer, config and init pack: keep it off the accelerator.
+    backbone = load_backbone(str(path), device="cpu" if distributed else str(device))
     taps = parse_taps(cfg.layers, backbone.num_layers)
     fingerprint = build_fingerprint(cfg, path, backbone.config.model_type, bundle, taps)
 
