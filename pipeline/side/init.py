@@ -286,6 +286,22 @@ def slice_norm_into(norm: nn.Module, state: Mapping[str, Tensor], prefix: str, i
 
 
 # -- entry point -----------------------------------------------------------------------------------
+def ranking_source(
+    init: str, init_pack_state: Mapping[str, Tensor] | None, importance: Mapping[str, Tensor] | None
+) -> Mapping[str, Tensor] | None:
+    """What ranks the rows for ``init``: the weights (magnitude), the Fisher scores, or None for
+    'random'; raises ValueError when the init pack or the importance it needs is missing."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r} is not one of {INITS}")
+    if init == "random":
+        return None
+    if init_pack_state is None:
+        raise ValueError(f"init={init!r} needs the init pack state (the backbone's state_dict)")
+    if init == "fisher" and importance is None:
+        raise ValueError("init='fisher' needs per-parameter importance (squared gradients) with the state's keys")
+    return init_pack_state if init == "magnitude" else importance
+
+
 def initialise_side(
     model: Any,
     init: str,
@@ -301,15 +317,9 @@ def initialise_side(
     'fisher' ranks by ``importance`` (same keys and shapes).  Ladders, gates, upsample and
     head keep their random init, as in the official code.
     """
-    if init not in INITS:
-        raise ValueError(f"init {init!r} is not one of {INITS}")
-    if init == "random":
+    imp = ranking_source(init, init_pack_state, importance)
+    if imp is None:
         return {"init": "random"}
-    if init_pack_state is None:
-        raise ValueError(f"init={init!r} needs the init pack state (the backbone's state_dict)")
-    if init == "fisher" and importance is None:
-        raise ValueError("init='fisher' needs per-parameter importance (squared gradients) with the state's keys")
-    imp = init_pack_state if init == "magnitude" else importance
     blocks = {int(b): blk for b, blk in model.blocks.items()}
     first = next(iter(blocks.values()))
     plan = first.pruning_plan() if hasattr(first, "pruning_plan") else None

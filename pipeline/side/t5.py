@@ -28,10 +28,10 @@ from .blocks.t5 import T5Block
 from .config import GATES
 from .families import backbone_dims, family_for, reduced_config
 from .init import (
-    INITS,
     find_root,
     initial_index,
     prune_stack_into,
+    ranking_source,
     slice_norm_into,
     _block_state,
 )
@@ -176,15 +176,9 @@ def initialise_t5_side(model: T5LadderSideModel, init: str, init_pack_state: Map
     blocks -> encoder final norm -> decoder blocks (the decoder walk continues with the
     index the encoder left: the official code copies decoder embeddings without re-choosing
     it) -> decoder final norm."""
-    if init not in INITS:
-        raise ValueError(f"init {init!r} is not one of {INITS}")
-    if init == "random":
+    imp = ranking_source(init, init_pack_state, importance)
+    if imp is None:
         return {"init": "random"}
-    if init_pack_state is None:
-        raise ValueError(f"init={init!r} needs the init pack state")
-    if init == "fisher" and importance is None:
-        raise ValueError("init='fisher' needs per-parameter importance")
-    imp = init_pack_state if init == "magnitude" else importance
     fam, full, side = model.family, model.dims, model.side_dims
     enc_plan = next(iter(model.encoder.blocks.values())).pruning_plan()
     dec_plan = next(iter(model.decoder.blocks.values())).pruning_plan()
