@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+from pipeline.cli import _emit
 
 
 def _extract(a: argparse.Namespace) -> int:
@@ -15,7 +15,7 @@ def _extract(a: argparse.Namespace) -> int:
         workdir=a.workdir, progress=not a.no_progress,
     )
     res = run_extract_bench(cfg)
-    print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+    _emit(res, a.json)
     return 0
 
 
@@ -25,7 +25,7 @@ def _train(a: argparse.Namespace) -> int:
     res = run_train_bench(TrainBenchConfig(backbone=a.backbone, dataset=a.dataset, examples=a.examples, cache=a.cache,
                                            batch_size=a.batch_size, workdir=a.workdir, device=a.device,
                                            progress=not a.no_progress))
-    print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+    _emit(res, a.json)
     return 0
 
 
@@ -42,7 +42,7 @@ def _memory(a: argparse.Namespace) -> int:
                                   progress=not a.no_progress))
     side = {} if a.attention_dropout is None else {"attention_dropout": a.attention_dropout}
     res = run_memory_bench(cache, batch_size=a.batch_size, steps=a.steps, device=a.device, side=side)
-    print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+    _emit(res, a.json)
     return 0
 
 

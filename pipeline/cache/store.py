@@ -169,13 +169,12 @@ def create_store(
         rows = chunk_rows_for(hidden_size, codec, shard)
         acts = g.create_group("acts")
         for tap in taps:
-            a = acts.create_array(
+            acts.create_array(
                 tap_name(tap), shape=(t, hidden_size), dtype=spec.storage_dtype,
                 chunks=(rows, hidden_size), shards=(shard, hidden_size),
                 compressors=C.compressors(codec=codec), fill_value=0,
                 attributes={"logical_dtype": spec.logical_dtype, "codec": codec, "tap": tap},
             )
-            del a
         if spec.has_scale:
             scales = g.create_group("scales")
             srows = min(shard, 1 << 16)

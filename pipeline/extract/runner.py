@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -356,7 +356,3 @@ def _run_dask(cfg: ExtractConfig, cache, work, settings, bar) -> None:
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    return asdict(cfg)

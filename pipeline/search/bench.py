@@ -17,13 +17,14 @@ The load average before and after is printed, since the timings share the machin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.cli import _emit
 
 
 def variant_configs(cache: str, out: Path, n: int, epochs: int = 1, batch_size: int = 100, fuse_seed: int = 0):
@@ -154,7 +155,7 @@ def _cmd(a: argparse.Namespace) -> int:
     res = run_sweep_bench(cache=a.cache, variants=a.variants, examples=a.examples, workers=a.workers,
                           backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
                           progress=not a.no_progress)
-    print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+    _emit(res, a.json)
     return 0
 
 
