@@ -84,6 +84,11 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data directory for named tasks (default $LST_DATA_DIR or ../shared/data)")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="share of train carved out as validation when there is none")
     p.add_argument("--seed", type=int, default=0, help="seed of the dev carve")
+    p.add_argument("--label-words", metavar="WORDS",
+                   help="T5: also cache the decoder's teacher-forced taps for each candidate label word, so a side "
+                        "encoder-decoder trains and scores labels from the cache (the paper's T5 setting); "
+                        "decoder-only: the words `lst train --head lm` scores with the frozen LM head. "
+                        "'auto' uses the dataset's label names, or give one word per class: negative,positive")
     p.add_argument("--fisher-samples", type=int, default=0,
                    help="also compute Fisher importance over N labelled train examples for --init fisher "
                         "(the paper uses 1024; same as running `lst fisher` afterwards)")
@@ -103,6 +108,7 @@ def extract_config_from_args(a: argparse.Namespace):
         overwrite=a.overwrite, text_column=a.text_column, text_pair_column=a.text_pair_column,
         label_column=a.label_column, data_dir=a.data_dir, dev_fraction=a.dev_fraction, seed=a.seed,
         progress=not a.no_progress, fisher_samples=a.fisher_samples,
+        label_words=a.label_words,
     )
 
 

@@ -327,11 +327,11 @@ def test_full_disk_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, caps
     real = SplitView.write_shard
     calls = {"n": 0}
 
-    def full_disk(self, shard, values):
+    def full_disk(self, shard, values, decoder=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, shard, values)
+        return real(self, shard, values, decoder)
 
     monkeypatch.setattr(SplitView, "write_shard", full_disk)
     code = lst_main(["extract", "--max-examples", str(N), "--splits", "validation", "--shard-tokens", "128",

@@ -13,6 +13,11 @@ Layout (README.md, "The cache")::
         token_type_ids int8 [T] segment ids, pair inputs on BERT-style tokenizers only
         acts/<tap>        [T, d] one array per tap, sharded along T
         scales/<tap> f32  [T]    int8 codec only: per-token scale
+        dec/acts/<tap>    [S, U*D, d]  T5 label targets only: teacher-forced decoder taps of every
+                                 candidate label (D rows per example) for the examples whose first
+                                 token row lies in shard s, in storage order (U = most such examples
+                                 of any shard); one Zarr shard per store shard, so one writer each
+        dec/scales/<tap>  [S, U*D]     int8 codec only
         done        bool  [S]    one flag (one chunk) per shard, set after the shard is fully written
 
 Examples are stored sorted by token count (stable), so every shard holds examples of similar
@@ -105,6 +110,18 @@ def shard_examples(offsets: np.ndarray, start: int, end: int) -> tuple[int, int]
     return max(i0, 0), min(i1, len(offsets) - 1)
 
 
+def unit_examples(offsets: np.ndarray, start: int, end: int) -> tuple[int, int]:
+    """Examples [e0, e1) whose *first* token row lies in [start, end): each example belongs to
+    exactly one such unit, which is what per-example (decoder) arrays and the reader group by."""
+    starts = offsets[:-1]
+    return int(np.searchsorted(starts, start, side="left")), int(np.searchsorted(starts, end, side="left"))
+
+
+def max_unit_examples(offsets: np.ndarray, shard_tokens: int) -> int:
+    counts = np.bincount(offsets[:-1] // shard_tokens) if len(offsets) > 1 else np.zeros(1, dtype=np.int64)
+    return max(int(counts.max()), 1)
+
+
 def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
     kwargs: dict[str, Any] = {"mode": mode}
     if storage_options:
@@ -123,8 +140,13 @@ def create_store(
     hidden_size: int,
     versions: dict,
     storage_options: dict | None = None,
+    decoder: dict | None = None,
 ) -> "ActivationCache":
-    """Create an empty store with every array sized up front (no activations yet)."""
+    """Create an empty store with every array sized up front (no activations yet).
+
+    ``decoder`` ({'taps': [...], 'rows': D}) adds the per-example decoder arrays of a T5
+    label-target cache.
+    """
     spec = C.codec_spec(codec)
     root = open_group(url, mode="w", storage_options=storage_options)
     root.attrs.update(
@@ -185,7 +207,32 @@ def create_store(
                     tap_name(tap), shape=(t,), dtype="float32", chunks=(srows,), shards=(shard,),
                     compressors=C.compressors(), fill_value=0,
                 )
+        if decoder:
+            _create_decoder_arrays(g, plan, decoder, hidden_size, codec)
     return ActivationCache(url, root, storage_options)
+
+
+def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden_size: int, codec: str) -> None:
+    spec = C.codec_spec(codec)
+    per_unit = max_unit_examples(plan.offsets, plan.shard_tokens) * int(decoder["rows"])
+    rows = chunk_rows_for(hidden_size, codec, 1 << 30)
+    rows = min(rows, 1 << (per_unit - 1).bit_length())
+    padded = -(-per_unit // rows) * rows
+    g.attrs["decoder_unit_rows"] = padded
+    dec = g.create_group("dec")
+    acts = dec.create_group("acts")
+    for tap in decoder["taps"]:
+        acts.create_array(
+            tap_name(tap), shape=(plan.num_shards, padded, hidden_size), dtype=spec.storage_dtype,
+            chunks=(1, rows, hidden_size), shards=(1, padded, hidden_size),
+            compressors=C.compressors(codec=codec), fill_value=0,
+            attributes={"logical_dtype": spec.logical_dtype, "codec": codec, "tap": tap},
+        )
+    if spec.has_scale:
+        scales = dec.create_group("scales")
+        for tap in decoder["taps"]:
+            scales.create_array(tap_name(tap), shape=(plan.num_shards, padded), dtype="float32",
+                                chunks=(1, padded), compressors=C.compressors(), fill_value=0)
 
 
 class SplitView:
@@ -238,16 +285,29 @@ class SplitView:
     def shard_examples(self, shard: int) -> tuple[int, int]:
         return shard_examples(self.offsets, *self.shard_rows(shard))
 
+    def unit_examples(self, shard: int) -> tuple[int, int]:
+        """Examples whose first token row lies in the shard (their decoder rows live in it)."""
+        return unit_examples(self.offsets, *self.shard_rows(shard))
+
     def tap_array(self, tap: int) -> zarr.Array:
         return self.group["acts"][tap_name(tap)]
+
+    def decoder_array(self, tap: int, scale: bool = False) -> zarr.Array:
+        return self.group["dec"]["scales" if scale else "acts"][tap_name(tap)]
 
     def scale_array(self, tap: int) -> zarr.Array:
         return self.group["scales"][tap_name(tap)]
 
     # -- writing -----------------------------------------------------------------------------
-    def write_shard(self, shard: int, values: dict[int, tuple[np.ndarray, np.ndarray | None]]) -> None:
-        """Write every tap of one shard, then its done flag (the flag is the commit point)."""
+    def write_shard(self, shard: int, values: dict[int, tuple[np.ndarray, np.ndarray | None]],
+                    decoder: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = None) -> None:
+        """Write every tap of one shard (and its examples' decoder rows), then its done flag
+        (the flag is the commit point)."""
         start, end = self.shard_rows(shard)
+        for tap, (vals, scale) in (decoder or {}).items():
+            self.decoder_array(tap)[shard, : vals.shape[0]] = vals
+            if scale is not None:
+                self.decoder_array(tap, scale=True)[shard, : vals.shape[0]] = scale
         for tap, (vals, scale) in values.items():
             if vals.shape[0] != end - start:
                 raise CacheError(
@@ -279,6 +339,13 @@ class SplitView:
         """Decoded float32 activations of token rows [start, end) for one tap."""
         vals, scale = self.read_rows_raw(tap, start, end)
         return C.decode(vals, self.cache.codec, scale)
+
+    def read_decoder_unit(self, tap: int, shard: int, rows: int, raw: bool = False):
+        """The first ``rows`` decoder rows stored for a shard's examples (decoded float32, or
+        (values, scale) with ``raw``)."""
+        vals = self.decoder_array(tap)[shard, :rows]
+        scale = self.decoder_array(tap, scale=True)[shard, :rows] if self.cache.spec.has_scale else None
+        return (vals, scale) if raw else C.decode(vals, self.cache.codec, scale)
 
     def read_example(self, tap: int, i: int) -> torch.Tensor:
         o = self.offsets
@@ -339,6 +406,15 @@ class ActivationCache:
     @property
     def taps(self) -> list[int]:
         return [tap_index(n) for n in self.root.attrs["taps"]]
+
+    @property
+    def label_targets(self) -> dict | None:
+        """T5 label-target layout (``LabelTargets.to_dict``) when decoder taps are cached."""
+        return self.root.attrs.get("label_targets")
+
+    @property
+    def decoder_taps(self) -> list[int]:
+        return [tap_index(n) for n in self.root.attrs.get("decoder_taps", [])]
 
     @property
     def splits(self) -> list[str]:

@@ -59,6 +59,22 @@ def read_weights(url: str, storage_options: dict | None = None) -> dict[str, tor
         return safetensors.torch.load(f.read())
 
 
+def read_tensor(url: str, key: str, storage_options: dict | None = None) -> torch.Tensor:
+    """One tensor of the packed weights (e.g. 'lm_head.weight'), without loading the rest where
+    the pack is a local file."""
+    fs, root = _fs(url, storage_options)
+    path = f"{root}/{INIT_DIR}/weights.safetensors"
+    if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+        with safetensors.safe_open(path, framework="pt") as f:
+            if key not in f.keys():
+                raise KeyError(f"the init pack of {url} has no {key!r}; re-extract with this lst version")
+            return f.get_tensor(key)
+    state = read_weights(url, storage_options)
+    if key not in state:
+        raise KeyError(f"the init pack of {url} has no {key!r}; re-extract with this lst version")
+    return state[key]
+
+
 def read_importance(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor] | None:
     fs, root = _fs(url, storage_options)
     path = f"{root}/{INIT_DIR}/importance.safetensors"

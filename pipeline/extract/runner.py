@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import load_backbone, resolve_backbone, tokenizer_sha256, weights_sha256
 from pipeline.backbones import init_pack_state
+from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, lm_head_weight, t5_label_targets
 from pipeline.cache import codecs as C
 from pipeline.cache.fingerprint import diff_fingerprints, library_versions
-from pipeline.cache.store import ActivationCache, CacheError, create_store, open_group
+from pipeline.cache.store import ActivationCache, CacheError, create_store, open_group, tap_name
 from pipeline.datasets import load_dataset, sha256_path
 from pipeline.extract import initpack
 from pipeline.extract.plan import build_split_plan
@@ -62,6 +63,9 @@ class ExtractConfig:
     storage_options: dict | None = field(default=None)
     progress: bool = True
     fisher_samples: int = 0  # > 0: also compute Fisher importance for --init fisher (the paper: 1,024)
+    # T5: also cache teacher-forced decoder taps for every candidate label word ('auto' = the
+    # dataset's label names, or 'negative,positive'); decoder-only: the words the LM head scores
+    label_words: str | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -109,8 +113,49 @@ def _store_state(url: str, storage_options: dict | None) -> str:
     return "cache" if root.attrs.get("layout_complete") else "partial"
 
 
+def resolve_label_words(spec: str | None, bundle) -> list[str] | None:
+    """'auto' -> the dataset's label names; 'a,b,c' -> those words, one per class in class order."""
+    if spec is None:
+        return None
+    if bundle.task_type != "classification":
+        raise ExtractError(f"--label-words: dataset {bundle.name!r} is a regression task; label words need classes")
+    if spec == "auto":
+        if not bundle.label_names:
+            raise ExtractError(f"--label-words auto: dataset {bundle.name!r} has no label names; "
+                               "give one word per class, e.g. --label-words negative,positive")
+        words = list(bundle.label_names)
+    else:
+        words = [w.strip() for w in spec.split(",")]
+    if len(words) != bundle.num_labels():
+        raise ExtractError(f"--label-words {spec!r}: {len(words)} words for {bundle.num_labels()} classes "
+                           f"({bundle.label_names or list(range(bundle.num_labels()))}); give one per class, in class order")
+    return words
+
+
+def label_scoring(cfg: ExtractConfig, backbone, bundle) -> tuple[LabelTargets | None, dict | None]:
+    """T5: the candidate target sequences whose decoder taps are cached; decoder-only: the first
+    token of each label word (recorded even unasked when the dataset names its labels: it is free)."""
+    words = resolve_label_words(cfg.label_words, bundle)
+    if backbone.family == "t5":
+        return (t5_label_targets(backbone.tokenizer, backbone.config, words) if words else None), None
+    if backbone.family == "decoder":
+        if words is None and bundle.task_type == "classification" and bundle.label_names:
+            try:
+                ids = label_first_tokens(backbone.tokenizer, bundle.label_names)
+            except Exception:  # noqa: BLE001 - optional metadata; an explicit --label-words reports it
+                return None, None
+            return None, {"words": list(bundle.label_names), "token_ids": ids}
+        return None, ({"words": words, "token_ids": label_first_tokens(backbone.tokenizer, words)} if words else None)
+    if words:
+        raise ExtractError("--label-words needs a T5 or decoder-only backbone (an LM head scores the words); "
+                           f"{cfg.backbone!r} is an encoder, which classifies with a task head: drop --label-words")
+    return None, None
+
+
 def build_fingerprint(cfg: ExtractConfig, backbone_path: Path, model_type: str, bundle, taps: list[int]) -> dict:
+    extra = {"label_words": cfg.label_words} if cfg.label_words is not None else {}
     return {
+        **extra,
         "backbone": cfg.backbone,
         "model_type": model_type,
         "weights_sha256": weights_sha256(backbone_path),
@@ -145,6 +190,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     # A Dask coordinator only needs the tokenizer, config and init pack: keep it off the accelerator.
     backbone = load_backbone(str(path), device="cpu" if distributed else str(device))
     taps = parse_taps(cfg.layers, backbone.num_layers)
+    targets, words = label_scoring(cfg, backbone, bundle)
     fingerprint = build_fingerprint(cfg, path, backbone.config.model_type, bundle, taps)
 
     lock = None
@@ -160,7 +206,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 "wait for it to finish, or stop it first"
             ) from None
     try:
-        summary = _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start)
+        summary = _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets, words)
         if cfg.fisher_samples and summary["complete"]:
             from pipeline.extract.fisher import maybe_compute_fisher
 
@@ -178,7 +224,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             lock.release()
 
 
-def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start) -> dict:
+def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets=None, words=None) -> dict:
     state = _store_state(cfg.out, cfg.storage_options)
     resumed = False
     if state == "cache":
@@ -209,19 +255,29 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start) -
             },
             "max_length": cfg.max_length,
         }
+        decoder = None
+        if words is not None:
+            meta["label_words"] = words
+        if targets is not None:
+            decoder = {"taps": decoder_taps(backbone), "rows": targets.rows}
+            meta["label_targets"] = targets.to_dict()
+            meta["decoder_taps"] = [tap_name(t) for t in decoder["taps"]]
         cache = create_store(
             cfg.out, fingerprint=fingerprint, meta=meta, plans=plans, taps=taps, codec=cfg.codec,
             hidden_size=backbone.hidden_size, versions=library_versions(),
-            storage_options=cfg.storage_options,
+            storage_options=cfg.storage_options, decoder=decoder,
         )
         cache.root.attrs["layout_complete"] = True
     if not initpack.init_pack_written(cfg.out, cfg.storage_options):
-        initpack.write_init_pack(
-            cfg.out, init_pack_state(backbone), backbone.config.to_json_string(), backbone.tokenizer,
-            cfg.storage_options,
-        )
+        state = init_pack_state(backbone)
+        if backbone.family == "decoder":  # base models load without their head; label scoring needs it
+            state["lm_head.weight"] = lm_head_weight(backbone).detach().to("cpu", torch.float32).contiguous().clone()
+        initpack.write_init_pack(cfg.out, state, backbone.config.to_json_string(), backbone.tokenizer,
+                                 cfg.storage_options)
 
-    settings = ComputeSettings(taps=tuple(taps), codec=cfg.codec, batch_tokens=cfg.batch_tokens, precision=cfg.precision)
+    stored = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
+    settings = ComputeSettings(taps=tuple(taps), codec=cfg.codec, batch_tokens=cfg.batch_tokens, precision=cfg.precision,
+                               decoder_taps=tuple(cache.decoder_taps), targets=stored)
     work = [(s, shard) for s in cache.splits for shard in cache.split(s).pending_shards()]
     total_rows = sum(_rows(cache, s, k) for s, k in work)
     t_compute = time.perf_counter()
@@ -253,6 +309,11 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start) -
     }
 
 
+def decoder_taps(backbone) -> list[int]:
+    """Every decoder tap: input embeddings (0) and each decoder block's output."""
+    return list(range(len(backbone.model.decoder.block) + 1))
+
+
 def _rows(cache: ActivationCache, split: str, shard: int) -> int:
     a, b = cache.split(split).shard_rows(shard)
     return b - a
@@ -281,7 +342,7 @@ def _run_local(cache, work, backbone, settings, device, bar, max_inflight: int =
     views = {s: cache.split(s) for s in cache.splits}
     if not overlap_writes(device):
         for split, shard in work:
-            views[split].write_shard(shard, compute_shard(backbone, views[split], shard, settings, device))
+            views[split].write_shard(shard, *compute_shard(backbone, views[split], shard, settings, device))
             bar.update(_rows(cache, split, shard))
         return
     inflight: deque = deque()
@@ -292,7 +353,7 @@ def _run_local(cache, work, backbone, settings, device, bar, max_inflight: int =
                 if fut.done() and fut.exception() is not None:
                     fut.result()
             values = compute_shard(backbone, view, shard, settings, device)
-            inflight.append((pool.submit(view.write_shard, shard, values), _rows(cache, split, shard)))
+            inflight.append((pool.submit(view.write_shard, shard, *values), _rows(cache, split, shard)))
             while len(inflight) > max_inflight:
                 fut, rows = inflight.popleft()
                 fut.result()
@@ -326,7 +387,7 @@ def dask_extract_shard(url: str, storage_options, split: str, shard: int, backbo
     view = cache.split(split)
     if view.done()[shard]:
         return 0
-    view.write_shard(shard, compute_shard(backbone, view, shard, settings, dev))
+    view.write_shard(shard, *compute_shard(backbone, view, shard, settings, dev))
     a, b = view.shard_rows(shard)
     return b - a
 

@@ -5,6 +5,7 @@
     initialise_side       -- random / magnitude / Fisher pruning init from the init pack (init.py)
     count_parameters      -- per-component counts (params.py)
     T5LadderSideModel     -- the official T5 encoder-decoder LST (t5.py)
+    T5LabelScorer         -- it, trained and evaluated on cached label-word targets (seq2seq.py)
     register_block        -- add a side-block type (blocks/)
 """
 
@@ -15,6 +16,7 @@ from .init import initialise_side, select_indices, slice_block_state
 from .model import LadderSideNetwork
 from .params import count_parameters, side_parameter_breakdown
 from .pooling import pool
+from .seq2seq import T5LabelScorer
 from .t5 import T5LadderSideModel, from_official_layers, initialise_t5_side, t5_side_parameter_count
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "count_parameters",
     "side_parameter_breakdown",
     "T5LadderSideModel",
+    "T5LabelScorer",
     "initialise_t5_side",
     "t5_side_parameter_count",
     "from_official_layers",

@@ -20,12 +20,31 @@ GATES = ("learnable", "sum", "none")
 INITS = ("random", "magnitude", "fisher")
 POOLINGS = ("cls", "mean", "last")
 TASK_TYPES = ("classification", "regression")
-HEADS = ("task",)
+HEADS = ("task", "lm")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"SideConfig.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_layer_list(name: str, layers: Any) -> list[int] | None:
+    if layers is None:
+        return None
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"SideConfig.{name} is empty; give at least one block (1-based) or None for all")
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+    if bad:
+        raise ValueError(
+            f"SideConfig.{name} must be 1-based block indices (integers >= 1), got {bad}; "
+            "note the official LST code's lists are 0-based (add 1)"
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"SideConfig.{name} has duplicates: {layers}")
+    if layers != sorted(layers):
+        raise ValueError(f"SideConfig.{name} must be increasing (backbone order), got {layers}")
+    return layers
 
 
 @dataclass
@@ -58,7 +77,12 @@ class SideConfig:
         task_type: 'classification' (cross-entropy over num_labels) or 'regression'
             (one output).
         num_labels: classes; None means 2 for classification and 1 for regression.
-        head: 'task' (a fresh Linear on the pooled, upsampled state).
+        head: 'task' (a fresh Linear on the pooled, upsampled state) or 'lm' (the backbone's
+            frozen LM head scores the label words: decoder-only backbones score each word's first
+            token at the last real token; on a T5 cache with label targets, the side
+            encoder-decoder scores each candidate by its teacher-forced loss, as the paper).
+        decoder_layers: T5 side decoder blocks, 1-based; None = ``layers`` when given (the
+            official scripts pass one list to both stacks), else every decoder block.
     """
 
     r: int = 8
@@ -74,25 +98,13 @@ class SideConfig:
     task_type: str = "classification"
     num_labels: int | None = None
     head: str = "task"
+    decoder_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"SideConfig.r must be a positive integer, got {self.r!r}")
-        if self.layers is not None:
-            layers = list(self.layers)
-            if not layers:
-                raise ValueError("SideConfig.layers is empty; give at least one block (1-based) or None for all")
-            bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or x < 1]
-            if bad:
-                raise ValueError(
-                    f"SideConfig.layers must be 1-based block indices (integers >= 1), got {bad}; "
-                    "note the official LST code's lists are 0-based (add 1)"
-                )
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"SideConfig.layers has duplicates: {layers}")
-            if layers != sorted(layers):
-                raise ValueError(f"SideConfig.layers must be increasing (backbone order), got {layers}")
-            self.layers = layers
+        self.layers = _check_layer_list("layers", self.layers)
+        self.decoder_layers = _check_layer_list("decoder_layers", self.decoder_layers)
         _choice("gate", self.gate, GATES)
         if not self.gate_T > 0:
             raise ValueError(f"SideConfig.gate_T must be > 0, got {self.gate_T!r}")
@@ -123,6 +135,8 @@ class SideConfig:
                 f"SideConfig.block={self.block!r} is not a registered side block; "
                 f"registered: {', '.join(available_blocks())}"
             )
+        if self.head == "lm" and self.task_type != "classification":
+            raise ValueError("head='lm' scores label words, so it needs task_type='classification'")
         if self.init != "random" and self.block != "backbone":
             raise ValueError(
                 f"init={self.init!r} slices backbone blocks into side blocks, so it needs "
@@ -159,8 +173,9 @@ class SideConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (lists, not tuples)."""
         d = dataclasses.asdict(self)
-        if d["layers"] is not None:
-            d["layers"] = list(d["layers"])
+        for k in ("layers", "decoder_layers"):
+            if d[k] is not None:
+                d[k] = list(d[k])
         return d
 
     @classmethod

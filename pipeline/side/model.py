@@ -80,7 +80,15 @@ class LadderSideNetwork(nn.Module):
         self.dropout = nn.Dropout(self.config.dropout)
         self.upsample = _linear(ds, d)
         out = self.config.num_labels if self.config.task_type == "classification" else 1
-        self.head = _linear(d, out)
+        if self.config.head == "lm":
+            if not self.family.causal:
+                raise ValueError(f"head='lm' scores label words with a decoder-only LM head; the {self.family.name} "
+                                 "backbone has none here (T5 scores them with its side decoder)")
+            # the frozen LM head's rows of the label words' first tokens (``set_label_head``)
+            self.register_buffer("label_head", torch.zeros(out, d))
+            self.head = None
+        else:
+            self.head = _linear(d, out)
 
     # -- what the reader must load ---------------------------------------------------------
     def required_taps(self) -> list[int]:
@@ -112,9 +120,22 @@ class LadderSideNetwork(nn.Module):
             h = self.blocks[str(b)](h, ctx)
         return self.upsample(self.dropout(self.final_norm(h)))
 
+    def set_label_head(self, rows: Tensor) -> None:
+        """Install the frozen LM-head rows [num_labels, d] of the label words (head='lm')."""
+        if self.head is not None:
+            raise ValueError("set_label_head is for head='lm'")
+        if tuple(rows.shape) != tuple(self.label_head.shape):
+            raise ValueError(f"label head rows {tuple(rows.shape)}, expected {tuple(self.label_head.shape)}")
+        self.label_head.copy_(rows.detach())
+
     def forward(self, taps: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
-        h = self.encode(taps, attention_mask)
-        return self.head(pool(h, attention_mask, self.config.pooling))
+        pooled = pool(self.encode(taps, attention_mask), attention_mask, self.config.pooling)
+        if self.head is None:
+            return F.linear(pooled, self.label_head.to(pooled.dtype))
+        return self.head(pooled)
+
+    def training_loss(self, taps: Sequence[Tensor], attention_mask: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(self(taps, attention_mask), labels)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy (classification) or MSE on the single output (regression)."""

@@ -118,7 +118,7 @@ class T5LadderSideModel(nn.Module):
 
     def __init__(self, t5_config: Any, r: int = 8, encoder_layers: Sequence[int] | None = None,
                  decoder_layers: Sequence[int] | None = None, *, gate: str = "learnable", gate_T: float = 0.1,
-                 gate_alpha_init: float = 0.0, dropout: float = 0.1) -> None:
+                 gate_alpha_init: float = 0.0, dropout: float = 0.1, attention_dropout: float | None = None) -> None:
         super().__init__()
         if family_for(t5_config).name != "t5":
             raise ValueError(f"T5LadderSideModel needs a T5 config, got model_type {t5_config.model_type!r}")
@@ -126,7 +126,7 @@ class T5LadderSideModel(nn.Module):
         self.family = family_for(t5_config)
         self.dims = backbone_dims(t5_config)
         self.side_dims = self.dims.reduced(r)
-        self.side_hf_config = reduced_config(t5_config, r, dropout)
+        self.side_hf_config = reduced_config(t5_config, r, dropout, attention_dropout)
         n_enc = t5_config.num_layers
         n_dec = t5_config.num_decoder_layers if t5_config.num_decoder_layers is not None else n_enc
         enc = list(encoder_layers) if encoder_layers is not None else list(range(1, n_enc + 1))
@@ -152,10 +152,15 @@ class T5LadderSideModel(nn.Module):
     def forward(self, encoder_taps: Sequence[Tensor], encoder_mask: Tensor,
                 decoder_taps: Sequence[Tensor], decoder_mask: Tensor) -> Tensor:
         """Logits [B, L_dec, vocab (or len(token_ids))]."""
+        return self.decode(self.encoder(encoder_taps, encoder_mask), encoder_mask, decoder_taps, decoder_mask)
+
+    def decode(self, side_encoder_out: Tensor, encoder_mask: Tensor, decoder_taps: Sequence[Tensor],
+               decoder_mask: Tensor) -> Tensor:
+        """Logits from the side encoder's output (``self.encoder(...)``): the encoder runs once
+        when several decoder inputs (candidates, generation steps) share it."""
         if self.lm_head.numel() == 0:
             raise ValueError("no LM head installed: call set_lm_head(init_pack['lm_head.weight'] ...) first")
-        enc = self.encoder(encoder_taps, encoder_mask)
-        dec = self.decoder(decoder_taps, decoder_mask, enc, encoder_mask)
+        dec = self.decoder(decoder_taps, decoder_mask, side_encoder_out, encoder_mask)
         return F.linear(self.upsample(dec) * self.scale, self.lm_head)
 
     def trainable_parameters(self) -> int:

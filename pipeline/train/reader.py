@@ -34,6 +34,14 @@ class Batch:
     labels: torch.Tensor  # [B]
     taps: list[torch.Tensor] | None  # one [B, L, d] per requested tap (None in ids-only mode)
     token_type_ids: torch.Tensor | None = None
+    dec_taps: list[torch.Tensor] | None = None  # T5 label targets: one [B, D, d] per decoder tap
+
+    def side_inputs(self) -> dict:
+        """Keyword arguments of the side network's forward."""
+        out = {"taps": self.taps, "attention_mask": self.attention_mask}
+        if self.dec_taps is not None:
+            out["dec_taps"] = self.dec_taps
+        return out
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +75,7 @@ class CacheReader:
         prefetch: int = 8,
         device: str | torch.device = "cpu",
         load_acts: bool = True,
+        decoder_taps: list[int] | None = None,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -74,6 +83,14 @@ class CacheReader:
                 f"the side network needs taps {missing} but cache {cache.url} holds only {cache.taps}; "
                 "re-extract with those --layers or choose layers the cache has"
             )
+        self.decoder_taps = list(decoder_taps or [])
+        dmissing = [t for t in self.decoder_taps if t not in cache.decoder_taps]
+        if dmissing and load_acts:
+            raise ValueError(
+                f"the side decoder needs decoder taps {dmissing} but cache {cache.url} holds {cache.decoder_taps}; "
+                "re-extract with --label-words"
+            )
+        self.dec_rows = int(cache.label_targets["rows"]) if self.decoder_taps else 0
         if not batch_size and not batch_tokens:
             raise ValueError("give a batch size or a token budget")
         self.cache = cache
@@ -139,18 +156,21 @@ class CacheReader:
         return sum(len(b) for _, b in self.plan_epoch(epoch))
 
     # -- reading ---------------------------------------------------------------------------------
-    def _read_unit(self, unit: int) -> tuple[int, int, list[torch.Tensor]]:
+    def _decode(self, vals: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
+        return C.to_bf16_tensor(vals) if self.cache.codec == "bf16" else C.decode(vals, self.cache.codec, scale)
+
+    def _read_unit(self, unit: int) -> tuple[int, int, list[torch.Tensor], list[torch.Tensor]]:
         ex = self.units[unit]
         r0, r1 = int(self.offsets[ex[0]]), int(self.offsets[ex[-1] + 1])
         if not self.load_acts:
-            return r0, r1, []
-        out = []
-        for tap in self.taps:
-            vals, scale = self.view.read_rows_raw(tap, r0, r1)
-            out.append(C.to_bf16_tensor(vals) if self.cache.codec == "bf16" else C.decode(vals, self.cache.codec, scale))
-        return r0, r1, out
+            return r0, r1, [], []
+        out = [self._decode(*self.view.read_rows_raw(tap, r0, r1)) for tap in self.taps]
+        dec = [self._decode(*self.view.read_decoder_unit(tap, unit, len(ex) * self.dec_rows, raw=True))
+               for tap in self.decoder_taps]
+        return r0, r1, out, dec
 
-    def _assemble(self, idx: np.ndarray, row_base: dict[int, int], pool: list[torch.Tensor] | None) -> Batch:
+    def _assemble(self, idx: np.ndarray, row_base: dict[int, int], pool: list[torch.Tensor] | None,
+                  dec_base: dict[int, int] | None = None, dec_pool: list[torch.Tensor] | None = None) -> Batch:
         lens = self.lengths[idx]
         L = int(lens.max())
         B = len(idx)
@@ -167,10 +187,15 @@ class CacheReader:
             zero_row = pool[0].shape[0] - 1
             gather = torch.from_numpy(np.where(valid, local, zero_row).reshape(-1))
             taps = [t.index_select(0, gather).view(B, L, -1).float() for t in pool]
+        dec = None
+        if dec_pool:
+            rows = np.array([dec_base[int(i)] for i in idx])[:, None] + np.arange(self.dec_rows)[None, :]
+            g = torch.from_numpy(rows.reshape(-1))
+            dec = [t.index_select(0, g).view(B, self.dec_rows, -1).float() for t in dec_pool]
         return Batch(
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
             attention_mask=torch.from_numpy(valid.astype(np.int64)),
-            labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt,
+            labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=dec,
         )
 
     def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
@@ -184,21 +209,26 @@ class CacheReader:
                     parts = list(futures[w])
                     futures[w] = None
                     row_base: dict[int, int] = {}
-                    base = 0
-                    for (r0, r1, _), u in zip(parts, units):
-                        for i in self.units[u]:
+                    dec_base: dict[int, int] = {}
+                    base = dbase = 0
+                    for (r0, r1, _, _), u in zip(parts, units):
+                        for p, i in enumerate(self.units[u]):
                             row_base[int(i)] = base + int(self.offsets[i]) - r0
+                            dec_base[int(i)] = dbase + p * self.dec_rows
                         base += r1 - r0
-                    pool = None
+                        dbase += len(self.units[u]) * self.dec_rows
+                    pool = dec_pool = None
                     if self.load_acts:
                         pool = [torch.cat([p[2][k] for p in parts] + [parts[0][2][k].new_zeros(1, parts[0][2][k].shape[1])])
                                 for k in range(len(self.taps))]
+                        dec_pool = [torch.cat([p[3][k] for p in parts]) for k in range(len(self.decoder_taps))]
                     for idx in batches:
                         if stop.is_set():
                             return
-                        b = self._assemble(idx, row_base, pool)
+                        b = self._assemble(idx, row_base, pool, dec_base, dec_pool)
                         if self.device.type == "cuda":
                             b.taps = [t.pin_memory() for t in b.taps] if b.taps else None
+                            b.dec_taps = [t.pin_memory() for t in b.dec_taps] if b.dec_taps else None
                         q.put(b)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             q.put(e)
@@ -241,4 +271,5 @@ def _to_device(b: Batch, device: torch.device) -> Batch:
         attention_mask=b.attention_mask.to(device, non_blocking=nb), labels=b.labels.to(device, non_blocking=nb),
         taps=[t.to(device, non_blocking=nb) for t in b.taps] if b.taps is not None else None,
         token_type_ids=b.token_type_ids.to(device, non_blocking=nb) if b.token_type_ids is not None else None,
+        dec_taps=[t.to(device, non_blocking=nb) for t in b.dec_taps] if b.dec_taps is not None else None,
     )

@@ -28,8 +28,11 @@ from pipeline.extract import initpack
 from pipeline.extract.runner import resolve_device
 from pipeline.memory import peak_rss_bytes
 from pipeline.side.config import SideConfig
+from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
+from pipeline.side.seq2seq import T5LabelScorer
+from pipeline.side.t5 import initialise_t5_side
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.errors import TrainError
 from pipeline.train.metrics import compute_metrics
@@ -78,22 +81,64 @@ class TrainConfig:
 _RESUME_FREE = {"progress", "overwrite", "reader_workers", "device", "cache"}  # a moved cache is checked by fingerprint
 
 
-def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[LadderSideNetwork, dict]:
-    """Side network shaped for the cache's backbone and task, initialised from the init pack."""
+SideModel = LadderSideNetwork | T5LabelScorer
+
+
+def side_defaults(cache: ActivationCache, side: dict) -> dict:
+    """Task-dependent defaults: task type, class count, and head='lm' on a T5 label-target cache
+    (the paper's setting; head='task' still trains an encoder-only classifier on its encoder taps)."""
     task = cache.attrs["task"]
     side = dict(side)
     side.setdefault("task_type", task["task_type"])
     side.setdefault("num_labels", task["num_labels"] if task["task_type"] == "classification" else 1)
+    if cache.label_targets:
+        side.setdefault("head", "lm")
+    return side
+
+
+def _build_t5_scorer(cache: ActivationCache, side: dict, bcfg) -> T5LabelScorer:
+    try:
+        model = T5LabelScorer(SideConfig(**side), bcfg, LabelTargets.from_dict(cache.label_targets))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    model.set_lm_head(initpack.read_tensor(cache.url, "lm_head.weight", cache.storage_options))
+    return model
+
+
+def _install_label_head(model: LadderSideNetwork, cache: ActivationCache) -> None:
+    words = cache.attrs.get("label_words")
+    if not words:
+        raise TrainError(f"head='lm' scores label words, but cache {cache.url} records none; re-extract with "
+                         "--label-words auto (or one word per class)")
+    try:
+        weight = initpack.read_tensor(cache.url, "lm_head.weight", cache.storage_options)
+    except KeyError as e:
+        raise TrainError(str(e)) from None
+    model.set_label_head(weight[torch.as_tensor(words["token_ids"], dtype=torch.long)])
+
+
+def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel, dict]:
+    """Side network shaped for the cache's backbone and task, initialised from the init pack."""
+    side = side_defaults(cache, side)
     unknown = sorted(set(side) - SIDE_KEYS)
     if unknown:
         raise TrainError(f"unknown side-network options {unknown}; known: {', '.join(sorted(SIDE_KEYS))}")
     bcfg = initpack.read_config(cache.url, cache.storage_options)
+    seq2seq = bool(cache.label_targets) and side.get("head") == "lm"
     try:
-        config = SideConfig(**side).resolved(bcfg)
+        config = SideConfig(**side) if seq2seq else SideConfig(**side).resolved(bcfg)
     except ValueError as e:
         raise TrainError(str(e)) from None
     torch.manual_seed(seed)
-    model = LadderSideNetwork(config, bcfg)
+    if seq2seq:
+        model = _build_t5_scorer(cache, side, bcfg)
+    else:
+        try:
+            model = LadderSideNetwork(config, bcfg)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if config.head == "lm":
+            _install_label_head(model, cache)
     missing = [t for t in model.required_taps() if t not in cache.taps]
     if missing:
         raise TrainError(
@@ -106,14 +151,20 @@ def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[LadderSid
         importance = initpack.read_importance(cache.url, cache.storage_options) if config.init == "fisher" else None
         if config.init == "fisher" and importance is None:
             raise TrainError(f"init=fisher needs Fisher importance in {cache.url}/init; run `lst fisher --cache {cache.url}` first")
-        report = initialise_side(model, config.init, state, importance)
+        if seq2seq:
+            report = initialise_t5_side(model.side, config.init, state, importance)
+        else:
+            report = initialise_side(model, config.init, state, importance)
     return model, report
 
 
 class LiveTaps:
-    """The paper's setting: taps from the live frozen backbone for each batch (no cache reads)."""
+    """The paper's setting: taps from the live frozen backbone for each batch (no cache reads).
 
-    def __init__(self, cache: ActivationCache, taps: list[int], device: torch.device):
+    Called on a batch it returns the side network's forward arguments, as ``Batch.side_inputs``."""
+
+    def __init__(self, cache: ActivationCache, taps: list[int], device: torch.device,
+                 decoder_taps: list[int] | None = None):
         from pipeline.backbones import load_backbone, resolve_backbone, weights_sha256
 
         fp = cache.fingerprint
@@ -122,14 +173,22 @@ class LiveTaps:
             raise TrainError(f"backbone {fp['backbone']!r} at {path} is not the one cache {cache.url} was built from")
         self.backbone = load_backbone(str(path), device=str(device))
         self.taps = taps
+        self.decoder_taps = list(decoder_taps or [])
+        self.targets = LabelTargets.from_dict(cache.label_targets) if self.decoder_taps else None
         self.precision = fp.get("precision", "fp32")
 
-    def __call__(self, b: Batch) -> list[torch.Tensor]:
+    def __call__(self, b: Batch) -> dict:
         from pipeline.backbones import forward_taps
+        from pipeline.backbones.seq2seq import forward_label_taps
 
         with torch.no_grad():
+            if self.targets is not None:
+                enc, dec = forward_label_taps(self.backbone, b.input_ids, b.attention_mask, self.taps,
+                                              self.decoder_taps, self.targets)
+                return {"taps": [t.float() for t in enc], "attention_mask": b.attention_mask,
+                        "dec_taps": [t.float() for t in dec]}
             out = forward_taps(self.backbone, b.input_ids, b.attention_mask, self.taps, token_type_ids=b.token_type_ids)
-        return [t.float() for t in out]
+        return {"taps": [t.float() for t in out], "attention_mask": b.attention_mask}
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -138,13 +197,20 @@ def _peak_mem_mb(device: torch.device) -> float:
     return peak_rss_bytes() / 2**20
 
 
-def evaluate(model: LadderSideNetwork, reader: CacheReader, metric: str, live: LiveTaps | None = None) -> dict:
+def side_inputs(b: Batch, live: LiveTaps | None) -> dict:
+    return live(b) if live is not None else b.side_inputs()
+
+
+def decoder_taps_of(model: SideModel) -> list[int]:
+    return model.required_decoder_taps() if isinstance(model, T5LabelScorer) else []
+
+
+def evaluate(model: SideModel, reader: CacheReader, metric: str, live: LiveTaps | None = None) -> dict:
     model.eval()
     outs, gold = [], []
     with torch.no_grad():
         for b in reader.iter_epoch(0):
-            taps = live(b) if live is not None else b.taps
-            outs.append(model(taps, b.attention_mask).float().cpu())
+            outs.append(model(**side_inputs(b, live)).float().cpu())
             gold.append(b.labels.cpu())
     model.train()
     logits = torch.cat(outs).numpy()
@@ -202,11 +268,11 @@ def train(cfg: TrainConfig) -> dict:
     model, init_report = build_side(cache, cfg.side, cfg.seed)
     model.to(device)
     task = cache.attrs["task"]
-    taps = model.required_taps()
-    live = LiveTaps(cache, taps, device) if cfg.live else None
+    taps, dec_taps = model.required_taps(), decoder_taps_of(model)
+    live = LiveTaps(cache, taps, device, dec_taps) if cfg.live else None
     reader_kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=cfg.seed,
                      workers=cfg.reader_workers, window_shards=cfg.window_shards, device=device,
-                     load_acts=live is None)
+                     load_acts=live is None, decoder_taps=dec_taps)
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **reader_kw)
     eval_reader = CacheReader(cache, cfg.eval_split, taps, shuffle=False,
                               **{**reader_kw, "batch_size": max(cfg.batch_size, 256)})
@@ -246,9 +312,7 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                    disable=not cfg.progress, dynamic_ncols=True, leave=False)
         for b in train_reader.iter_epoch(epoch):
-            taps_b = live(b) if live is not None else b.taps
-            logits = model(taps_b, b.attention_mask)
-            loss = model.loss(logits, b.labels)
+            loss = model.training_loss(labels=b.labels, **side_inputs(b, live))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
