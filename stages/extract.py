@@ -11,6 +11,8 @@ def main() -> None:
             "--shard-tokens", str(e["shard_tokens"]), "--batch-tokens", str(e["batch_tokens"]), "--json"]
     if e.get("max_examples"):
         args += ["--max-examples", str(e["max_examples"])]
+    if e.get("label_words"):
+        args += ["--label-words", str(e["label_words"])]
     run_lst(args, p.get("data_dir"))
 
 

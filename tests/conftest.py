@@ -38,6 +38,10 @@ def store_arrays(url: str) -> dict[str, np.ndarray]:
             out[f"{s}/acts/{tap_name(t)}"] = v.tap_array(t)[:]
             if cache.spec.has_scale:
                 out[f"{s}/scales/{tap_name(t)}"] = v.scale_array(t)[:]
+        for t in cache.decoder_taps:
+            out[f"{s}/dec/acts/{tap_name(t)}"] = v.decoder_array(t)[:]
+            if cache.spec.has_scale:
+                out[f"{s}/dec/scales/{tap_name(t)}"] = v.decoder_array(t, scale=True)[:]
     return out
 
 

@@ -17,12 +17,18 @@ __all__ = ["TINY_FAMILIES", "make_tiny_backbone"]
 TINY_FAMILIES: tuple[str, ...] = ("bert", "roberta", "mpnet", "t5", "gpt2", "llama")
 
 _HIDDEN, _LAYERS, _HEADS, _FFN, _MAXPOS = 32, 3, 4, 64, 512
+# Weight std. HF's default 0.02 is tuned for width ~768; at width 32 it leaves activations and LM-head
+# rows ~30x smaller than a trained model's, and a side network trained on such taps sits on a long
+# loss plateau. T5 already scales its init by 1/sqrt(d_model) (std ~0.18 here); the others match it.
+_INIT_STD = 0.18
 
 
 def _config(family: str, vocab: int, pad: int, bos: int, eos: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab, pad_token_id=pad)
+    if family != "t5":
+        common["initializer_range"] = _INIT_STD
     if family == "bert":
         return tf.BertConfig(hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
                              intermediate_size=_FFN, max_position_embeddings=_MAXPOS, **common)

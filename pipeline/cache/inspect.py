@@ -24,7 +24,7 @@ def inspect_cache(cache: ActivationCache) -> dict:
     total_stored = total_raw = total_fp16 = 0
     for name in cache.splits:
         v = cache.split(name)
-        stored = _stored_bytes(cache, f"{name}/acts") + _stored_bytes(cache, f"{name}/scales")
+        stored = sum(_stored_bytes(cache, f"{name}/{sub}") for sub in ("acts", "scales", "dec"))
         values = v.num_tokens * cache.hidden_size * len(cache.taps)
         raw = values * itemsize + (v.num_tokens * 4 * len(cache.taps) if spec.has_scale else 0)
         done = v.done()
@@ -58,6 +58,8 @@ def inspect_cache(cache: ActivationCache) -> dict:
         "compression_vs_fp16": round(total_fp16 / total_stored, 4) if total_stored else None,
         "bytes_per_value": round(total_stored / (total_fp16 / 2), 4) if total_fp16 else None,
         "task": attrs.get("task"),
+        "label_targets": attrs.get("label_targets"),
+        "decoder_taps": attrs.get("decoder_taps"),
         "backbone": attrs.get("backbone"),
         "created": attrs.get("created"),
         "fingerprint": cache.fingerprint,
@@ -98,18 +100,23 @@ def verify_cache(cache: ActivationCache, progress=None) -> VerifyReport:
             if not done[shard]:
                 rep.missing.append({"split": name, "shard": shard, "rows": [start, end]})
                 continue
+            arrays = []
             for tap in cache.taps:
-                arrays = [(f"acts/{tap_name(tap)}", v.tap_array(tap))]
+                arrays.append((f"acts/{tap_name(tap)}", v.tap_array(tap), slice(start, end)))
                 if cache.spec.has_scale:
-                    arrays.append((f"scales/{tap_name(tap)}", v.scale_array(tap)))
-                for label, arr in arrays:
-                    try:
-                        arr[start:end]
-                    except Exception as e:  # noqa: BLE001
-                        rep.corrupt.append({
-                            "split": name, "shard": shard, "array": label, "rows": [start, end],
-                            "error": f"{type(e).__name__}: {e}"[:300],
-                        })
+                    arrays.append((f"scales/{tap_name(tap)}", v.scale_array(tap), slice(start, end)))
+            for tap in cache.decoder_taps:
+                arrays.append((f"dec/acts/{tap_name(tap)}", v.decoder_array(tap), shard))
+                if cache.spec.has_scale:
+                    arrays.append((f"dec/scales/{tap_name(tap)}", v.decoder_array(tap, scale=True), shard))
+            for label, arr, where in arrays:
+                try:
+                    arr[where]
+                except Exception as e:  # noqa: BLE001
+                    rep.corrupt.append({
+                        "split": name, "shard": shard, "array": label, "rows": [start, end],
+                        "error": f"{type(e).__name__}: {e}"[:300],
+                    })
             rep.checked_shards += 1
             if progress is not None:
                 progress(end - start)

@@ -17,6 +17,9 @@ task head, so one is fitted first:
    seeded training examples -- their token ids and segment ids come from the cache, so nothing is
    re-tokenised -- up to the probe's tap, then pooling and the probe; the task loss is
    back-propagated and ``grad ** 2`` summed for every backbone parameter.
+   A T5 cache with label targets (``lst extract --label-words``) needs no probe: T5's own LM loss
+   on the gold label word (teacher-forced, token mean, as ``T5ForConditionalGeneration(labels=)``
+   computes it) is the task loss, as in the official code, and it reaches the decoder too.
 3. **Write.**  ``init/importance.safetensors`` with exactly the init pack's keys (the backbone's
    ``state_dict()`` names; tied weights each get the shared parameter's importance, buffers and
    parameters the probe's loss does not reach -- T5's decoder and LM head, BERT's pooler -- get
@@ -253,7 +256,60 @@ def _input_embedding(backbone: Any) -> torch.nn.Embedding | None:
     return emb if isinstance(emb, torch.nn.Embedding) else None
 
 
-def fisher_importance(backbone: Any, split: SplitView, indices: np.ndarray, probe: LinearProbe, *,
+class ProbeLoss:
+    """Task loss through the backbone up to the probe's tap, then pooling and the probe."""
+
+    sparse_embedding = True  # only the input lookup reaches the embedding table
+
+    def __init__(self, probe: LinearProbe) -> None:
+        self.probe = probe
+
+    def __call__(self, backbone: Any, x: Tensor, m: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        from pipeline.backbones import forward_taps
+        from pipeline.side.pooling import pool
+
+        (h,) = forward_taps(backbone, x, m, [self.probe.tap], token_type_ids=t)
+        logits = self.probe(pool(h.float(), m, self.probe.pooling))
+        return self.probe.loss(logits, y, reduction="sum"), [x]  # batch 1: the per-example loss
+
+
+class LabelWordLoss:
+    """T5's LM loss on the gold label word (teacher forcing): the official Fisher loss for T5."""
+
+    # the tied table is also the LM head, whose gradient is dense: no row-scatter shortcut
+    sparse_embedding = False
+
+    def __init__(self, targets: Any) -> None:
+        self.targets = targets
+
+    def __call__(self, backbone: Any, x: Tensor, m: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        lmax = max(self.targets.lengths)
+        labels = torch.full((len(y), lmax), -100, dtype=torch.long)
+        dec_in = torch.full((len(y), lmax), int(backbone.config.pad_token_id or 0), dtype=torch.long)
+        for r, c in enumerate(y.tolist()):
+            tgt, inp = self.targets.targets[int(c)], self.targets.decoder_inputs[int(c)]
+            labels[r, : len(tgt)] = torch.tensor(tgt)
+            dec_in[r, : len(inp)] = torch.tensor(inp)
+        labels, dec_in = labels.to(x.device), dec_in.to(x.device)
+        out = backbone.model(input_ids=x, attention_mask=m, decoder_input_ids=dec_in, labels=labels, use_cache=False)
+        return out.loss * len(y), [x, dec_in]
+
+
+def _scatter_embedding_grads(acc: Tensor, captured: list[Tensor], ids_per_call: list[Tensor], device) -> None:
+    """Add squared embedding-row gradients: rows of ids looked up in the batch, summed per row
+    over every lookup (a row's gradient is the sum of its output gradients)."""
+    calls = [(c, ids) for c, ids in zip(captured, ids_per_call) if c.grad is not None]
+    if not calls:
+        return
+    ids = torch.cat([i.reshape(-1) for _, i in calls])
+    grads = torch.cat([c.grad.reshape(-1, c.shape[-1]).float() for c, _ in calls])
+    rows, inv = torch.unique(ids, return_inverse=True)
+    g = torch.zeros(len(rows), grads.shape[-1], dtype=torch.float32, device=device)
+    g.index_add_(0, inv, grads)
+    acc.index_add_(0, rows, g.square())
+
+
+def fisher_importance(backbone: Any, split: SplitView, indices: np.ndarray, probe: Any, *,
                       batch_size: int = 1, pad_id: int = 0, progress: bool = False) -> tuple[dict[str, Tensor], dict]:
     """Summed squared gradients of the probe's task loss through the live ``backbone`` over the
     ``indices`` examples of ``split``; keyed by ``backbone.model.state_dict()`` names.
@@ -265,15 +321,13 @@ def fisher_importance(backbone: Any, split: SplitView, indices: np.ndarray, prob
     """
     from tqdm.auto import tqdm
 
-    from pipeline.backbones import forward_taps
-    from pipeline.side.pooling import pool
-
+    loss_fn = ProbeLoss(probe) if isinstance(probe, LinearProbe) else probe
     model = backbone.model
     device = next(model.parameters()).device
     params = list(model.parameters())  # tied weights appear once
     was = [p.requires_grad for p in params]
     acc = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
-    emb = _input_embedding(backbone)
+    emb = _input_embedding(backbone) if loss_fn.sparse_embedding else None
     captured: list[Tensor] = []
 
     def grab(_mod, _args, out: Tensor) -> Tensor:
@@ -293,21 +347,15 @@ def fisher_importance(backbone: Any, split: SplitView, indices: np.ndarray, prob
                 x, m, y = x.to(device), m.to(device), y.to(device)
                 t = t.to(device) if t is not None else None
                 captured.clear()
-                (h,) = forward_taps(backbone, x, m, [probe.tap], token_type_ids=t)
-                logits = probe(pool(h.float(), m, probe.pooling))
-                loss = probe.loss(logits, y, reduction="sum")  # batch 1: the per-example loss
+                loss, ids_per_call = loss_fn(backbone, x, m, t, y)
                 model.zero_grad(set_to_none=True)
                 loss.backward()
                 with torch.no_grad():
                     got = [p for p in dense if p.grad is not None]
                     grads = [p.grad.float() for p in got]
                     torch._foreach_addcmul_([acc[id(p)] for p in got], grads, grads)
-                    if emb is not None and captured and captured[0].grad is not None:
-                        ids = x.reshape(-1)
-                        rows, inv = torch.unique(ids, return_inverse=True)
-                        g = torch.zeros(len(rows), captured[0].shape[-1], dtype=torch.float32, device=device)
-                        g.index_add_(0, inv, captured[0].grad.reshape(len(ids), -1).float())
-                        acc[id(emb.weight)].index_add_(0, rows, g.square())
+                    if emb is not None:
+                        _scatter_embedding_grads(acc[id(emb.weight)], captured, ids_per_call, device)
                 loss_sum += float(loss.detach())
                 n_done += len(y)
                 bar.update(len(y))
@@ -367,21 +415,31 @@ def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int =
     tap = max(cache.taps)
     train = cache.split(train_split)
 
-    # 1. probe on the cached tap
+    # 1. the task loss: T5's LM loss on label words, or a probe on the cached tap
     t_probe = time.perf_counter()
-    x_train = pooled_features(train, tap, pooling)
-    y_train = train.labels
+    label_targets = cache.label_targets
     l2_scores: dict = {}
-    if probe_l2 is None:
-        probe_l2, l2_scores = select_l2(x_train, y_train, task_type, num_labels, seed=seed)
-    w, b = fit_probe(x_train, y_train, task_type, num_labels, l2=probe_l2)
-    probe = LinearProbe(w, b, task_type, tap, pooling)
-    train_metrics = compute_metrics(task["metric"], probe(torch.from_numpy(x_train)).numpy(), y_train)
+    train_metrics: dict | None = None
     dev_metrics: dict[str, float] | None = None
-    if eval_split in cache.splits:
-        dev = cache.split(eval_split)
-        x_dev = pooled_features(dev, tap, pooling)
-        dev_metrics = compute_metrics(task["metric"], probe(torch.from_numpy(x_dev)).numpy(), dev.labels)
+    x_dev = None
+    if label_targets:
+        from pipeline.backbones.seq2seq import LabelTargets
+
+        loss_fn: Any = LabelWordLoss(LabelTargets.from_dict(label_targets))
+        probe_l2 = None
+    else:
+        x_train = pooled_features(train, tap, pooling)
+        y_train = train.labels
+        if probe_l2 is None:
+            probe_l2, l2_scores = select_l2(x_train, y_train, task_type, num_labels, seed=seed)
+        w, b = fit_probe(x_train, y_train, task_type, num_labels, l2=probe_l2)
+        probe = LinearProbe(w, b, task_type, tap, pooling)
+        loss_fn = probe
+        train_metrics = compute_metrics(task["metric"], probe(torch.from_numpy(x_train)).numpy(), y_train)
+        if eval_split in cache.splits:
+            dev = cache.split(eval_split)
+            x_dev = pooled_features(dev, tap, pooling)
+            dev_metrics = compute_metrics(task["metric"], probe(torch.from_numpy(x_dev)).numpy(), dev.labels)
     probe_s = time.perf_counter() - t_probe
 
     # 2. gradients through the live backbone
@@ -392,7 +450,7 @@ def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int =
     bb = load_backbone(str(path), device=str(dev_))
     pad_id = cache.attrs["backbone"].get("pad_token_id") or 0
     t_grad = time.perf_counter()
-    importance, stats = fisher_importance(bb, train, indices, probe, batch_size=batch_size, pad_id=pad_id,
+    importance, stats = fisher_importance(bb, train, indices, loss_fn, batch_size=batch_size, pad_id=pad_id,
                                           progress=progress)
     grad_s = time.perf_counter() - t_grad
 
@@ -416,13 +474,13 @@ def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int =
         "probe_l2": probe_l2,
         "probe_dev_acc": probe_dev_acc,
         "probe_dev_score": dev_metrics["score"] if dev_metrics else None,
-        "loss": "cross_entropy" if task_type == "classification" else "mse",
+        "loss": "label_word_lm" if label_targets else "cross_entropy" if task_type == "classification" else "mse",
         "backbone": cache.fingerprint.get("backbone"),
         "weights_sha256": cache.fingerprint.get("weights_sha256"),
     }
     initpack.write_importance(cache.url, importance, meta, storage_options)
     notes = []
-    if tap < n_layers:
+    if tap < n_layers and not label_targets:
         notes.append(f"the cache's highest tap is {tap_name(tap)} (< block {n_layers}): blocks above it get zero "
                      "importance; extract with --layers all for a probe on the last block")
     return {
@@ -434,10 +492,10 @@ def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int =
         "seed": seed,
         "batch_size": batch_size,
         "device": str(dev_),
-        "probe": {
+        "probe": None if label_targets else {
             "tap": tap, "pooling": pooling, "loss": meta["loss"], "l2": probe_l2,
             "l2_heldout_loss": {str(k): v for k, v in l2_scores.items()},
-            "train_examples": int(len(y_train)), "train_score": train_metrics["score"],
+            "train_examples": int(len(train.labels)), "train_score": train_metrics["score"] if train_metrics else None,
             "dev_split": eval_split if dev_metrics else None,
             "dev_examples": int(len(x_dev)) if dev_metrics else 0,
             "dev_metric": task["metric"], "dev_score": dev_metrics["score"] if dev_metrics else None,

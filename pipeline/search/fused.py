@@ -53,7 +53,15 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.errors import TrainError
 from pipeline.train.metrics import compute_metrics
 from pipeline.train.reader import CacheReader
-from pipeline.train.trainer import TrainConfig, _lr_lambda, _peak_mem_mb, build_side, resolve_device
+from pipeline.train.trainer import (
+    TrainConfig,
+    _lr_lambda,
+    _peak_mem_mb,
+    build_side,
+    decoder_taps_of,
+    label_meta,
+    resolve_device,
+)
 
 try:  # train()'s optimiser (fused AdamW kernel); older trainers built torch.optim.AdamW inline
     from pipeline.train.trainer import make_optimizer as _make_optimizer
@@ -127,6 +135,7 @@ class _SoloRunner:
     def __init__(self, m: _Member, total: int):
         self.members = [m]
         self.taps = m.model.required_taps()
+        self.dec_taps = decoder_taps_of(m.model)
         self.opt = _make_optimizer(m.model, m.cfg.lr, m.cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(total, int(m.cfg.warmup_ratio * total)))
 
@@ -136,9 +145,8 @@ class _SoloRunner:
             return []
         model = m.model
         torch.set_rng_state(m.rng)
-        logits = model([taps[t] for t in self.taps], b.attention_mask)
+        loss = model.training_loss(labels=b.labels, **self._inputs(taps, b))
         m.rng = torch.get_rng_state()
-        loss = model.loss(logits, b.labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if m.cfg.grad_clip:
@@ -147,9 +155,15 @@ class _SoloRunner:
         self.sched.step()
         return [float(loss.detach())]
 
-    def eval_logits(self, taps: dict[int, torch.Tensor], b) -> list[torch.Tensor]:
+    def _inputs(self, taps: dict, b) -> dict:
+        out = {"taps": [taps[t] for t in self.taps], "attention_mask": b.attention_mask}
+        if self.dec_taps:
+            out["dec_taps"] = [taps[("dec", t)] for t in self.dec_taps]
+        return out
+
+    def eval_logits(self, taps: dict, b) -> list[torch.Tensor]:
         m = self.members[0]
-        return [m.model([taps[t] for t in self.taps], b.attention_mask).float().cpu()] if m.active else []
+        return [m.model(**self._inputs(taps, b)).float().cpu()] if m.active else []
 
     def set_mode(self, train: bool) -> None:
         self.members[0].model.train(train)
@@ -340,13 +354,16 @@ def side_train_memory_mb(model: LadderSideNetwork, batch_size: int, length: int,
         return t
 
     B = 2
-    taps = [torch.zeros(B, length, hidden) for _ in model.required_taps()]
-    mask = torch.ones(B, length, dtype=torch.long)
+    inputs: dict[str, Any] = {"taps": [torch.zeros(B, length, hidden) for _ in model.required_taps()],
+                              "attention_mask": torch.ones(B, length, dtype=torch.long)}
+    if decoder_taps_of(model):
+        rows = model.targets.rows
+        inputs["dec_taps"] = [torch.zeros(B, rows, hidden) for _ in decoder_taps_of(model)]
     labels = torch.zeros(B, dtype=torch.float32 if model.config.task_type == "regression" else torch.long)
     was = model.training
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(model(taps, mask), labels)
+        loss = model.training_loss(labels=labels, **inputs)
     del loss
     model.train(was)
     acts = sum(seen.values()) / B * batch_size
@@ -420,13 +437,14 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
         members.append(_Member(index=i, cfg=c, model=model, init_report=report, run=run, rng=torch.get_rng_state()))
         resolved = {"train": c.to_dict(), "side": model.config.to_dict(), "init_report": report,
                     "cache_fingerprint": fp, "task": task, "backbone": cache.attrs.get("backbone"),
-                    "fused": {"data_seed": data_seed, "variants": len(cfgs)}}
+                    "fused": {"data_seed": data_seed, "variants": len(cfgs)}, **label_meta(model, cache)}
         (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (run / "metrics.jsonl").write_text("")
 
     taps = sorted({t for m in members for t in m.model.required_taps()})
+    dec_taps = sorted({t for m in members for t in decoder_taps_of(m.model)})
     reader_kw = dict(batch_size=g.batch_size, batch_tokens=g.batch_tokens, seed=data_seed, workers=g.reader_workers,
-                     window_shards=g.window_shards, device=device)
+                     window_shards=g.window_shards, device=device, decoder_taps=dec_taps)
     train_reader = CacheReader(cache, g.train_split, taps, shuffle=True, **reader_kw)
     eval_reader = CacheReader(cache, g.eval_split, taps, shuffle=False,
                               **{**reader_kw, "batch_size": max(g.batch_size or 0, 256)})
@@ -436,7 +454,8 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
     # stacks of same-shape variants; a stack of one runs as a plain module
     stacks: dict[str, list[_Member]] = {}
     for m in members:
-        stacks.setdefault(stack_key(m.model) if mode == "vmap" else str(m.index), []).append(m)
+        stackable = mode == "vmap" and isinstance(m.model, LadderSideNetwork)
+        stacks.setdefault(stack_key(m.model) if stackable else str(m.index), []).append(m)
     runners: list[Any] = []
     length = int(fp.get("max_length", 128))
     hidden = int(cache.attrs.get("hidden_size") or members[0].model.dims.hidden)
@@ -471,7 +490,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
                    leave=False)
         seen = 0
         for b in train_reader.iter_epoch(epoch):
-            tap_map = dict(zip(taps, b.taps))
+            tap_map = _tap_map(taps, dec_taps, b)
             for r in live_runners():
                 for m, lv in zip(list(r.members), r.train_step(tap_map, b)):
                     m.epoch_losses.append(lv)
@@ -543,6 +562,13 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
     return out
 
 
+def _tap_map(taps: list[int], dec_taps: list[int], b) -> dict:
+    """Encoder taps by index, decoder taps (T5 label targets) by ('dec', index)."""
+    out: dict = dict(zip(taps, b.taps))
+    out.update({("dec", t): x for t, x in zip(dec_taps, b.dec_taps or [])})
+    return out
+
+
 @torch.no_grad()
 def _evaluate(runners: list, reader: CacheReader, taps: list[int], metric: str) -> dict[int, dict]:
     """Dev metrics of every live variant from one pass over the eval split (train()'s evaluate)."""
@@ -552,7 +578,7 @@ def _evaluate(runners: list, reader: CacheReader, taps: list[int], metric: str) 
     outs: dict[int, list] = {id(m): [] for m in members}
     gold = []
     for b in reader.iter_epoch(0):
-        tap_map = dict(zip(taps, b.taps))
+        tap_map = _tap_map(taps, reader.decoder_taps, b)
         for r in runners:
             for m, lg in zip(r.members, r.eval_logits(tap_map, b)):
                 outs[id(m)].append(lg)

@@ -12,7 +12,7 @@ from pipeline.train.errors import TrainError
 
 # CLI flag -> SideConfig field
 SIDE_FLAGS = {"r": int, "gate": str, "block": str, "init": str, "pooling": str, "dropout": float,
-              "attention_dropout": float}
+              "attention_dropout": float, "head": str}
 
 
 def _layers(s: str) -> list[int] | None:
@@ -42,6 +42,8 @@ def train_config_from_args(a: argparse.Namespace):
             side[k] = v
     if a.layers is not None:
         side["layers"] = _layers(a.layers)
+    if a.decoder_layers is not None:
+        side["decoder_layers"] = _layers(a.decoder_layers)
     flags = {"cache": a.cache, "out": a.out, "lr": a.lr, "weight_decay": a.weight_decay, "warmup_ratio": a.warmup_ratio,
              "epochs": a.epochs, "batch_size": a.batch_size, "batch_tokens": a.batch_tokens, "grad_clip": a.grad_clip,
              "seed": a.seed, "patience": a.patience, "max_steps": a.max_steps, "device": a.device,
@@ -72,7 +74,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if bool(a.text) == bool(a.input):
         raise TrainError("give exactly one of --text TEXT or --input FILE")
     texts, pairs = ([a.text], [a.text_pair] if a.text_pair else None) if a.text else read_inputs(a.input)
-    preds = Predictor(a.run, device=a.device).predict(texts, pairs)
+    preds = Predictor(a.run, device=a.device, max_new_tokens=a.max_new_tokens).predict(texts, pairs)
     if a.json:
         print(json.dumps({"run": a.run, "predictions": preds}))
     else:
@@ -93,6 +95,14 @@ def register(sub) -> None:
     g = p.add_argument_group("side network")
     g.add_argument("--r", type=int, help="reduction factor: side width d/r (default 8)")
     g.add_argument("--layers", help="kept backbone blocks, 1-based, e.g. 1,2,3,5 (default all)")
+    g.add_argument("--decoder-layers",
+                   help="T5 side decoder blocks, 1-based (default: --layers when given, as the official scripts, "
+                        "else all decoder blocks)")
+    g.add_argument("--head", choices=["task", "lm"],
+                   help="task: a new linear head on the pooled side state (default; on a T5 cache extracted with "
+                        "--label-words the default is lm); lm: the backbone's frozen LM head scores the label "
+                        "words (T5: side encoder-decoder, teacher-forced loss; decoder-only: each word's first "
+                        "token at the last input token)")
     g.add_argument("--gate", choices=["learnable", "sum", "none"], help="ladder gate (default learnable)")
     g.add_argument("--block", help="side block type: backbone (the family's own block, default) or mlp")
     g.add_argument("--init", choices=["random", "magnitude", "fisher"], help="side initialisation (default random)")
@@ -127,5 +137,7 @@ def register(sub) -> None:
     q.add_argument("--text-pair", help="second segment for pair tasks")
     q.add_argument("--input", help=".txt (one per line) or CSV/TSV/JSONL/Parquet with a text column")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument("--max-new-tokens", type=int,
+                   help="T5 label-scoring runs: greedy generation length cap (default: longest label + 4)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_predict)

@@ -1,4 +1,9 @@
-"""Serving a trained side network: new text has no cache, so the live backbone computes the taps."""
+"""Serving a trained side network: new text has no cache, so the live backbone computes the taps.
+
+A T5 label-scoring run does both things the paper's T5 does at test time: it scores every
+candidate label word by its teacher-forced likelihood (``label``, ``probabilities``), and it
+generates greedily with the side decoder reading the live decoder's taps (``generated``).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,16 @@ import torch
 import yaml
 
 from pipeline.backbones import forward_taps, load_backbone, resolve_backbone, weights_sha256
+from pipeline.backbones.seq2seq import LabelTargets, encoder_output, forward_decoder_taps, lm_head_weight
 from pipeline.side.config import SideConfig
 from pipeline.side.model import LadderSideNetwork
+from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.errors import TrainError
 
 
 class Predictor:
-    def __init__(self, run: str | Path, device: str = "cpu"):
+    def __init__(self, run: str | Path, device: str = "cpu", max_new_tokens: int | None = None):
         run = Path(run)
         if not (run / "config.yaml").exists() or not (run / "side.safetensors").exists():
             raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
@@ -26,12 +33,57 @@ class Predictor:
         if weights_sha256(path) != fp["weights_sha256"]:
             raise TrainError(f"backbone {fp['backbone']!r} at {path} differs from the one run {run} was trained with")
         self.backbone = load_backbone(str(path), device=device)
-        self.model = LadderSideNetwork(SideConfig.from_dict(cfg["side"]), self.backbone.config)
+        side = SideConfig.from_dict(cfg["side"])
+        if cfg.get("label_targets"):
+            self.targets = LabelTargets.from_dict(cfg["label_targets"])
+            self.model: LadderSideNetwork | T5LabelScorer = T5LabelScorer(side, self.backbone.config, self.targets)
+            self.model.set_lm_head(lm_head_weight(self.backbone))
+        else:
+            self.targets = None
+            self.model = LadderSideNetwork(side, self.backbone.config)
         ckpt.load_model(self.model, run / "side.safetensors")
         self.model.to(device).eval()
         self.task = cfg["task"]
         self.max_length = int(fp["max_length"])
         self.device = torch.device(device)
+        longest = max(len(t) for t in self.targets.targets) if self.targets else 0
+        self.max_new_tokens = max_new_tokens or longest + 4
+
+    def _scores(self, enc: dict) -> tuple[torch.Tensor, list[str] | None]:
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        with torch.no_grad():
+            if self.targets is None:
+                taps = forward_taps(self.backbone, ids, mask, self.model.required_taps(),
+                                    token_type_ids=enc.get("token_type_ids"))
+                return self.model(taps, mask).float().cpu(), None
+            taps, enc_out = encoder_output(self.backbone, ids, mask, self.model.required_taps())
+            dtaps = self.model.required_decoder_taps()
+            per_cand = []
+            for dec_in in self.targets.decoder_inputs:
+                dec_ids = torch.tensor(dec_in, device=ids.device).expand(ids.shape[0], -1)
+                per_cand.append(forward_decoder_taps(self.backbone, enc_out, mask, dec_ids, dtaps))
+            dec = [torch.cat([c[k] for c in per_cand], dim=1) for k in range(len(dtaps))]
+            scores = self.model(taps, mask, dec).float().cpu()
+            return scores, self._generate(taps, enc_out, mask)
+
+    def _generate(self, taps: list[torch.Tensor], enc_out: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """Greedy decoding: each step re-runs the live decoder on the prefix for its taps (label
+        words are a few tokens, so no key/value cache is needed)."""
+        cfg = self.backbone.config
+        side_enc = self.model.side.encoder(taps, mask)
+        b = mask.shape[0]
+        seq = torch.full((b, 1), int(cfg.decoder_start_token_id), dtype=torch.long, device=mask.device)
+        done = torch.zeros(b, dtype=torch.bool, device=mask.device)
+        pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id)
+        for _ in range(self.max_new_tokens):
+            dec = forward_decoder_taps(self.backbone, enc_out, mask, seq, self.model.required_decoder_taps())
+            logits = self.model.side.decode(side_enc, mask, dec, torch.ones_like(seq))[:, -1]
+            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            done |= nxt == int(cfg.eos_token_id)
+            if bool(done.all()):
+                break
+        return [t.strip() for t in self.backbone.tokenizer.batch_decode(seq[:, 1:].cpu(), skip_special_tokens=True)]
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> list[dict]:
         out = []
@@ -41,10 +93,7 @@ class Predictor:
                 max_length=self.max_length, padding=True, return_tensors="pt",
             )
             enc = {k: v.to(self.device) for k, v in enc.items()}
-            with torch.no_grad():
-                taps = forward_taps(self.backbone, enc["input_ids"], enc["attention_mask"],
-                                    self.model.required_taps(), token_type_ids=enc.get("token_type_ids"))
-                logits = self.model(taps, enc["attention_mask"]).float().cpu()
+            logits, generated = self._scores(enc)
             for k, row in enumerate(logits):
                 text = texts[i + k]
                 if self.task["task_type"] == "regression":
@@ -53,8 +102,11 @@ class Predictor:
                 probs = torch.softmax(row, -1)
                 j = int(probs.argmax())
                 names = self.task.get("label_names")
-                out.append({"text": text, "label": names[j] if names else j, "label_id": j,
-                            "probabilities": [round(float(p), 6) for p in probs]})
+                pred = {"text": text, "label": names[j] if names else j, "label_id": j,
+                        "probabilities": [round(float(p), 6) for p in probs]}
+                if generated is not None:
+                    pred["generated"] = generated[k]
+                out.append(pred)
         return out
 
 

@@ -197,6 +197,15 @@ def _peak_mem_mb(device: torch.device) -> float:
     return peak_rss_bytes() / 2**20
 
 
+def label_meta(model: SideModel, cache: ActivationCache) -> dict:
+    """What a run directory needs to rebuild a label-scoring side network for ``lst predict``."""
+    if isinstance(model, T5LabelScorer):
+        return {"label_targets": model.targets.to_dict()}
+    if model.config.head == "lm":
+        return {"label_words": cache.attrs.get("label_words")}
+    return {}
+
+
 def side_inputs(b: Batch, live: LiveTaps | None) -> dict:
     return live(b) if live is not None else b.side_inputs()
 
@@ -292,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.manual_seed(cfg.seed + 1)  # dropout stream, independent of the init draw
         resolved = {"train": cfg.to_dict(), "side": model.config.to_dict(), "init_report": init_report,
                     "cache_fingerprint": cache.fingerprint, "task": task,
-                    "backbone": cache.attrs.get("backbone")}
+                    "backbone": cache.attrs.get("backbone"), **label_meta(model, cache)}
         (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (run / "metrics.jsonl").write_text("")
     trainable = model.trainable_parameters()
