@@ -139,6 +139,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     def human(r: dict) -> str:
         lines = [f"{r['store']}  codec={r['codec']} ({r['logical_dtype']})  d={r['hidden_size']}  complete={r['complete']}",
                  f"taps: {', '.join(r['taps'])}"]
+        if r.get("label_targets"):
+            t = r["label_targets"]
+            lines.append(f"decoder taps: {', '.join(r['decoder_taps'])} for label words {', '.join(t['words'])} "
+                         f"({t['rows']} decoder rows per example)")
         for s, v in r["splits"].items():
             lines.append(f"  {s}: {v['examples']} examples, {v['tokens']} tokens, {v['truncated']} truncated, "
                          f"shards {v['shards_done']}/{v['shards']}, {v['stored_bytes'] / 1e6:.1f} MB stored")

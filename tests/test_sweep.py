@@ -226,3 +226,17 @@ def test_space_parsing_and_errors_against_the_cache(tmp_path, cache, capsys):
                           progress=False))
     with pytest.raises(TrainError, match="holds a different sweep"):
         run_sweep(SweepConfig(cache=cache, space=SPACE, out=str(tmp_path / "s"), trials=1, progress=False))
+
+
+def test_grid_sweep_runs_the_whole_grid_once(tmp_path, cache, capsys):
+    """Optuna's grid sampler stops the study from after_trial when the grid is used up; outside
+    study.optimize that raised from tell. Every grid point runs exactly once."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"lr": [1e-3, 3e-3], "weight_decay": [0.0, 0.01], "epochs": 1, "batch_size": 16}))
+    args = ["sweep", "--cache", cache, "--space", str(space), "--out", str(tmp_path / "grid"), "--trials", "10",
+            "--parallel", "2", "--sampler", "grid", "--no-progress", "--json"]
+    assert lst_main(args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["trials_target"] == 4 and res["n_complete"] == 4
+    runs = [yaml.safe_load(p.read_text())["train"] for p in (tmp_path / "grid" / "trials").glob("*/config.yaml")]
+    assert sorted((r["lr"], r["weight_decay"]) for r in runs) == [(1e-3, 0.0), (1e-3, 0.01), (3e-3, 0.0), (3e-3, 0.01)]

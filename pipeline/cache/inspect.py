@@ -25,8 +25,11 @@ def inspect_cache(cache: ActivationCache) -> dict:
     for name in cache.splits:
         v = cache.split(name)
         stored = sum(_stored_bytes(cache, f"{name}/{sub}") for sub in ("acts", "scales", "dec"))
-        values = v.num_tokens * cache.hidden_size * len(cache.taps)
-        raw = values * itemsize + (v.num_tokens * 4 * len(cache.taps) if spec.has_scale else 0)
+        # rows per tap: every real token, plus D decoder rows per example for T5 label targets
+        dec_rows = v.num_examples * int(cache.label_targets["rows"]) if cache.label_targets else 0
+        rows = v.num_tokens * len(cache.taps) + dec_rows * len(cache.decoder_taps)
+        values = rows * cache.hidden_size
+        raw = values * itemsize + (rows * 4 if spec.has_scale else 0)
         done = v.done()
         splits[name] = {
             "examples": v.num_examples,

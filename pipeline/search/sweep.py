@@ -158,6 +158,17 @@ def _finished_summary(out: Path, number: int) -> dict | None:
     return s if isinstance(s, dict) and "dev_score" in s else None
 
 
+def _tell(study, trial, *args, **kw) -> None:
+    """``study.tell``, outside ``study.optimize``: the grid sampler calls ``study.stop()`` from
+    ``after_trial`` once its grid is used up, which raises there. The trial's state is stored before
+    that (Optuna's ``finally``), and the sweep bounds grid sweeps by the grid size itself."""
+    try:
+        study.tell(trial, *args, **kw)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
 def _record(study, trial_id: int, s: dict) -> None:
     for k in ("trainable_params", "trainable_pct", "peak_mem_mb", "side_mem_mb", "train_s", "amortised_s",
               "epochs_run", "best_epoch", "fused_variants", "stack_size", "fuse"):
@@ -176,11 +187,11 @@ def _recover_stale(study, out: Path) -> tuple[list[int], list[int]]:
         if s is not None:
             _record(study, t._trial_id, s)
             if s.get("pruned"):
-                study.tell(t.number, state=TrialState.PRUNED)
+                _tell(study, t.number, state=TrialState.PRUNED)
             elif s.get("dev_score") is not None:
-                study.tell(t.number, float(s["dev_score"]))
+                _tell(study, t.number, float(s["dev_score"]))
             else:
-                study.tell(t.number, state=TrialState.FAIL)
+                _tell(study, t.number, state=TrialState.FAIL)
             told.append(t.number)
             continue
         study._storage.set_trial_user_attr(t._trial_id, "stale", True)
@@ -232,7 +243,7 @@ def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> lis
             tc = _trial_config(cfg, space, params, t.number)
         except Exception as e:  # noqa: BLE001 - a bad point of the space fails only its trial
             t.set_user_attr("error", f"{type(e).__name__}: {e}")
-            study.tell(t, state=TrialState.FAIL)
+            _tell(study, t, state=TrialState.FAIL)
             results.append({"trial": t.number, "state": "FAIL", "error": str(e)})
             continue
         t.set_user_attr("config", {**space.train_fields(params), "seed": tc.seed})
@@ -254,19 +265,19 @@ def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> lis
     except (TrainError, ValueError, RuntimeError) as e:
         for t in ok:
             t.set_user_attr("error", f"{type(e).__name__}: {e}")
-            study.tell(t, state=TrialState.FAIL)
+            _tell(study, t, state=TrialState.FAIL)
             results.append({"trial": t.number, "state": "FAIL", "error": str(e)})
         return results
     for t, s in zip(ok, summaries):
         _record(study, t._trial_id, s)
         if s["pruned"]:
-            study.tell(t, state=TrialState.PRUNED)
+            _tell(study, t, state=TrialState.PRUNED)
             state = "PRUNED"
         elif s["dev_score"] is None:
-            study.tell(t, state=TrialState.FAIL)
+            _tell(study, t, state=TrialState.FAIL)
             state = "FAIL"
         else:
-            study.tell(t, float(s["dev_score"]))
+            _tell(study, t, float(s["dev_score"]))
             state = "COMPLETE"
         results.append({"trial": t.number, "state": state, "dev_score": s["dev_score"]})
     return results
