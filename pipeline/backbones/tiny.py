@@ -56,10 +56,17 @@ def _config(family: str, vocab: int, pad: int, bos: int, eos: int):
     raise BackboneError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
 
-def make_tiny_backbone(family: str, out_dir: Path, seed: int = 0) -> Path:
+# Real-sized random shapes for benchmarks (no weights can be downloaded): the T5-small layout.
+SHAPES: dict[str, dict] = {
+    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8),
+}
+
+
+def make_tiny_backbone(family: str, out_dir: Path, seed: int = 0, shape: str | None = None) -> Path:
     """Write a tiny random model of ``family`` (hidden 32, 3 layers, 4 heads) plus the
     MiniLM tokenizer to ``out_dir`` and return it.  Same seed, same weights; the global
-    RNG is left untouched."""
+    RNG is left untouched.  ``shape`` (e.g. 't5-small') swaps in a real model's dimensions
+    for benchmarks."""
     import transformers as tf
 
     if family not in TINY_FAMILIES:
@@ -71,6 +78,11 @@ def make_tiny_backbone(family: str, out_dir: Path, seed: int = 0) -> Path:
     # BERT WordPiece has no bos/eos; [CLS]/[SEP] play those parts.
     pad, bos, eos = tok.pad_token_id, tok.cls_token_id, tok.sep_token_id
     config = _config(family, vocab, pad, bos, eos)
+    if shape is not None:
+        if shape not in SHAPES or not shape.startswith(family):
+            raise BackboneError(f"unknown shape {shape!r} for family {family!r}; known: {', '.join(SHAPES)}")
+        for k, v in SHAPES[shape].items():
+            setattr(config, k, v)
     cls = {
         "bert": tf.BertModel,
         "roberta": tf.RobertaModel,

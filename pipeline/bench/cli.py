@@ -24,7 +24,7 @@ def _train(a: argparse.Namespace) -> int:
 
     res = run_train_bench(TrainBenchConfig(backbone=a.backbone, dataset=a.dataset, examples=a.examples, cache=a.cache,
                                            batch_size=a.batch_size, workdir=a.workdir, device=a.device,
-                                           progress=not a.no_progress))
+                                           progress=not a.no_progress, label_words=a.label_words))
     _emit(res, a.json)
     return 0
 
@@ -67,11 +67,12 @@ def register(sub) -> None:
     t = bsub.add_parser("train", help="one epoch cached vs live, and the FLOP-based speedup limit",
                         description="Train the same side network for one epoch from the cache and with the live "
                                     "backbone; report epoch times, cached_over_live_speedup and speedup_limit.")
-    t.add_argument("--backbone", default="minilm", help="minilm (default) or mpnet")
+    t.add_argument("--backbone", default="minilm", help="minilm (default), mpnet, or a local model directory")
     t.add_argument("--dataset", default="sst2")
     t.add_argument("--examples", type=int, default=20000, help="SST-2 train examples to extract (if no --cache)")
     t.add_argument("--cache", help="use this cache instead of extracting one")
     t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--label-words", help="T5 backbones: cache label-word targets and time the side encoder-decoder")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--workdir")
     t.add_argument("--no-progress", action="store_true")

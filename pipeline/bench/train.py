@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache.store import ActivationCache
 from pipeline.extract.runner import ExtractConfig, run_extract
 from pipeline.train.reader import CacheReader
@@ -30,6 +31,7 @@ class TrainBenchConfig:
     workdir: str | None = None
     device: str = "auto"
     progress: bool = True
+    label_words: str | None = None  # T5: cache label-word targets and train the side encoder-decoder
 
 
 def run_train_bench(cfg: TrainBenchConfig) -> dict:
@@ -41,7 +43,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         if cache_url is None:
             cache_url = str(work / "cache.zarr")
             run_extract(ExtractConfig(backbone=cfg.backbone, dataset=cfg.dataset, out=cache_url,
-                                      max_examples=cfg.examples, progress=cfg.progress, overwrite=True))
+                                      max_examples=cfg.examples, progress=cfg.progress, overwrite=True,
+                                      label_words=cfg.label_words))
         cache = ActivationCache.open(cache_url)
         common = dict(cache=cache_url, epochs=1, batch_size=cfg.batch_size, progress=cfg.progress,
                       device=cfg.device, overwrite=True)
@@ -50,11 +53,14 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         model, _ = build_side(cache, {}, 0)
         batch = next(iter(CacheReader(cache, "train", model.required_taps(), batch_size=cfg.batch_size,
                                       load_acts=False).iter_epoch(0)))
-        limit = speedup_limit(cache.fingerprint["backbone"], [model.config.to_dict()], batch)
+        targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
+        limit = speedup_limit(cache.fingerprint["backbone"], [], batch, models=[model], targets=targets)
         speedup = live["epoch_s"] / cached["epoch_s"]
         lim = limit["speedup_limit"]
         return {
             "benchmark": "train", "backbone": cfg.backbone, "dataset": cfg.dataset,
+            "side": "t5-encoder-decoder (label words)" if targets else "encoder/decoder side network",
+            "trainable_params": cached["trainable_params"], "backbone_params": cached["backbone_params"],
             "train_examples": cache.split("train").num_examples, "train_tokens": cache.split("train").num_tokens,
             "device": cached["device"], "torch_threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
             "cached_epoch_s": cached["epoch_s"], "live_epoch_s": live["epoch_s"],

@@ -54,13 +54,17 @@ def _get(batch: Any, key: str):
     return batch.get(key) if isinstance(batch, dict) else getattr(batch, key, None)
 
 
-def speedup_limit(backbone_name: str, side_configs: Sequence[Any], batch: Any, backbone=None) -> dict:
+def speedup_limit(backbone_name: str, side_configs: Sequence[Any], batch: Any, backbone=None,
+                  models: Sequence[Any] | None = None, targets: Any = None) -> dict:
     """Per-token FLOPs of the backbone forward and of side-network training on ``batch``.
 
     ``side_configs``: SideConfig objects or dicts of SideConfig fields (the variants; the side cost
     is their mean). ``batch``: a reader ``Batch`` or a dict with ``input_ids``, ``attention_mask``
     (and optionally ``token_type_ids``, ``labels``). ``backbone``: an already loaded
-    ``pipeline.backbones.Backbone`` to reuse (else ``load_backbone(backbone_name)``)."""
+    ``pipeline.backbones.Backbone`` to reuse (else ``load_backbone(backbone_name)``). ``models``:
+    side networks already built (instead of ``side_configs``), e.g. T5 label scorers, whose live
+    forward also runs the decoder once per candidate of ``targets`` (``LabelTargets``)."""
+    from pipeline.backbones.seq2seq import forward_label_taps
     from pipeline.backbones import forward_taps, load_backbone
     from pipeline.side.config import SideConfig
     from pipeline.side.model import LadderSideNetwork
@@ -69,14 +73,20 @@ def speedup_limit(backbone_name: str, side_configs: Sequence[Any], batch: Any, b
     ids, mask = _get(batch, "input_ids"), _get(batch, "attention_mask")
     tt = _get(batch, "token_type_ids")
     labels = _get(batch, "labels")
-    models = []
+    models = list(models or [])
     for c in side_configs:
         cfg = c if isinstance(c, SideConfig) else SideConfig(**dict(c))
         torch.manual_seed(0)
         models.append(LadderSideNetwork(cfg, bb.config))
     taps = sorted({t for m in models for t in m.required_taps()})
+    dec_taps = sorted({t for m in models for t in getattr(m, "required_decoder_taps", lambda: [])()})
+    dec_map: dict = {}
     with torch.no_grad():
-        bb_flops, tap_vals = count_flops(forward_taps, bb, ids, mask, taps, token_type_ids=tt)
+        if dec_taps:
+            bb_flops, (tap_vals, dec_vals) = count_flops(forward_label_taps, bb, ids, mask, taps, dec_taps, targets)
+            dec_map = dict(zip(dec_taps, dec_vals))
+        else:
+            bb_flops, tap_vals = count_flops(forward_taps, bb, ids, mask, taps, token_type_ids=tt)
     tap_map = dict(zip(taps, [t.float() for t in tap_vals]))
     side = []
     for m in models:
@@ -86,7 +96,10 @@ def speedup_limit(backbone_name: str, side_configs: Sequence[Any], batch: Any, b
             y = y.float()
 
         def step(m=m, y=y):
-            loss = m.loss(m([tap_map[t] for t in m.required_taps()], mask), y)
+            inputs = {"taps": [tap_map[t] for t in m.required_taps()], "attention_mask": mask}
+            if hasattr(m, "required_decoder_taps"):
+                inputs["dec_taps"] = [dec_map[t] for t in m.required_decoder_taps()]
+            loss = m.training_loss(labels=y, **inputs)
             loss.backward()
             return loss
 

@@ -22,13 +22,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache.fingerprint import diff_fingerprints
 from pipeline.cache.store import ActivationCache, CacheError
 from pipeline.extract import initpack
 from pipeline.extract.runner import resolve_device
 from pipeline.memory import peak_rss_bytes
 from pipeline.side.config import SideConfig
-from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
