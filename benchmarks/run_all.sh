@@ -12,3 +12,8 @@ run memory_attn0 memory --attention-dropout 0
 run train_minilm train --examples 20000
 run train_mpnet train --backbone mpnet --examples 2000
 run sweep sweep
+# T5 encoder-decoder LST: a random model with T5-small's layout (no T5 weights can be downloaded)
+t5dir="${TMPDIR:-/tmp}/lst-random-t5-small"
+python -c "from pipeline.backbones.tiny import make_tiny_backbone; make_tiny_backbone('t5', '$t5dir', shape='t5-small')"
+run train_t5small_random_labels train --backbone "$t5dir" --examples 2000 --label-words auto
+run memory_t5small_random_labels memory --backbone "$t5dir" --label-words auto

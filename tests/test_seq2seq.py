@@ -231,3 +231,15 @@ def test_t5_fisher_uses_the_label_word_lm_loss(t5_cache, tmp_path, tiny_backbone
     s = train(TrainConfig(cache=str(copy), out=str(tmp_path / "run"), side={"r": 2, "init": "fisher"}, epochs=1,
                           batch_size=16, progress=False))
     assert s["dev_score"] is not None
+
+
+def test_memory_bench_compares_t5_full_finetuning_with_the_side_encoder_decoder(t5_cache):
+    """`lst bench memory` on a label-target cache: full fine-tuning trains T5 on its LM loss over the
+    gold words, live/cached LST train the side encoder-decoder; all three run on the same batches."""
+    from pipeline.bench.memory import run_memory_bench
+
+    res = run_memory_bench(t5_cache, batch_size=4, steps=1, device="cpu")
+    d = res["details"]
+    assert d["full"]["trainable_params"] > d["live"]["trainable_params"] == d["cached"]["trainable_params"] > 0
+    assert d["full"]["tokens"] == d["live"]["tokens"] == d["cached"]["tokens"] > 0
+    assert all(d[m]["peak_mb"] >= 0 for m in d)

@@ -77,6 +77,18 @@ class LabelTargets:
             tgt[k, : len(t)] = torch.tensor(t)
         return idx, mask, tgt
 
+    def teacher_forcing(self, labels: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+        """(decoder input ids, target ids with -100 on padding) [B, Lmax] of each example's gold
+        candidate: what ``T5ForConditionalGeneration(decoder_input_ids=, labels=)`` takes."""
+        lmax = max(self.lengths)
+        tgt = torch.full((len(labels), lmax), -100, dtype=torch.long)
+        dec_in = torch.full((len(labels), lmax), int(pad_id), dtype=torch.long)
+        for r, c in enumerate(labels.tolist()):
+            t, i = self.targets[int(c)], self.decoder_inputs[int(c)]
+            tgt[r, : len(t)] = torch.tensor(t)
+            dec_in[r, : len(i)] = torch.tensor(i)
+        return dec_in.to(labels.device), tgt.to(labels.device)
+
     def to_dict(self) -> dict:
         return {"words": list(self.words), "targets": [list(t) for t in self.targets],
                 "decoder_inputs": [list(t) for t in self.decoder_inputs], "rows": self.rows,

@@ -39,7 +39,7 @@ def _memory(a: argparse.Namespace) -> int:
 
         cache = tempfile.mkdtemp(prefix="lst-bench-mem-") + "/cache.zarr"
         run_extract(ExtractConfig(backbone=a.backbone, dataset="sst2", out=cache, splits=["validation"],
-                                  progress=not a.no_progress))
+                                  progress=not a.no_progress, label_words=a.label_words))
     side = {} if a.attention_dropout is None else {"attention_dropout": a.attention_dropout}
     res = run_memory_bench(cache, batch_size=a.batch_size, steps=a.steps, device=a.device, side=side)
     _emit(res, a.json)
@@ -87,6 +87,8 @@ def register(sub) -> None:
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--steps", type=int, default=3)
     m.add_argument("--attention-dropout", type=float, help="side attention dropout (default: as dropout, 0.1)")
+    m.add_argument("--label-words", help="T5 backbones: full fine-tuning with T5's LM loss on the label words vs "
+                                         "the side encoder-decoder (the paper's T5 setting)")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("--json", action="store_true")

@@ -35,6 +35,7 @@ def _batches(cache, batch_size: int, steps: int):
 def measure(method: str, cache_url: str, batch_size: int, steps: int, device: str, side: dict | None = None) -> dict:
     """Runs in the child process. Imports happen before the baseline is taken."""
     from pipeline.backbones import forward_taps, load_backbone, resolve_backbone
+    from pipeline.backbones.seq2seq import LabelTargets, forward_label_taps
     from pipeline.cache.store import ActivationCache
     from pipeline.train.reader import CacheReader
     from pipeline.train.trainer import build_side
@@ -42,6 +43,8 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
     dev = torch.device(device)
     cache = ActivationCache.open(cache_url)
     batches_idx = _batches(cache, batch_size, steps)
+    # T5 label-target cache: full fine-tuning is T5's LM loss on the gold word, LST the side encoder-decoder
+    targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
     baseline = psutil.Process().memory_info().rss
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -49,10 +52,13 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
     reader = CacheReader(cache, "validation", [0], batch_size=batch_size, shuffle=False, load_acts=False)
     t0 = time.perf_counter()
     if method == "full":
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification, T5ForConditionalGeneration
 
         path = resolve_backbone(cache.fingerprint["backbone"])
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2).to(dev).train()
+        if targets is not None:
+            model = T5ForConditionalGeneration.from_pretrained(str(path)).to(dev).train()
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2).to(dev).train()
         params = [p for p in model.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -61,6 +67,7 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
         model.to(dev).train()
         params = [p for p in model.parameters() if p.requires_grad]
         taps = model.required_taps()
+        dec_taps = model.required_decoder_taps() if targets is not None else []
         backbone = load_backbone(str(resolve_backbone(cache.fingerprint["backbone"])), device=device) if method == "live" else None
     opt = torch.optim.AdamW(params, lr=1e-4)
     tokens = 0
@@ -70,11 +77,19 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
         labels = b.labels.to(dev)
         tokens += int(mask.sum())
         if method == "full":
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if targets is not None:
+                dec_in, tgt = targets.teacher_forcing(labels, int(model.config.pad_token_id or 0))
+                loss = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, labels=tgt).loss
+            else:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         else:
+            inputs: dict = {"attention_mask": mask}
             if method == "live":
                 with torch.no_grad():
-                    t = forward_taps(backbone, ids, mask, taps)
+                    if targets is not None:
+                        inputs["taps"], inputs["dec_taps"] = forward_label_taps(backbone, ids, mask, taps, dec_taps, targets)
+                    else:
+                        inputs["taps"] = forward_taps(backbone, ids, mask, taps)
             else:
                 v = cache.split("validation")
                 t = []
@@ -84,7 +99,10 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
                     for k, r in enumerate(rows):
                         padded[k, : len(r)] = r
                     t.append(padded.to(dev))
-            loss = model.loss(model(t, mask), labels)
+                inputs["taps"] = t
+                if targets is not None:
+                    inputs["dec_taps"] = [_decoder_rows(v, tap, idx, targets.rows).to(dev) for tap in dec_taps]
+            loss = model.training_loss(labels=labels, **inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -97,6 +115,16 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
         out["peak_mb"] = max(0.0, peak_rss_bytes() - baseline) / 2**20
         out["baseline_rss_mb"] = baseline / 2**20
     return out
+
+
+def _decoder_rows(v, tap: int, idx: np.ndarray, rows: int) -> torch.Tensor:
+    """[B, rows, d] cached decoder rows of examples ``idx`` (each stored with its shard's unit)."""
+    out = []
+    for i in idx:
+        unit = int(v.offsets[i]) // v.shard_tokens
+        p = int(i) - v.unit_examples(unit)[0]
+        out.append(v.read_decoder_unit(tap, unit, (p + 1) * rows)[p * rows:])
+    return torch.stack(out)
 
 
 def run_memory_bench(cache_url: str, batch_size: int = 32, steps: int = 3, device: str = "auto",

@@ -283,14 +283,7 @@ class LabelWordLoss:
         self.targets = targets
 
     def __call__(self, backbone: Any, x: Tensor, m: Tensor, t: Tensor | None, y: Tensor) -> tuple[Tensor, list[Tensor]]:
-        lmax = max(self.targets.lengths)
-        labels = torch.full((len(y), lmax), -100, dtype=torch.long)
-        dec_in = torch.full((len(y), lmax), int(backbone.config.pad_token_id or 0), dtype=torch.long)
-        for r, c in enumerate(y.tolist()):
-            tgt, inp = self.targets.targets[int(c)], self.targets.decoder_inputs[int(c)]
-            labels[r, : len(tgt)] = torch.tensor(tgt)
-            dec_in[r, : len(inp)] = torch.tensor(inp)
-        labels, dec_in = labels.to(x.device), dec_in.to(x.device)
+        dec_in, labels = self.targets.teacher_forcing(y.to(x.device), int(backbone.config.pad_token_id or 0))
         out = backbone.model(input_ids=x, attention_mask=m, decoder_input_ids=dec_in, labels=labels, use_cache=False)
         return out.loss * len(y), [x, dec_in]
 
