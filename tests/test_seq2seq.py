@@ -243,3 +243,10 @@ def test_memory_bench_compares_t5_full_finetuning_with_the_side_encoder_decoder(
     assert d["full"]["trainable_params"] > d["live"]["trainable_params"] == d["cached"]["trainable_params"] > 0
     assert d["full"]["tokens"] == d["live"]["tokens"] == d["cached"]["tokens"] > 0
     assert all(d[m]["peak_mb"] >= 0 for m in d)
+
+
+def test_two_dask_workers_write_the_same_label_cache(t5_cache, tmp_path, tiny_backbones):
+    """Decoder rows live in one Zarr shard per store shard, so parallel writers never share one."""
+    out = tmp_path / "dask.zarr"
+    _extract(out, tiny_backbones["t5"], 40, label_words="auto", workers=2)
+    assert_same_store(t5_cache, str(out))
