@@ -40,10 +40,11 @@ def train_config_from_args(a: argparse.Namespace):
         v = getattr(a, k)
         if v is not None:
             side[k] = v
-    if a.layers is not None:
-        side["layers"] = _layers(a.layers)
-    if a.decoder_layers is not None:
-        side["decoder_layers"] = _layers(a.decoder_layers)
+    shift = 1 - a.layers_base  # SideConfig is 1-based; official LST lists are 0-based
+    for flag, key in ((a.layers, "layers"), (a.decoder_layers, "decoder_layers")):
+        if flag is not None:
+            got = _layers(flag)
+            side[key] = [x + shift for x in got] if got is not None else None
     flags = {"cache": a.cache, "out": a.out, "lr": a.lr, "weight_decay": a.weight_decay, "warmup_ratio": a.warmup_ratio,
              "epochs": a.epochs, "batch_size": a.batch_size, "batch_tokens": a.batch_tokens, "grad_clip": a.grad_clip,
              "seed": a.seed, "patience": a.patience, "max_steps": a.max_steps, "device": a.device,
@@ -95,6 +96,9 @@ def register(sub) -> None:
     g = p.add_argument_group("side network")
     g.add_argument("--r", type=int, help="reduction factor: side width d/r (default 8)")
     g.add_argument("--layers", help="kept backbone blocks, 1-based, e.g. 1,2,3,5 (default all)")
+    g.add_argument("--layers-base", type=int, choices=[0, 1], default=1,
+                   help="numbering of --layers/--decoder-layers: 1 (default; block b = tap b) or 0 to paste the "
+                        "official LST lists as they are (T5-base dropping: --layers 1,2,3,5,6,7,9,10,11 --layers-base 0)")
     g.add_argument("--decoder-layers",
                    help="T5 side decoder blocks, 1-based (default: --layers when given, as the official scripts, "
                         "else all decoder blocks)")
