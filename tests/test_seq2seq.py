@@ -250,3 +250,14 @@ def test_two_dask_workers_write_the_same_label_cache(t5_cache, tmp_path, tiny_ba
     out = tmp_path / "dask.zarr"
     _extract(out, tiny_backbones["t5"], 40, label_words="auto", workers=2)
     assert_same_store(t5_cache, str(out))
+
+
+def test_official_zero_based_layer_lists_paste_into_lst_train(t5_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert lst_main(["train", "--cache", t5_cache, "--out", str(run), "--r", "2", "--layers", "0,2",
+                     "--decoder-layers", "1", "--layers-base", "0", "--max-steps", "1", "--epochs", "1",
+                     "--no-progress", "--json"]) == 0
+    import yaml
+
+    side = yaml.safe_load((run / "config.yaml").read_text())["side"]
+    assert side["layers"] == [1, 3] and side["decoder_layers"] == [2] and side["head"] == "lm"
