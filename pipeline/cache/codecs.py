@@ -6,7 +6,7 @@ The lossy ``int8`` codec stores symmetric per-token quantised values plus a floa
 token row (``scales/<tap>``): error is bounded by half a quantisation step, i.e.
 ``|x - x_hat| <= scale / 2 = max|x_row| / 254``.
 
-Every chunk goes through Blosc (bitshuffle + zstd) and a crc32c checksum, so a flipped byte is a
+Every chunk goes through Blosc (bitshuffle + lz4 for floats, zstd for int8 codes) and a crc32c checksum, so a flipped byte is a
 read error instead of silent garbage.
 """
 
@@ -48,13 +48,17 @@ def codec_spec(name: str) -> CodecSpec:
 
 
 def compressors(clevel: int = 1, codec: str | None = None) -> list:
-    """Bytes-to-bytes chain for every chunk: Blosc zstd, then a crc32c checksum.
+    """Bytes-to-bytes chain for every chunk: Blosc, then a crc32c checksum.
 
-    Floats are bitshuffled (exponent bits line up and compress). int8 codes are not: measured on
-    MiniLM taps, plain zstd finds more structure in whole bytes (1.58x vs 1.47x on a middle tap).
-    zstd level 1: activations are high-entropy in the mantissa, so higher levels buy little
-    ratio and cost the compression time that must hide behind the backbone forward.
+    Activation tap chunks (``codec`` given): floats are bitshuffled (exponent bits line up and
+    compress) and packed with lz4 level 5: on MiniLM taps (7 taps x 16,384 tokens) it matched
+    zstd level 1's ratio (bf16 1.412x vs 1.413x of fp16; fp16, fp32 equal or better) in 22-30%
+    less time, and on a CPU that time is not hidden behind the forward.  int8 codes are not
+    shuffled and use zstd: plain zstd finds more structure in whole bytes (1.58x vs 1.47x on a
+    middle tap).  Small metadata arrays (``codec`` None) use zstd at ``clevel``.
     """
+    if codec is not None and codec != "int8":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
     shuffle = BloscShuffle.noshuffle if codec == "int8" else BloscShuffle.bitshuffle
     return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
 
