@@ -261,3 +261,19 @@ def test_official_zero_based_layer_lists_paste_into_lst_train(t5_cache, tmp_path
 
     side = yaml.safe_load((run / "config.yaml").read_text())["side"]
     assert side["layers"] == [1, 3] and side["decoder_layers"] == [2] and side["head"] == "lm"
+
+
+def test_sweep_searches_the_head(sst2_slices, tmp_path, capsys):
+    """`head` is a knob: one sweep compares last-token classification with label-word scoring."""
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"head": ["task", "lm"], "r": 2, "epochs": 1, "batch_size": 32}))
+    assert lst_main(["sweep", "--cache", sst2_slices["gpt2"], "--space", str(space), "--out", str(tmp_path / "sw"),
+                     "--trials", "2", "--sampler", "grid", "--parallel", "2", "--no-progress", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n_complete"] == 2
+    heads = sorted(yaml.safe_load(p.read_text())["side"]["head"] for p in (tmp_path / "sw" / "trials").glob("*/config.yaml"))
+    assert heads == ["lm", "task"]
+    assert lst_main(["report", str(tmp_path / "sw")]) == 0
+    assert "head=" in (tmp_path / "sw" / "leaderboard.md").read_text()

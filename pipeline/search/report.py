@@ -29,8 +29,8 @@ from pipeline.train.errors import TrainError
 
 __all__ = ["collect_trials", "write_report"]
 
-_CONFIG_KEYS = ("r", "layers", "gate", "block", "init", "pooling", "dropout", "lr", "weight_decay", "warmup_ratio",
-                "epochs", "batch_size", "seed")
+_CONFIG_KEYS = ("r", "layers", "decoder_layers", "gate", "block", "init", "pooling", "head", "dropout", "lr",
+                "weight_decay", "warmup_ratio", "epochs", "batch_size", "seed")
 
 
 def _states(run: Path) -> dict[int, dict]:
@@ -52,8 +52,9 @@ def _compact_config(cfg_yaml: dict, attr_config: dict | None) -> dict:
     else:
         train, side = cfg_yaml.get("train", {}), cfg_yaml.get("side", {})
         out = {k: side.get(k, train.get(k)) for k in _CONFIG_KEYS if side.get(k, train.get(k)) is not None}
-    if isinstance(out.get("layers"), list):
-        out["layers"] = ",".join(map(str, out["layers"]))
+    for k in ("layers", "decoder_layers"):
+        if isinstance(out.get(k), list):
+            out[k] = ",".join(map(str, out[k]))
     return {k: out[k] for k in _CONFIG_KEYS if k in out}
 
 

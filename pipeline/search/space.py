@@ -8,7 +8,9 @@ Each top-level key is a knob; its value is one of
 * a fixed value: ``epochs: 3`` (not searched, used by every trial)
 
 ``layers`` takes 1-based backbone blocks: ``layers: [1, 2, 3, 5]`` is ONE fixed set;
-``layers: [all, [2, 4, 6], "1,3,5"]`` is a choice among sets.
+``layers: [all, [2, 4, 6], "1,3,5"]`` is a choice among sets; ``decoder_layers`` likewise (the T5
+side decoder on a label-word cache). ``head: [task, lm]`` compares a new task head with scoring the
+label words by the frozen LM head.
 
 Example::
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.side.config import GATES, INITS, POOLINGS
+from pipeline.side.config import GATES, HEADS, INITS, POOLINGS
 from pipeline.train.errors import TrainError
 
 __all__ = ["SpaceError", "Knob", "SearchSpace", "load_space", "KNOBS", "SIDE_KNOBS"]
@@ -44,10 +46,12 @@ class SpaceError(TrainError):
 KNOBS: dict[str, tuple[str, str]] = {
     "r": ("side", "int"),
     "layers": ("side", "layers"),
+    "decoder_layers": ("side", "layers"),  # T5 side decoder (label-word caches)
     "gate": ("side", "str"),
     "block": ("side", "str"),
     "init": ("side", "str"),
     "pooling": ("side", "str"),
+    "head": ("side", "str"),  # task | lm (label words scored by the frozen LM head)
     "dropout": ("side", "float"),
     "attention_dropout": ("side", "float"),
     "lr": ("train", "float"),
@@ -95,15 +99,16 @@ def _check_value(name: str, v: Any) -> Any:
             raise SpaceError(f"{name} must be >= 1, got {v}")
         return v
     if kind == "layers":
-        return _layers_value(v)
+        return _layers_value(v, name)
     # categorical strings
-    allowed = {"gate": GATES, "init": INITS, "pooling": (*POOLINGS, None), "block": tuple(_blocks())}[name]
+    allowed = {"gate": GATES, "init": INITS, "pooling": (*POOLINGS, None), "block": tuple(_blocks()),
+               "head": HEADS}[name]
     if v not in allowed:
         raise SpaceError(f"{name}: {v!r} is not one of {', '.join(map(repr, allowed))}")
     return v
 
 
-def _layers_value(v: Any) -> str:
+def _layers_value(v: Any, name: str = "layers") -> str:
     """A layer set as its canonical string ('all' or '1,2,3'), the form Optuna stores."""
     if v is None or v == "all":
         return "all"
@@ -111,11 +116,11 @@ def _layers_value(v: Any) -> str:
         try:
             v = [int(x) for x in v.split(",") if x.strip()]
         except ValueError:
-            raise SpaceError(f"layers: {v!r} is not 'all' or comma-separated block numbers such as '1,2,3'") from None
+            raise SpaceError(f"{name}: {v!r} is not 'all' or comma-separated block numbers such as '1,2,3'") from None
     if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-        raise SpaceError(f"layers: {v!r} is not 'all' or a list of 1-based block numbers such as [1, 2, 3]")
+        raise SpaceError(f"{name}: {v!r} is not 'all' or a list of 1-based block numbers such as [1, 2, 3]")
     if any(x < 1 for x in v) or v != sorted(set(v)):
-        raise SpaceError(f"layers: {v!r} must be increasing 1-based block numbers without duplicates")
+        raise SpaceError(f"{name}: {v!r} must be increasing 1-based block numbers without duplicates")
     return ",".join(map(str, v))
 
 
@@ -168,9 +173,9 @@ class Knob:
 
 def _parse_knob(name: str, spec: Any) -> Knob:
     kind = KNOBS[name][1]
-    if name == "layers" and isinstance(spec, list) and spec and all(isinstance(x, int) and not isinstance(x, bool)
+    if kind == "layers" and isinstance(spec, list) and spec and all(isinstance(x, int) and not isinstance(x, bool)
                                                                    for x in spec):
-        return Knob(name, "fixed", [_layers_value(spec)])  # one layer set
+        return Knob(name, "fixed", [_layers_value(spec, name)])  # one layer set
     if isinstance(spec, list):
         if not spec:
             raise SpaceError(f"{name}: empty list of values; give at least one")
@@ -247,7 +252,7 @@ class SearchSpace:
         """TrainConfig fields (with a ``side`` dict) for one trial's values."""
         side, train = {}, {}
         for k, v in params.items():
-            if k == "layers":
+            if KNOBS[k][1] == "layers":
                 v = decode_layers(v)
             (side if KNOBS[k][0] == "side" else train)[k] = v
         return {**train, "side": side}
@@ -271,7 +276,7 @@ class SearchSpace:
         shape = [k for k in ("r", "block", "init") if k in values]
         combos += [dict(zip(shape, c)) for c in itertools.product(*(values[k] for k in shape))] if shape else []
         for c in combos:
-            side = {k: (decode_layers(v) if k == "layers" else v) for k, v in c.items()}
+            side = {k: (decode_layers(v) if KNOBS[k][1] == "layers" else v) for k, v in c.items()}
             try:
                 SideConfig(**side).resolved(backbone_config)
             except ValueError as e:
