@@ -445,3 +445,37 @@ def test_invalid_backbone_and_keys():
         SideConfig.from_dict({"rank": 8})
     with pytest.raises(ValueError, match="init pack has no key"):
         initialise_side(LadderSideNetwork(SideConfig(r=2), _hand_config()), "magnitude", {"x": torch.zeros(1)})
+
+
+def test_cpu_dropout_is_inverted_bernoulli_from_the_torch_generator():
+    from pipeline.side.blocks.dropout import Dropout
+
+    x = torch.ones(200_000, requires_grad=True)
+    d = Dropout(0.1).train()
+    torch.manual_seed(0)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)  # gradient flows through kept units only
+    torch.manual_seed(0)
+    assert torch.equal(d(x.detach()), y.detach())  # seeded: checkpoints and fused variants replay it
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_cpu_attention_with_dropout_is_softmax_dropout_matmul():
+    from pipeline.side.blocks.attention import attend
+    from pipeline.side.blocks.context import mask_bias
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    bias = mask_bias(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.float32, causal=False)
+    torch.manual_seed(7)
+    got = attend(q, k, v, bias, 0.5, 0.2, training=True)
+    torch.manual_seed(7)
+    probs = (q @ k.transpose(-1, -2) * 0.5 + bias).softmax(-1)
+    ref = torch.where(torch.rand_like(probs) >= 0.2, probs / 0.8, torch.zeros(())) @ v
+    torch.testing.assert_close(got, ref)
+    # no dropout: SDPA, same arithmetic
+    torch.testing.assert_close(attend(q, k, v, bias, 0.5, 0.2, training=False), probs @ v)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import build_block, make_context
+from .blocks.dropout import Dropout
 from .blocks.norms import make_norm
 from .config import SideConfig
 from .families import backbone_dims, family_for, reduced_config
@@ -64,7 +65,7 @@ class LadderSideNetwork(nn.Module):
         self.layers: list[int] = list(self.config.layers or [])
         d, ds = self.dims.hidden, self.side_dims.hidden
 
-        self.tap_dropout = nn.Dropout(self.config.dropout)
+        self.tap_dropout = Dropout(self.config.dropout)
         self.ladders = nn.ModuleDict({str(t): _linear(d, ds) for t in self.required_taps()})
         if self.config.gate == "learnable":
             self.gate_alpha = nn.Parameter(torch.full((len(self.layers),), float(self.config.gate_alpha_init)))
@@ -77,7 +78,7 @@ class LadderSideNetwork(nn.Module):
             }
         )
         self.final_norm = make_norm(self.family.norm, ds, self.side_dims.norm_eps)
-        self.dropout = nn.Dropout(self.config.dropout)
+        self.dropout = Dropout(self.config.dropout)
         self.upsample = _linear(ds, d)
         out = self.config.num_labels if self.config.task_type == "classification" else 1
         if self.config.head == "lm":

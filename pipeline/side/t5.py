@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .blocks import make_context
 from .blocks.context import mask_bias
+from .blocks.dropout import Dropout
 from .blocks.norms import RMSNorm
 from .blocks.t5 import T5Block
 from .config import GATES
@@ -76,7 +77,7 @@ class T5SideStack(nn.Module):
         ds = side_hf.d_model
         self.is_decoder, self.gate, self.gate_T = is_decoder, gate, gate_T
         self.layers = _check_layers(layers, n_layers, "decoder" if is_decoder else "encoder")
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.first_ladder = _linear(d_model, ds)
         self.ladders = nn.ModuleDict({str(b): _linear(d_model, ds) for b in self.layers} if gate != "none" else {})
         self.gate_alpha = nn.Parameter(torch.full((n_layers,), float(gate_alpha_init))) if gate == "learnable" else None

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dropout import dropout as _dropout
+
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
 
 
@@ -24,13 +26,22 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, dropout: float, training: bool) -> Tensor:
-    """softmax(q k^T * scale + bias) v; k/v heads are repeated for grouped-query attention."""
+    """softmax(q k^T * scale + bias) v; k/v heads are repeated for grouped-query attention.
+
+    With attention dropout on CPU, SDPA falls back to its math path (plus a fully-masked-row check)
+    and draws the mask with ``bernoulli_``; the same arithmetic written out with the cheaper CPU
+    dropout mask (``blocks.dropout``) is faster there. Everywhere else SDPA's own kernels run."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if bias is not None:
         bias = bias.to(q.dtype)
+    if training and dropout > 0 and q.device.type == "cpu":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
+        return torch.matmul(_dropout(scores.softmax(-1), dropout), v)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale
     )

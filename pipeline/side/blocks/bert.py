@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 from .attention import attend, merge_heads, split_heads
 from .base import SideBlock
 from .context import BlockContext
+from .dropout import Dropout
 from .plan import AttentionStep, LinearStep, NormStep, Step
 
 __all__ = ["BertBlock", "init_bert_like"]
@@ -38,7 +39,7 @@ class _DenseNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)

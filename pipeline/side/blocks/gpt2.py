@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 from .attention import attend, merge_heads, split_heads
 from .base import SideBlock
 from .context import BlockContext
+from .dropout import Dropout
 from .plan import AttentionStep, LinearStep, NormStep, Step
 
 __all__ = ["GPT2Block", "Conv1D"]
@@ -37,7 +38,7 @@ class _Attention(nn.Module):
         super().__init__()
         self.c_attn = Conv1D(3 * c.n_embd, c.n_embd)
         self.c_proj = Conv1D(c.n_embd, c.n_embd)
-        self.resid_dropout = nn.Dropout(c.resid_pdrop)
+        self.resid_dropout = Dropout(c.resid_pdrop)
 
 
 class _MLP(nn.Module):
@@ -46,7 +47,7 @@ class _MLP(nn.Module):
         self.c_fc = Conv1D(ff, c.n_embd)
         self.c_proj = Conv1D(c.n_embd, ff)
         self.act = ACT2FN[c.activation_function]
-        self.dropout = nn.Dropout(c.resid_pdrop)
+        self.dropout = Dropout(c.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))

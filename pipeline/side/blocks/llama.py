@@ -18,6 +18,7 @@ from .attention import apply_rotary, attend, merge_heads, rotary_cos_sin, split_
 from .base import SideBlock
 from .bert import init_bert_like
 from .context import BlockContext
+from .dropout import Dropout
 from .norms import RMSNorm
 from .plan import AttentionStep, LinearStep, NormStep, Step
 
@@ -72,7 +73,7 @@ class LlamaBlock(SideBlock):
         self.self_attn = _Attention(c, qkv_bias, o_bias)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = _MLP(c, mlp_bias)
-        self.dropout = nn.Dropout(float(getattr(c, "lst_hidden_dropout", 0.0)))
+        self.dropout = Dropout(float(getattr(c, "lst_hidden_dropout", 0.0)))
         init_bert_like(self, c.initializer_range)
 
     def forward(self, hidden: Tensor, ctx: BlockContext) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..families import backbone_dims, family_for
 from .base import SideBlock
 from .context import BlockContext
+from .dropout import Dropout
 from .norms import make_norm
 from .registry import register_block
 
@@ -29,7 +30,7 @@ class MLPBlock(SideBlock):
         self.fc1 = nn.Linear(dims.hidden, dims.intermediate)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(dims.intermediate, dims.hidden)
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         for lin in (self.fc1, self.fc2):
             nn.init.normal_(lin.weight, 0.0, 0.02)
             nn.init.zeros_(lin.bias)

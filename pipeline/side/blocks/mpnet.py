@@ -17,6 +17,7 @@ from .attention import attend, merge_heads, relative_position_bucket, split_head
 from .base import SideBlock
 from .bert import _DenseNorm, _Intermediate, init_bert_like
 from .context import BlockContext
+from .dropout import Dropout
 from .plan import AttentionStep, LinearStep, NormStep, Step
 
 __all__ = ["MPNetBlock"]
@@ -36,7 +37,7 @@ class _Attention(nn.Module):
         super().__init__()
         self.attn = _SelfAttention(c)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.dropout = Dropout(c.hidden_dropout_prob)
 
 
 class MPNetBlock(SideBlock):

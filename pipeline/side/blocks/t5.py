@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 from .attention import attend, merge_heads, relative_position_bucket, split_heads
 from .base import SideBlock
 from .context import BlockContext
+from .dropout import Dropout
 from .norms import RMSNorm
 from .plan import AttentionStep, LinearStep, NormStep, Step
 
@@ -62,7 +63,7 @@ class _SelfAttentionLayer(nn.Module):
         super().__init__()
         self.SelfAttention = T5Attention(c, has_bias, is_decoder)
         self.layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = Dropout(c.dropout_rate)
 
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
         att = self.SelfAttention
@@ -79,7 +80,7 @@ class _CrossAttentionLayer(nn.Module):
         super().__init__()
         self.EncDecAttention = T5Attention(c, False, True)
         self.layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = Dropout(c.dropout_rate)
 
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
         if ctx.encoder_hidden is None:
@@ -97,7 +98,7 @@ class _DenseActDense(nn.Module):
         else:
             self.wi = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = Dropout(c.dropout_rate)
         self.act = ACT2FN[c.dense_act_fn]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,7 +111,7 @@ class _FFLayer(nn.Module):
         super().__init__()
         self.DenseReluDense = _DenseActDense(c)
         self.layer_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = Dropout(c.dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
