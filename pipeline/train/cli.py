@@ -100,8 +100,8 @@ def register(sub) -> None:
                    help="numbering of --layers/--decoder-layers: 1 (default; block b = tap b) or 0 to paste the "
                         "official LST lists as they are (T5-base dropping: --layers 1,2,3,5,6,7,9,10,11 --layers-base 0)")
     g.add_argument("--decoder-layers",
-                   help="T5 side decoder blocks, 1-based (default: --layers when given, as the official scripts, "
-                        "else all decoder blocks)")
+                   help="T5 side decoder blocks, numbered as --layers (default: --layers when given, as the "
+                        "official scripts, else all decoder blocks)")
     g.add_argument("--head", choices=["task", "lm"],
                    help="task: a new linear head on the pooled side state (default; on a T5 cache extracted with "
                         "--label-words the default is lm); lm: the backbone's frozen LM head scores the label "
