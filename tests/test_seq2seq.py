@@ -16,6 +16,7 @@ from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, t5_labe
 from pipeline.cache.inspect import verify_cache
 from pipeline.cache.store import ActivationCache
 from pipeline.cli import main as lst_main
+from pipeline.extract.initpack import read_config
 from pipeline.extract.runner import ExtractConfig, ExtractError, run_extract
 from pipeline.search.fused import train_many
 from pipeline.train.errors import TrainError
@@ -114,14 +115,8 @@ def test_t5_cache_and_live_give_the_same_first_losses(t5_cache, tmp_path):
     assert len(cached["first_losses"]) == 6
     np.testing.assert_allclose(cached["first_losses"], live["first_losses"], atol=1e-4, rtol=0)
     # the loss is the teacher-forced cross-entropy over the full vocabulary: ln(vocab) at the start
-    vocab = load_backbone_config_vocab(t5_cache)
+    vocab = int(read_config(t5_cache).vocab_size)
     assert abs(cached["first_losses"][0] - np.log(vocab)) < 0.2
-
-
-def load_backbone_config_vocab(cache: str) -> int:
-    from pipeline.extract.initpack import read_config
-
-    return int(read_config(cache).vocab_size)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
