@@ -272,3 +272,13 @@ def test_sweep_searches_the_head(sst2_slices, tmp_path, capsys):
     assert heads == ["lm", "task"]
     assert lst_main(["report", str(tmp_path / "sw")]) == 0
     assert "head=" in (tmp_path / "sw" / "leaderboard.md").read_text()
+
+
+def test_head_task_on_a_label_cache_trains_the_encoder_only_classifier(t5_cache, tmp_path):
+    """The encoder taps of a label cache serve the encoder-only T5 side network too."""
+    enc = train(TrainConfig(cache=t5_cache, out=str(tmp_path / "enc"), side={"r": 2, "head": "task"},
+                            max_steps=2, epochs=1, batch_size=8, progress=False))
+    encdec = train(TrainConfig(cache=t5_cache, out=str(tmp_path / "encdec"), side={"r": 2},
+                               max_steps=2, epochs=1, batch_size=8, progress=False))
+    assert enc["first_losses"][0] < 1.0 < encdec["first_losses"][0]  # 2-way cross-entropy vs full-vocab LM loss
+    assert enc["trainable_params"] < encdec["trainable_params"]
