@@ -29,6 +29,7 @@ __all__ = [
     "label_first_tokens",
     "encoder_output",
     "forward_decoder_taps",
+    "candidate_decoder_taps",
     "forward_label_taps",
     "lm_head_weight",
 ]
@@ -200,18 +201,24 @@ def forward_decoder_taps(backbone: Backbone, encoder_hidden: Tensor, encoder_mas
     return [got[t] for t in want]
 
 
+def candidate_decoder_taps(backbone: Backbone, encoder_hidden: Tensor, encoder_mask: Tensor,
+                           dec_taps: Sequence[int], targets: LabelTargets) -> list[Tensor]:
+    """Every candidate's teacher-forced decoder taps laid end to end: one [B, rows, d] per tap."""
+    per_tap: list[list[Tensor]] = [[] for _ in dec_taps]
+    b = encoder_hidden.shape[0]
+    for dec_in in targets.decoder_inputs:
+        ids = torch.tensor(dec_in, dtype=torch.long, device=encoder_hidden.device).expand(b, -1)
+        for k, t in enumerate(forward_decoder_taps(backbone, encoder_hidden, encoder_mask, ids, dec_taps)):
+            per_tap[k].append(t)
+    return [torch.cat(p, dim=1) for p in per_tap]
+
+
 def forward_label_taps(backbone: Backbone, input_ids: Tensor, attention_mask: Tensor, enc_taps: Sequence[int],
                        dec_taps: Sequence[int], targets: LabelTargets) -> tuple[list[Tensor], list[Tensor]]:
     """Encoder taps [B, L, d] and every candidate's decoder taps laid end to end [B, rows, d]:
     exactly what stage one stores and what live mode hands the side network."""
     enc, out = encoder_output(backbone, input_ids, attention_mask, enc_taps)
-    per_tap: list[list[Tensor]] = [[] for _ in dec_taps]
-    b = input_ids.shape[0]
-    for dec_in in targets.decoder_inputs:
-        ids = torch.tensor(dec_in, dtype=torch.long, device=input_ids.device).expand(b, -1)
-        for k, t in enumerate(forward_decoder_taps(backbone, out, attention_mask, ids, dec_taps)):
-            per_tap[k].append(t)
-    return enc, [torch.cat(p, dim=1) for p in per_tap]
+    return enc, candidate_decoder_taps(backbone, out, attention_mask, dec_taps, targets)
 
 
 def lm_head_weight(backbone: Backbone) -> Tensor:

@@ -67,7 +67,7 @@ def measure(method: str, cache_url: str, batch_size: int, steps: int, device: st
         model.to(dev).train()
         params = [p for p in model.parameters() if p.requires_grad]
         taps = model.required_taps()
-        dec_taps = model.required_decoder_taps() if targets is not None else []
+        dec_taps = model.required_decoder_taps()
         backbone = load_backbone(str(resolve_backbone(cache.fingerprint["backbone"])), device=device) if method == "live" else None
     opt = torch.optim.AdamW(params, lr=1e-4)
     tokens = 0
@@ -123,7 +123,7 @@ def _decoder_rows(v, tap: int, idx: np.ndarray, rows: int) -> torch.Tensor:
     for i in idx:
         unit = int(v.offsets[i]) // v.shard_tokens
         p = int(i) - v.unit_examples(unit)[0]
-        out.append(v.read_decoder_unit(tap, unit, (p + 1) * rows)[p * rows:])
+        out.append(v.read_decoder_unit(tap, unit, rows, start=p * rows))
     return torch.stack(out)
 
 

@@ -340,11 +340,12 @@ class SplitView:
         vals, scale = self.read_rows_raw(tap, start, end)
         return C.decode(vals, self.cache.codec, scale)
 
-    def read_decoder_unit(self, tap: int, shard: int, rows: int, raw: bool = False):
-        """The first ``rows`` decoder rows stored for a shard's examples (decoded float32, or
+    def read_decoder_unit(self, tap: int, shard: int, rows: int, raw: bool = False, start: int = 0):
+        """Decoder rows [start, start + rows) stored for a shard's examples (decoded float32, or
         (values, scale) with ``raw``)."""
-        vals = self.decoder_array(tap)[shard, :rows]
-        scale = self.decoder_array(tap, scale=True)[shard, :rows] if self.cache.spec.has_scale else None
+        sel = (shard, slice(start, start + rows))
+        vals = self.decoder_array(tap)[sel]
+        scale = self.decoder_array(tap, scale=True)[sel] if self.cache.spec.has_scale else None
         return (vals, scale) if raw else C.decode(vals, self.cache.codec, scale)
 
     def read_example(self, tap: int, i: int) -> torch.Tensor:

@@ -556,7 +556,8 @@ def register(sub) -> None:
                     "backbone over N seeded training examples (ids from the cache, no re-tokenising) and write "
                     "the summed squared gradients into the cache's init pack, for `lst train --init fisher`. "
                     "The backbone is the one named in the cache fingerprint; a backbone whose weights differ "
-                    "from the cache's is refused.",
+                    "from the cache's is refused. On a T5 cache extracted with --label-words no probe is "
+                    "fitted: T5's own LM loss on the gold label word is the task loss, as in the official code.",
     )
     p.add_argument("--cache", required=True, help="activation cache (path or fsspec URL)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="labelled training samples (paper: 1024)")

@@ -79,7 +79,7 @@ def speedup_limit(backbone_name: str, side_configs: Sequence[Any], batch: Any, b
         torch.manual_seed(0)
         models.append(LadderSideNetwork(cfg, bb.config))
     taps = sorted({t for m in models for t in m.required_taps()})
-    dec_taps = sorted({t for m in models for t in getattr(m, "required_decoder_taps", lambda: [])()})
+    dec_taps = sorted({t for m in models for t in m.required_decoder_taps()})
     dec_map: dict = {}
     with torch.no_grad():
         if dec_taps:
@@ -97,7 +97,7 @@ def speedup_limit(backbone_name: str, side_configs: Sequence[Any], batch: Any, b
 
         def step(m=m, y=y):
             inputs = {"taps": [tap_map[t] for t in m.required_taps()], "attention_mask": mask}
-            if hasattr(m, "required_decoder_taps"):
+            if m.required_decoder_taps():
                 inputs["dec_taps"] = [dec_map[t] for t in m.required_decoder_taps()]
             loss = m.training_loss(labels=y, **inputs)
             loss.backward()

@@ -58,7 +58,6 @@ from pipeline.train.trainer import (
     _lr_lambda,
     _peak_mem_mb,
     build_side,
-    decoder_taps_of,
     label_meta,
     resolve_device,
 )
@@ -135,7 +134,7 @@ class _SoloRunner:
     def __init__(self, m: _Member, total: int):
         self.members = [m]
         self.taps = m.model.required_taps()
-        self.dec_taps = decoder_taps_of(m.model)
+        self.dec_taps = m.model.required_decoder_taps()
         self.opt = _make_optimizer(m.model, m.cfg.lr, m.cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(total, int(m.cfg.warmup_ratio * total)))
 
@@ -356,9 +355,9 @@ def side_train_memory_mb(model: LadderSideNetwork, batch_size: int, length: int,
     B = 2
     inputs: dict[str, Any] = {"taps": [torch.zeros(B, length, hidden) for _ in model.required_taps()],
                               "attention_mask": torch.ones(B, length, dtype=torch.long)}
-    if decoder_taps_of(model):
+    if model.required_decoder_taps():
         rows = model.targets.rows
-        inputs["dec_taps"] = [torch.zeros(B, rows, hidden) for _ in decoder_taps_of(model)]
+        inputs["dec_taps"] = [torch.zeros(B, rows, hidden) for _ in model.required_decoder_taps()]
     labels = torch.zeros(B, dtype=torch.float32 if model.config.task_type == "regression" else torch.long)
     was = model.training
     model.train()
@@ -442,7 +441,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
         (run / "metrics.jsonl").write_text("")
 
     taps = sorted({t for m in members for t in m.model.required_taps()})
-    dec_taps = sorted({t for m in members for t in decoder_taps_of(m.model)})
+    dec_taps = sorted({t for m in members for t in m.model.required_decoder_taps()})
     reader_kw = dict(batch_size=g.batch_size, batch_tokens=g.batch_tokens, seed=data_seed, workers=g.reader_workers,
                      window_shards=g.window_shards, device=device, decoder_taps=dec_taps)
     train_reader = CacheReader(cache, g.train_split, taps, shuffle=True, **reader_kw)

@@ -97,6 +97,11 @@ class LadderSideNetwork(nn.Module):
         gate='none', whose kept blocks take no ladder input)."""
         return [0] if self.config.gate == "none" else [0, *self.layers]
 
+    def required_decoder_taps(self) -> list[int]:
+        """None: only the T5 label scorer reads decoder taps (same interface, so callers never ask
+        which kind of side network they hold)."""
+        return []
+
     # -- forward ----------------------------------------------------------------------------
     def gate_values(self) -> Tensor:
         """mu per kept block (1.0 = side state only); meaningful for gate='learnable'."""

@@ -14,7 +14,13 @@ import torch
 import yaml
 
 from pipeline.backbones import forward_taps, load_backbone, resolve_backbone, weights_sha256
-from pipeline.backbones.seq2seq import LabelTargets, encoder_output, forward_decoder_taps, lm_head_weight
+from pipeline.backbones.seq2seq import (
+    LabelTargets,
+    candidate_decoder_taps,
+    encoder_output,
+    forward_decoder_taps,
+    lm_head_weight,
+)
 from pipeline.side.config import SideConfig
 from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
@@ -57,12 +63,7 @@ class Predictor:
                                     token_type_ids=enc.get("token_type_ids"))
                 return self.model(taps, mask).float().cpu(), None
             taps, enc_out = encoder_output(self.backbone, ids, mask, self.model.required_taps())
-            dtaps = self.model.required_decoder_taps()
-            per_cand = []
-            for dec_in in self.targets.decoder_inputs:
-                dec_ids = torch.tensor(dec_in, device=ids.device).expand(ids.shape[0], -1)
-                per_cand.append(forward_decoder_taps(self.backbone, enc_out, mask, dec_ids, dtaps))
-            dec = [torch.cat([c[k] for c in per_cand], dim=1) for k in range(len(dtaps))]
+            dec = candidate_decoder_taps(self.backbone, enc_out, mask, self.model.required_decoder_taps(), self.targets)
             scores = self.model(taps, mask, dec).float().cpu()
             return scores, self._generate(taps, enc_out, mask)
 

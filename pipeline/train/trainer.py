@@ -210,10 +210,6 @@ def side_inputs(b: Batch, live: LiveTaps | None) -> dict:
     return live(b) if live is not None else b.side_inputs()
 
 
-def decoder_taps_of(model: SideModel) -> list[int]:
-    return model.required_decoder_taps() if isinstance(model, T5LabelScorer) else []
-
-
 def evaluate(model: SideModel, reader: CacheReader, metric: str, live: LiveTaps | None = None) -> dict:
     model.eval()
     outs, gold = [], []
@@ -277,7 +273,7 @@ def train(cfg: TrainConfig) -> dict:
     model, init_report = build_side(cache, cfg.side, cfg.seed)
     model.to(device)
     task = cache.attrs["task"]
-    taps, dec_taps = model.required_taps(), decoder_taps_of(model)
+    taps, dec_taps = model.required_taps(), model.required_decoder_taps()
     live = LiveTaps(cache, taps, device, dec_taps) if cfg.live else None
     reader_kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=cfg.seed,
                      workers=cfg.reader_workers, window_shards=cfg.window_shards, device=device,
