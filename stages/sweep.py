@@ -19,7 +19,8 @@ def main() -> None:
     space_file.write_text(yaml.safe_dump(space, sort_keys=False))
     run_lst(["sweep", "--cache", cache_path(p), "--space", str(space_file), "--out", str(OUT),
              "--trials", str(s["trials"]), "--sampler", s["sampler"], "--pruner", s["pruner"],
-             "--parallel", str(s["parallel"]), "--seed", str(s["seed"]), "--json"], p.get("data_dir"))
+             "--parallel", str(s["parallel"]), "--seed", str(s["seed"]),
+             "--reader-memory", str(s.get("reader_memory", "512MB")), "--json"], p.get("data_dir"))
 
 
 if __name__ == "__main__":

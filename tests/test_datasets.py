@@ -1,4 +1,4 @@
-"""Tests for pipeline.datasets: real named tasks from shared/data, custom files in every format, and every error path.
+"""Tests for pipeline.data: real named tasks from shared/data, custom files in every format, and every error path.
 
 The named-task tests read the real files (a few MB, well under a second each), because the formats' quirks (QUOTE_NONE,
 CoLA's missing header, MRPC's BOM, TREC's latin-1) are exactly what a synthetic fixture would not reproduce.
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.datasets import (
+from pipeline.data import (
     NAMED_TASKS,
     DatasetBundle,
     DatasetError,
@@ -27,7 +27,12 @@ from pipeline.datasets import (
 )
 
 DATA_DIR = default_data_dir()
-needs_data = pytest.mark.skipif(not (DATA_DIR / "sst2" / "train.tsv").is_file(), reason=f"no shared data at {DATA_DIR}")
+_has_data = pytest.mark.skipif(not (DATA_DIR / "sst2" / "train.tsv").is_file(), reason=f"no shared data at {DATA_DIR}")
+
+
+def needs_data(test):
+    """Tests on the real named-task files: integration tier, skipped where the shared data is absent."""
+    return pytest.mark.integration(_has_data(test))
 
 
 @pytest.fixture(autouse=True)
@@ -326,6 +331,78 @@ def test_hf_single_dataset_dir(tmp_path: Path, no_hf_datasets: None) -> None:
     b = load_dataset(str(d), seed=1)
     assert b.label_names == ["a", "b"] and set(b.splits) == {"train", "validation"}
     assert b.dev_carve["n"] == 2 and len(b.splits["train"]) == 18
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hugging Face save_to_disk directories written by the real `datasets` library: read with datasets.load_from_disk,
+# and through the pyarrow fallback, which must give the same bundle
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _save_dataset_dict(root: Path) -> None:
+    hf = pytest.importorskip("datasets")
+    features = hf.Features({"sentence": hf.Value("string"), "label": hf.ClassLabel(names=["negative", "positive"])})
+    hf.DatasetDict({
+        "train": hf.Dataset.from_dict({"sentence": [f"t {i}" for i in range(30)], "label": [i % 2 for i in range(30)]},
+                                      features=features),
+        "validation": hf.Dataset.from_dict({"sentence": ["v 0", "v 1", "v 2"], "label": [1, 0, 1]}, features=features),
+        "test": hf.Dataset.from_dict({"sentence": ["x 0", "x 1"], "label": [-1, -1]}, features=features),
+    }).save_to_disk(str(root), num_shards={"train": 2, "validation": 1, "test": 1})
+
+
+def _save_single_dataset(root: Path) -> None:
+    hf = pytest.importorskip("datasets")
+    hf.Dataset.from_dict({
+        "a": [f"first {i}" for i in range(20)],
+        "b": [f"second {i}" for i in range(20)],
+        "score": [i / 4 for i in range(20)],
+    }).save_to_disk(str(root))
+
+
+def _assert_same_bundle(x: DatasetBundle, y: DatasetBundle) -> None:
+    assert (x.name, x.task_type, x.metric, x.label_names) == (y.name, y.task_type, y.metric, y.label_names)
+    assert (x.files, x.columns, x.dev_carve, x.notes) == (y.files, y.columns, y.dev_carve, y.notes)
+    assert list(x.splits) == list(y.splits)
+    for s in x.splits:
+        a, b = x.splits[s], y.splits[s]
+        assert (a.texts, a.text_pairs) == (b.texts, b.text_pairs)
+        assert a.labels.dtype == b.labels.dtype and a.labels.tolist() == b.labels.tolist()
+        np.testing.assert_array_equal(a.source_rows, b.source_rows)
+
+
+def test_hf_datasets_save_to_disk_dict(tmp_path: Path) -> None:
+    root = tmp_path / "real_glue"
+    _save_dataset_dict(root)
+    b = load_dataset(str(root))
+    assert b.name == "real_glue" and list(b.splits) == ["train", "validation"] and b.dev_carve is None
+    assert b.label_names == ["negative", "positive"] and b.task_type == "classification" and b.num_labels() == 2
+    assert b.columns == {"text": "sentence", "text_pair": None, "label": "label"}
+    tr, dv = b.splits["train"], b.splits["validation"]
+    assert tr.texts == [f"t {i}" for i in range(30)] and tr.labels.tolist() == [i % 2 for i in range(30)]
+    assert tr.labels.dtype == np.int64 and tr.source_rows.tolist() == list(range(30))
+    assert dv.texts == ["v 0", "v 1", "v 2"] and dv.labels.tolist() == [1, 0, 1]
+    assert b.notes == ["skipped split 'test': no labels in column 'label'"]
+    assert b.files["train"] == str((root / "train").resolve())  # two shards -> the split dir
+    assert b.files["validation"] == str((root / "validation" / "data-00000-of-00001.arrow").resolve())
+    with pytest.raises(DatasetError, match="no labels"):
+        load_dataset(str(root), splits=["test"])
+
+
+def test_hf_pyarrow_fallback_matches_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, single = tmp_path / "real_glue", tmp_path / "pairs"
+    _save_dataset_dict(root)
+    _save_single_dataset(single)
+    kw = {"text_column": "a", "text_pair_column": "b", "label_column": "score", "dev_fraction": 0.25, "seed": 3}
+    with_datasets = load_dataset(str(root)), load_dataset(str(single), **kw)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails: the pyarrow reader is used
+    fallback = load_dataset(str(root)), load_dataset(str(single), **kw)
+    for x, y in zip(with_datasets, fallback):
+        _assert_same_bundle(x, y)
+    reg = fallback[1]
+    assert reg.task_type == "regression" and reg.label_names is None and reg.splits["train"].labels.dtype == np.float32
+    for s in reg.splits.values():
+        for t, tp, y, r in zip(s.texts, s.text_pairs, s.labels, s.source_rows):
+            assert (t, tp, float(y)) == (f"first {r}", f"second {r}", r / 4)
 
 
 def test_plain_dir_is_rejected(tmp_path: Path) -> None:

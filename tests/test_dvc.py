@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.datasets import default_data_dir
+from pipeline.data import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

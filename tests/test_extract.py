@@ -37,6 +37,7 @@ def _direct_taps(backbone, ids: np.ndarray) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["minilm", "bert", "t5", "gpt2", "llama"])
+@pytest.mark.integration
 def test_fp32_taps_equal_direct_forward_exactly(tmp_path, tiny_backbones, family):
     """batch_tokens=1 puts each example in its own unpadded batch: the same computation as a direct forward."""
     name = "minilm" if family == "minilm" else tiny_backbones[family]
@@ -53,6 +54,7 @@ def test_fp32_taps_equal_direct_forward_exactly(tmp_path, tiny_backbones, family
             assert torch.equal(v.read_example(tap, i), ref), (family, i, tap)
 
 
+@pytest.mark.integration
 def test_batched_padded_extraction_matches_direct_forward(tmp_path):
     out = tmp_path / "c.zarr"
     _extract(out, codec="fp32", batch_tokens=4096, splits=["validation"])
@@ -64,6 +66,7 @@ def test_batched_padded_extraction_matches_direct_forward(tmp_path):
             torch.testing.assert_close(v.read_example(tap, i), ref, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.integration
 def test_bf16_and_int8_codecs_within_their_bounds(tmp_path):
     backbone = load_backbone("minilm")
     stores = {}
@@ -83,6 +86,7 @@ def test_bf16_and_int8_codecs_within_their_bounds(tmp_path):
             assert (err <= bound).all()
 
 
+@pytest.mark.integration
 def test_layers_subset_and_only_real_tokens(tmp_path):
     out = tmp_path / "c.zarr"
     res = _extract(out, layers="0,2,5", splits=["validation"])
@@ -96,6 +100,7 @@ def test_layers_subset_and_only_real_tokens(tmp_path):
     assert set(v.labels.tolist()) <= {0, 1}
 
 
+@pytest.mark.integration
 def test_truncation_is_counted(tmp_path):
     res = _extract(tmp_path / "c.zarr", max_length=8, splits=["validation"])
     assert res["splits"]["validation"]["truncated"] > 0
@@ -103,6 +108,7 @@ def test_truncation_is_counted(tmp_path):
     assert np.diff(v.offsets).max() == 8
 
 
+@pytest.mark.integration
 def test_fingerprint_mismatch_is_refused_and_overwrite_replaces(tmp_path):
     out = tmp_path / "c.zarr"
     _extract(out, splits=["validation"])
@@ -116,6 +122,7 @@ def test_fingerprint_mismatch_is_refused_and_overwrite_replaces(tmp_path):
     assert not res["resumed"] and ActivationCache.open(str(out)).fingerprint["max_length"] == 64
 
 
+@pytest.mark.integration
 def test_verify_names_a_flipped_byte(tmp_path, capsys):
     out = tmp_path / "c.zarr"
     _extract(out, splits=["validation"])
@@ -131,6 +138,7 @@ def test_verify_names_a_flipped_byte(tmp_path, capsys):
     assert [(c["split"], c["shard"], c["array"]) for c in rep["corrupt"]] == [("validation", 1, "acts/layer_3")]
 
 
+@pytest.mark.integration
 def test_verify_reports_missing_shards(tmp_path, capsys):
     out = tmp_path / "c.zarr"
     _extract(out, splits=["validation"])
@@ -141,6 +149,7 @@ def test_verify_reports_missing_shards(tmp_path, capsys):
     assert [m["shard"] for m in rep["missing"]] == [2]
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     """A real `lst extract` process is SIGKILLed midway; re-running the command finishes the same store."""
     args = ["--dataset", "sst2", "--max-examples", "400", "--splits", "train", "--shard-tokens", "256",
@@ -172,6 +181,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert_same_store(str(ref), str(killed))
 
 
+@pytest.mark.integration
 def test_dask_local_cluster_two_workers_identical(tmp_path):
     single, dask = tmp_path / "single.zarr", tmp_path / "dask.zarr"
     _extract(single, splits=["validation"], shard_tokens=256)
@@ -180,6 +190,7 @@ def test_dask_local_cluster_two_workers_identical(tmp_path):
     assert_same_store(str(single), str(dask))
 
 
+@pytest.mark.integration
 def test_lock_refuses_a_second_writer(tmp_path):
     from filelock import FileLock
 
@@ -194,7 +205,7 @@ def test_lock_refuses_a_second_writer(tmp_path):
     [
         (["--backbone", "no-such-model"], "minilm"),
         (["--dataset", "/nonexistent/file.csv"], "file.csv"),
-        (["--layers", "0,9"], "0..6"),
+        pytest.param(["--layers", "0,9"], "0..6", marks=pytest.mark.integration),  # reads SST-2 first
         (["--dataset", "{csv}", "--text-column", "nope"], "columns"),
     ],
 )
@@ -209,6 +220,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, needle):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_foreign_directory_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "c.zarr"
     out.mkdir()
@@ -236,8 +248,9 @@ def test_custom_csv_string_labels_and_inspect(tmp_path, capsys):
     assert (out / "init" / "weights.safetensors").exists() and (out / "init" / "tokenizer").is_dir()
 
 
+@pytest.mark.integration
 def test_init_pack_lets_stage_two_rebuild_config_and_weights(tmp_path):
-    from pipeline.extract import initpack
+    from pipeline.cache import initpack
 
     out = tmp_path / "c.zarr"
     _extract(out, splits=["validation"])
@@ -250,6 +263,7 @@ def test_init_pack_lets_stage_two_rebuild_config_and_weights(tmp_path):
     assert torch.equal(weights[key], ref[key])
 
 
+@pytest.mark.integration
 def test_pair_task_keeps_segment_ids(tmp_path):
     """MRPC sentence pairs: BERT's segment ids change every tap, so they are stored and used."""
     out = tmp_path / "mrpc.zarr"
@@ -258,7 +272,7 @@ def test_pair_task_keeps_segment_ids(tmp_path):
     v = ActivationCache.open(str(out)).split("validation")
     assert v.token_type_ids is not None and v.token_type_ids.max() == 1
     backbone = load_backbone("minilm")
-    from pipeline.datasets import load_dataset
+    from pipeline.data import load_dataset
 
     split = load_dataset("mrpc", splits=["validation"], max_examples=6).splits["validation"]
     for i in range(v.num_examples):
@@ -271,6 +285,7 @@ def test_pair_task_keeps_segment_ids(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
+@pytest.mark.integration
 def test_direct_shard_decoder_equals_zarr_and_checks_crc(tmp_path, codec):
     """The stage-two fast path decodes shard files itself; it must agree with Zarr and verify checksums."""
     from pipeline.cache.fastread import ChecksumError, DirectArray
@@ -293,6 +308,7 @@ def test_direct_shard_decoder_equals_zarr_and_checks_crc(tmp_path, codec):
         fresh.read_rows_raw(1, 0, 10)
 
 
+@pytest.mark.integration
 def test_out_of_memory_batch_is_retried_smaller(tmp_path, monkeypatch):
     """A batch that does not fit is split in half and retried; values match an unconstrained run."""
     import pipeline.extract.worker as worker
@@ -318,6 +334,7 @@ def test_out_of_memory_batch_is_retried_smaller(tmp_path, monkeypatch):
                                    rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.integration
 def test_full_disk_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, capsys):
     import errno
 

@@ -14,8 +14,8 @@ import torch
 from pipeline.backbones import make_tiny_backbone
 from pipeline.cache.store import ActivationCache
 from pipeline.cli import main as lst_main
-from pipeline.extract import initpack
-from pipeline.extract.fisher import (
+from pipeline.cache import initpack
+from pipeline.importance.fisher import (
     FisherError,
     LinearProbe,
     compute_fisher,
@@ -24,7 +24,7 @@ from pipeline.extract.fisher import (
     maybe_compute_fisher,
 )
 from pipeline.extract.runner import ExtractConfig, run_extract
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 from pipeline.train.trainer import TrainConfig, build_side, train
 
 
@@ -69,6 +69,7 @@ def test_probe_fits_raw_features_classification_and_regression():
 
 
 # -- MiniLM on real SST-2 ----------------------------------------------------------------------------
+@pytest.mark.integration
 def test_lst_fisher_writes_importance_and_trains_with_it(tmp_path, minilm_cache, capsys):
     with pytest.raises(TrainError, match="lst fisher --cache"):
         build_side(ActivationCache.open(minilm_cache), {"init": "fisher"}, 0)
@@ -119,6 +120,7 @@ def test_lst_fisher_writes_importance_and_trains_with_it(tmp_path, minilm_cache,
 
 
 # -- tiny backbones: exactness, hook, refusal --------------------------------------------------------------
+@pytest.mark.integration
 def test_importance_is_a_sum_of_per_example_squared_gradients(tiny_bert):
     from pipeline.backbones import load_backbone
 
@@ -157,6 +159,7 @@ def test_importance_is_a_sum_of_per_example_squared_gradients(tiny_bert):
     assert not torch.allclose(batched["encoder.layer.0.output.dense.weight"], both["encoder.layer.0.output.dense.weight"])
 
 
+@pytest.mark.integration
 def test_extract_hook_and_refusal_of_a_different_backbone(tiny_bert, minilm_cache, capsys):
     path, url = tiny_bert
     assert maybe_compute_fisher(SimpleNamespace(out=url, fisher_samples=0)) is None
@@ -175,6 +178,7 @@ def test_extract_hook_and_refusal_of_a_different_backbone(tiny_bert, minilm_cach
     assert "lst fisher: error:" in err and "is not the one cache" in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_t5_encoder_importance_and_fisher_init(tmp_path, tiny_backbones):
     url = _cache(tmp_path, "tiny-t5", tiny_backbones["t5"], n=16)
     res = compute_fisher(url, n_samples=8, device="cpu")

@@ -9,7 +9,7 @@ import transformers as tf
 
 from pipeline.cli import main as lst_main
 from pipeline.side import SideConfig, side_parameter_breakdown
-from pipeline.side.params_cli import side_params
+from pipeline.side.param_report import side_params
 
 
 def _run(capsys, *args: str) -> dict:

@@ -16,10 +16,10 @@ from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, t5_labe
 from pipeline.cache.inspect import verify_cache
 from pipeline.cache.store import ActivationCache
 from pipeline.cli import main as lst_main
-from pipeline.extract.initpack import read_config
+from pipeline.cache.initpack import read_config
 from pipeline.extract.runner import ExtractConfig, ExtractError, run_extract
 from pipeline.search.fused import train_many
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 from pipeline.train.predict import Predictor
 from pipeline.train.trainer import TrainConfig, train
 
@@ -57,6 +57,7 @@ def test_label_targets_are_word_tokens_then_eos(tiny_backbones):
     assert LabelTargets.from_dict(json.loads(json.dumps(t.to_dict()))) == t
 
 
+@pytest.mark.integration
 def test_t5_cached_decoder_taps_equal_the_hf_forward(t5_cache, tiny_backbones):
     """Every candidate's stored decoder taps are HF's own teacher-forced decoder hidden states
     (the last one before the final norm, which HF applies to its last entry)."""
@@ -91,6 +92,7 @@ def test_t5_cached_decoder_taps_equal_the_hf_forward(t5_cache, tiny_backbones):
     assert verify_cache(cache).ok
 
 
+@pytest.mark.integration
 def test_t5_label_cache_resumes_to_the_same_store(t5_cache, tmp_path, tiny_backbones):
     """A shard lost mid-write (flag unset, decoder rows zeroed) is recomputed to identical bytes."""
     copy = tmp_path / "resumed.zarr"
@@ -107,6 +109,7 @@ def test_t5_label_cache_resumes_to_the_same_store(t5_cache, tmp_path, tiny_backb
     assert_same_store(t5_cache, str(copy))
 
 
+@pytest.mark.integration
 def test_t5_cache_and_live_give_the_same_first_losses(t5_cache, tmp_path):
     common = dict(cache=t5_cache, side={"dropout": 0.0, "r": 2}, max_steps=6, epochs=2, batch_size=8,
                   progress=False, lr=1e-3, seed=3)
@@ -120,6 +123,7 @@ def test_t5_cache_and_live_give_the_same_first_losses(t5_cache, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.integration
 def test_label_word_head_cache_and_live_give_the_same_first_losses(tmp_path, tmp_path_factory, tiny_backbones, family):
     cache = _extract(tmp_path_factory.mktemp(family) / "c.zarr", tiny_backbones[family], 32)
     common = dict(cache=cache, side={"dropout": 0.0, "r": 2, "head": "lm"}, max_steps=5, epochs=2, batch_size=8,
@@ -134,6 +138,7 @@ def test_label_word_head_cache_and_live_give_the_same_first_losses(tmp_path, tmp
     ("gpt2", {"r": 2, "head": "lm"}, 1e-2),  # label words scored by the frozen LM head
     ("llama", {"r": 2, "head": "lm"}, 1e-2),
 ])
+@pytest.mark.integration
 def test_short_run_on_real_sst2_lowers_the_loss(sst2_slices, tmp_path, family, side, lr):
     """Random tiny backbones give the side network little to read, so the bar is a falling
     training loss (epoch means) over a short run, not accuracy."""
@@ -147,6 +152,7 @@ def test_short_run_on_real_sst2_lowers_the_loss(sst2_slices, tmp_path, family, s
     assert 0 <= s["dev_score"] <= 1 and s["trainable_params"] > 0
 
 
+@pytest.mark.integration
 def test_t5_predict_scores_candidates_and_generates(sst2_slices, tmp_path, capsys):
     run = tmp_path / "run"
     train(TrainConfig(cache=sst2_slices["t5"], out=str(run), side={"r": 2}, epochs=1, batch_size=32, progress=False))
@@ -159,6 +165,7 @@ def test_t5_predict_scores_candidates_and_generates(sst2_slices, tmp_path, capsy
     assert set(out["predictions"][0]) >= {"label", "probabilities", "generated"}
 
 
+@pytest.mark.integration
 def test_predict_scores_label_words_for_decoder_only(sst2_slices, tmp_path):
     run = tmp_path / "run"
     train(TrainConfig(cache=sst2_slices["gpt2"], out=str(run), side={"r": 2, "head": "lm"}, epochs=1,
@@ -168,6 +175,7 @@ def test_predict_scores_label_words_for_decoder_only(sst2_slices, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.integration
 def test_fused_sweep_of_label_scorers_equals_separate_runs(sst2_slices, tmp_path, family):
     side = {"r": 2} if family == "t5" else {"r": 2, "head": "lm"}
     c = dict(cache=sst2_slices[family], side=side, epochs=1, batch_size=16, progress=False, max_steps=4)
@@ -178,6 +186,7 @@ def test_fused_sweep_of_label_scorers_equals_separate_runs(sst2_slices, tmp_path
         assert fused[k]["dev_score"] == solo["dev_score"]
 
 
+@pytest.mark.integration
 def test_label_word_mistakes_are_explained(tmp_path, tiny_backbones, sst2_slices):
     with pytest.raises(ExtractError, match="T5 or decoder-only"):
         _extract(tmp_path / "a.zarr", tiny_backbones["bert"], 8, label_words="auto")
@@ -191,12 +200,13 @@ def test_label_word_mistakes_are_explained(tmp_path, tiny_backbones, sst2_slices
         train(TrainConfig(cache=bert, out=str(tmp_path / "r"), side={"r": 2, "head": "lm"}, epochs=1, progress=False))
 
 
+@pytest.mark.integration
 def test_t5_fisher_uses_the_label_word_lm_loss(t5_cache, tmp_path, tiny_backbones):
     """On a label-target cache the Fisher loss is T5's own LM loss on the gold word: the stored
     importance equals hand-summed squared gradients of ``T5ForConditionalGeneration(labels=)``,
     reaches the decoder and the tied table, and feeds the T5 side network's pruning init."""
-    from pipeline.extract.fisher import compute_fisher
-    from pipeline.extract.initpack import read_importance
+    from pipeline.importance.fisher import compute_fisher
+    from pipeline.cache.initpack import read_importance
 
     copy = tmp_path / "c.zarr"
     shutil.copytree(t5_cache, copy)
@@ -228,6 +238,7 @@ def test_t5_fisher_uses_the_label_word_lm_loss(t5_cache, tmp_path, tiny_backbone
     assert s["dev_score"] is not None
 
 
+@pytest.mark.integration
 def test_memory_bench_compares_t5_full_finetuning_with_the_side_encoder_decoder(t5_cache):
     """`lst bench memory` on a label-target cache: full fine-tuning trains T5 on its LM loss over the
     gold words, live/cached LST train the side encoder-decoder; all three run on the same batches."""
@@ -240,6 +251,7 @@ def test_memory_bench_compares_t5_full_finetuning_with_the_side_encoder_decoder(
     assert all(d[m]["peak_mb"] >= 0 for m in d)
 
 
+@pytest.mark.integration
 def test_two_dask_workers_write_the_same_label_cache(t5_cache, tmp_path, tiny_backbones):
     """Decoder rows live in one Zarr shard per store shard, so parallel writers never share one."""
     out = tmp_path / "dask.zarr"
@@ -247,6 +259,7 @@ def test_two_dask_workers_write_the_same_label_cache(t5_cache, tmp_path, tiny_ba
     assert_same_store(t5_cache, str(out))
 
 
+@pytest.mark.integration
 def test_official_zero_based_layer_lists_paste_into_lst_train(t5_cache, tmp_path, capsys):
     run = tmp_path / "run"
     assert lst_main(["train", "--cache", t5_cache, "--out", str(run), "--r", "2", "--layers", "0,2",
@@ -258,6 +271,7 @@ def test_official_zero_based_layer_lists_paste_into_lst_train(t5_cache, tmp_path
     assert side["layers"] == [1, 3] and side["decoder_layers"] == [2] and side["head"] == "lm"
 
 
+@pytest.mark.integration
 def test_sweep_searches_the_head(sst2_slices, tmp_path, capsys):
     """`head` is a knob: one sweep compares last-token classification with label-word scoring."""
     import yaml
@@ -274,6 +288,7 @@ def test_sweep_searches_the_head(sst2_slices, tmp_path, capsys):
     assert "head=" in (tmp_path / "sw" / "leaderboard.md").read_text()
 
 
+@pytest.mark.integration
 def test_head_task_on_a_label_cache_trains_the_encoder_only_classifier(t5_cache, tmp_path):
     """The encoder taps of a label cache serve the encoder-only T5 side network too."""
     enc = train(TrainConfig(cache=t5_cache, out=str(tmp_path / "enc"), side={"r": 2, "head": "task"},

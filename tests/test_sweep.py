@@ -20,7 +20,7 @@ from pipeline.extract.runner import ExtractConfig, run_extract
 from pipeline.search.fused import train_many
 from pipeline.search.space import KNOBS, SpaceError, load_space
 from pipeline.search.sweep import SweepConfig, open_study, run_sweep
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 from pipeline.train.trainer import TrainConfig, train
 
 SPACE = {"r": [8, 16], "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "weight_decay": [0.0, 0.01],
@@ -35,9 +35,10 @@ def cache(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.integration
 def test_fused_variants_equal_separate_runs(tmp_path, cache):
     common = dict(cache=cache, epochs=2, batch_size=8, seed=3, progress=False)
-    variants = [  # three of one shape (vmapped together), one of another shape (own module, dropout on)
+    variants = [  # three of one shape, one of another shape (dropout on)
         dict(side={"dropout": 0.0}, lr=1e-3, weight_decay=0.01, warmup_ratio=0.06),
         dict(side={"dropout": 0.0}, lr=3e-3, weight_decay=0.0, warmup_ratio=0.3),
         dict(side={"dropout": 0.0, "init": "magnitude"}, lr=2e-3, weight_decay=0.1, warmup_ratio=0.0),
@@ -46,12 +47,12 @@ def test_fused_variants_equal_separate_runs(tmp_path, cache):
     cfgs = [TrainConfig(out=str(tmp_path / f"fused{i}"), **common, **v) for i, v in enumerate(variants)]
     seen: list[tuple[int, int]] = []
 
-    def on_epoch(i, row):  # prune stacked variant 1 after its first epoch: the stack must shrink cleanly
+    def on_epoch(i, row):  # prune variant 1 after its first epoch: the others must go on unchanged
         seen.append((i, row["epoch"]))
         return i == 1 and row["epoch"] == 1
 
-    fused = train_many(cfgs, on_epoch=on_epoch, fuse="vmap")
-    assert [f["stack_size"] for f in fused] == [3, 3, 3, 1]
+    fused = train_many(cfgs, on_epoch=on_epoch)
+    assert [f["fused_variants"] for f in fused] == [4, 4, 4, 4]
     assert sorted(seen) == [(0, 1), (0, 2), (1, 1), (2, 1), (2, 2), (3, 1), (3, 2)]
     assert fused[1]["pruned"] and fused[1]["epochs_run"] == 1 and fused[0]["epochs_run"] == 2
     for i, (cfg, f) in enumerate(zip(cfgs, fused)):
@@ -82,6 +83,7 @@ def _summaries(out: Path) -> dict[int, int]:
     return {int(p.parent.name): p.stat().st_mtime_ns for p in (out / "trials").glob("*/summary.json")}
 
 
+@pytest.mark.integration
 def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, cache, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
@@ -123,6 +125,7 @@ def dask_sweep(tmp_path_factory, cache) -> tuple[Path, dict]:
     return out, s
 
 
+@pytest.mark.integration
 def test_two_dask_workers_fill_one_study(dask_sweep):
     out, s = dask_sweep
     assert s["workers"] == 2 and len(s["per_worker"]) == 2
@@ -137,6 +140,7 @@ def test_two_dask_workers_fill_one_study(dask_sweep):
     assert s["best_trial"] in range(4) and s["best_params"]
 
 
+@pytest.mark.integration
 def test_existing_cluster_via_scheduler_address_continues_the_study(dask_sweep, tmp_path):
     import shutil
 
@@ -153,6 +157,7 @@ def test_existing_cluster_via_scheduler_address_continues_the_study(dask_sweep, 
     assert sorted(after) == [0, 1, 2, 3, 4] and all(after[n] == before[n] for n in before)
 
 
+@pytest.mark.integration
 def test_report_writes_leaderboard_plots_and_dvc_files(dask_sweep, capsys):
     out, s = dask_sweep
     assert lst_main(["report", str(out), "--json"]) == 0
@@ -196,6 +201,7 @@ def test_bad_space_files_give_clear_errors(tmp_path, space, match):
         load_space(p)
 
 
+@pytest.mark.integration
 def test_space_parsing_and_errors_against_the_cache(tmp_path, cache, capsys):
     p = tmp_path / "space.yaml"
     p.write_text("r: [4, 8]\nlayers: [all, [2, 4, 6], '1,3']\nlr: {low: 1e-4, high: 1e-2, log: true}\n"
@@ -228,6 +234,7 @@ def test_space_parsing_and_errors_against_the_cache(tmp_path, cache, capsys):
         run_sweep(SweepConfig(cache=cache, space=SPACE, out=str(tmp_path / "s"), trials=1, progress=False))
 
 
+@pytest.mark.integration
 def test_grid_sweep_runs_the_whole_grid_once(tmp_path, cache, capsys):
     """Optuna's grid sampler stops the study from after_trial when the grid is used up; outside
     study.optimize that raised from tell. Every grid point runs exactly once."""

@@ -16,9 +16,12 @@ import pytest
 from pipeline.cache.store import ActivationCache, CacheError
 from pipeline.cli import main as lst_main
 from pipeline.extract.runner import ExtractConfig, run_extract
-from pipeline.train.errors import TrainError
-from pipeline.train.metrics import majority_baseline
+from pipeline.errors import TrainError
+from pipeline.metrics import majority_baseline
 from pipeline.train.trainer import TrainConfig, train
+
+# every test here trains from a real SST-2 slice (and two run `lst` in a subprocess / SIGKILL it)
+pytestmark = pytest.mark.integration
 
 
 def _cache(tmp_path_factory, name, backbone="minilm", n=48, codec="fp32", **kw) -> str:

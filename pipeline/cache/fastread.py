@@ -13,8 +13,13 @@ Only arrays whose codec chain is exactly that, in a local store, take this path;
 
 from __future__ import annotations
 
+from pipeline.errors import ChecksumError
+
+import os
 from concurrent.futures import Executor
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import crc32c
 import numpy as np
@@ -22,10 +27,9 @@ import zarr
 from numcodecs import blosc
 
 EMPTY = np.uint64(2**64 - 1)
-
-
-class ChecksumError(IOError):
-    """A shard's index or an inner chunk does not match its crc32c."""
+# most bytes a Blosc frame adds to its payload (header; incompressible data is stored verbatim) plus
+# the crc32c that follows it, with room to spare
+FRAME_OVERHEAD = 64
 
 
 class DirectArray:
@@ -117,3 +121,76 @@ class DirectArray:
             tmp = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
             blosc.decompress(frame, tmp)
             out[lo - start:hi - start] = tmp[lo - c0:hi - c0]
+
+    # -- bounded reads (the stage-two reader) -----------------------------------------------------
+    @property
+    def chunk_nbytes(self) -> int:
+        """Decoded bytes of one inner chunk."""
+        return self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of one shard's index (with its checksum)."""
+        return 16 * self.chunks_per_shard + 4
+
+    def max_read_bytes(self) -> int:
+        """Most bytes one ``read_into`` call holds at any moment besides ``out``: the shard index
+        (raw and parsed), one compressed chunk frame and, at a range edge, one decoded chunk."""
+        return 2 * self.chunk_nbytes + FRAME_OVERHEAD + 2 * self.index_nbytes
+
+    def read_into(self, start: int, end: int, out: np.ndarray,
+                  track: Callable[[int, int], ContextManager] | None = None) -> None:
+        """Rows [start, end) into ``out`` (shape [end - start, *row_shape], this dtype).
+
+        Unlike ``read`` it never loads a whole shard file: it reads the shard index and then the
+        compressed frame of each overlapping inner chunk (``os.pread``), one chunk at a time, and
+        decodes it straight into ``out`` (through a one-chunk scratch only where the range cuts a
+        chunk). ``track(encoded_bytes, scratch_bytes)`` returns a context manager held while those
+        buffers are alive, so a caller can account for them. Checksums are verified as in ``read``.
+        """
+        if end <= start:
+            return
+        track = track or (lambda e, s: nullcontext())
+        n = self.chunks_per_shard
+        for shard in range(start // self.shard_rows, (end - 1) // self.shard_rows + 1):
+            s0 = shard * self.shard_rows
+            lo_s, hi_s = max(start, s0), min(end, s0 + self.shard_rows)
+            f = self._shard_file(shard)
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except FileNotFoundError:
+                out[lo_s - start:hi_s - start] = self.fill_value
+                continue
+            try:
+                with track(2 * self.index_nbytes, 0):
+                    size = os.fstat(fd).st_size
+                    idx_raw = os.pread(fd, self.index_nbytes, size - self.index_nbytes)
+                    if len(idx_raw) != self.index_nbytes or \
+                            crc32c.crc32c(idx_raw[:-4]) != int.from_bytes(idx_raw[-4:], "little"):
+                        raise ChecksumError(f"{f}: shard index checksum mismatch")
+                    index = np.frombuffer(idx_raw[:-4], dtype="<u8").reshape(n, 2)
+                    for c in range((lo_s - s0) // self.chunk_rows, (hi_s - 1 - s0) // self.chunk_rows + 1):
+                        c0 = s0 + c * self.chunk_rows
+                        c1 = c0 + self.chunk_rows
+                        lo, hi = max(c0, start), min(c1, end)
+                        off, nbytes = index[c]
+                        if off == EMPTY:
+                            out[lo - start:hi - start] = self.fill_value
+                            continue
+                        partial = not (lo == c0 and hi == c1)
+                        with track(int(nbytes), self.chunk_nbytes if partial else 0):
+                            raw = os.pread(fd, int(nbytes), int(off))
+                            mv = memoryview(raw)
+                            if len(raw) != int(nbytes) or \
+                                    crc32c.crc32c(mv[:-4]) != int.from_bytes(mv[-4:], "little"):
+                                raise ChecksumError(f"{f}: chunk at rows {c0}:{c1} fails its checksum")
+                            if partial:
+                                tmp = np.empty((self.chunk_rows, *self.row_shape), dtype=self.dtype)
+                                blosc.decompress(mv[:-4], tmp)
+                                out[lo - start:hi - start] = tmp[lo - c0:hi - c0]
+                                del tmp
+                            else:
+                                blosc.decompress(mv[:-4], out[lo - start:hi - start])
+                            del mv, raw
+            finally:
+                os.close(fd)

@@ -8,6 +8,7 @@ import fsspec
 import numpy as np
 
 from pipeline.cache.store import ActivationCache, tap_name
+from pipeline.errors import CacheError
 
 
 def _stored_bytes(cache: ActivationCache, rel: str) -> int:
@@ -44,29 +45,30 @@ def inspect_cache(cache: ActivationCache) -> dict:
         total_stored += stored
         total_raw += raw
         total_fp16 += values * 2
-    attrs = cache.attrs
+    m = cache.manifest
+    attrs = m.to_attrs()
     return {
         "store": cache.url,
-        "format_version": attrs["format_version"],
+        "format_version": m.format_version,
         "complete": cache.complete,
         "codec": cache.codec,
         "logical_dtype": spec.logical_dtype,
         "storage_dtype": spec.storage_dtype,
         "hidden_size": cache.hidden_size,
-        "taps": [tap_name(t) for t in cache.taps],
+        "taps": list(m.taps),
         "splits": splits,
         "stored_bytes": total_stored,
         "raw_bytes": total_raw,
         "compression_ratio": round(total_raw / total_stored, 4) if total_stored else None,
         "compression_vs_fp16": round(total_fp16 / total_stored, 4) if total_stored else None,
         "bytes_per_value": round(total_stored / (total_fp16 / 2), 4) if total_fp16 else None,
-        "task": attrs.get("task"),
+        "task": attrs["task"],
         "label_targets": attrs.get("label_targets"),
         "decoder_taps": attrs.get("decoder_taps"),
-        "backbone": attrs.get("backbone"),
-        "created": attrs.get("created"),
+        "backbone": attrs["backbone"],
+        "created": m.created,
         "fingerprint": cache.fingerprint,
-        "versions": attrs.get("versions"),
+        "versions": attrs["versions"],
     }
 
 
@@ -87,7 +89,11 @@ def verify_cache(cache: ActivationCache, progress=None) -> VerifyReport:
     """Read every chunk of every shard (checksums are checked by the crc32c codec on decode)."""
     rep = VerifyReport()
     for name in cache.splits:
-        v = cache.split(name)
+        try:
+            v = cache.split(name)
+        except CacheError as e:  # a split whose manifest is refused: a finding, not a crash
+            rep.problems.append(str(e))
+            continue
         try:
             offsets = v.offsets
             if offsets[0] != 0 or (np.diff(offsets) <= 0).any() or offsets[-1] != v.num_tokens:

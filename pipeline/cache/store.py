@@ -1,24 +1,10 @@
 """The activation cache: a Zarr v3 group that is the contract between stage one and stage two.
 
-Layout (README.md, "The cache")::
-
-    <name>.zarr/
-      zarr.json                 attrs: format_version, fingerprint, versions, created, complete, ...
-      init/                     init pack (weights.safetensors, config.json, tokenizer/)
-      <split>/
-        offsets     int64 [N+1] example i owns token rows offsets[i]:offsets[i+1]
-        input_ids   int32 [T]
-        labels            [N]
-        source_rows int64 [N]   row of each example in its source file
-        token_type_ids int8 [T] segment ids, pair inputs on BERT-style tokenizers only
-        acts/<tap>        [T, d] one array per tap, sharded along T
-        scales/<tap> f32  [T]    int8 codec only: per-token scale
-        dec/acts/<tap>    [S, U*D, d]  T5 label targets only: teacher-forced decoder taps of every
-                                 candidate label (D rows per example) for the examples whose first
-                                 token row lies in shard s, in storage order (U = most such examples
-                                 of any shard); one Zarr shard per store shard, so one writer each
-        dec/scales/<tap>  [S, U*D]     int8 codec only
-        done        bool  [S]    one flag (one chunk) per shard, set after the shard is fully written
+Its layout -- every attribute and every array -- is described once, as data, in
+``pipeline/cache/schema.py`` (``python -m pipeline.cache.schema`` prints the tree README.md shows).
+This module is the only writer of the manifests (``create_store``, ``ActivationCache.mark_complete``)
+and ``ActivationCache``/``SplitView`` are their only readers, through the typed
+``StoreManifest``/``SplitManifest`` (which refuse unknown, missing, mistyped or absurd attributes).
 
 Examples are stored sorted by token count (stable), so every shard holds examples of similar
 length and extraction batches carry almost no padding; ``source_rows`` maps back.
@@ -30,6 +16,9 @@ concurrent partial writes into one Zarr shard lose data.
 
 from __future__ import annotations
 
+from pipeline.errors import CacheError
+
+import dataclasses
 import datetime as _dt
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -43,22 +32,14 @@ import zarr
 
 from pipeline.cache import codecs as C
 from pipeline.cache.fastread import DirectArray
+from pipeline.cache.schema import (FORMAT_VERSION, SplitManifest, StoreManifest, expected_num_shards, tap_index,
+                                   tap_name)
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "ActivationCache", "CacheError", "SplitPlan", "SplitView", "create_store",
+           "open_group", "store_state", "tap_index", "tap_name"]
+
 DEFAULT_SHARD_TOKENS = 16384
 CHUNK_TARGET_BYTES = 1 << 20
-
-
-class CacheError(RuntimeError):
-    """A store that cannot be used as asked (stale, incomplete, missing, corrupt)."""
-
-
-def tap_name(index: int) -> str:
-    return "embeddings" if index == 0 else f"layer_{index}"
-
-
-def tap_index(name: str) -> int:
-    return 0 if name == "embeddings" else int(name.split("_", 1)[1])
 
 
 def chunk_rows_for(hidden: int, codec: str, shard_tokens: int) -> int:
@@ -95,7 +76,7 @@ class SplitPlan:
 
     @property
     def num_shards(self) -> int:
-        return max(1, -(-self.num_tokens // self.shard_tokens))
+        return expected_num_shards(self.num_tokens, self.shard_tokens)
 
 
 def shard_rows(num_tokens: int, shard_tokens: int, shard: int) -> tuple[int, int]:
@@ -129,6 +110,32 @@ def open_group(url: str, mode: str = "r", storage_options: dict | None = None) -
     return zarr.open_group(url, zarr_format=3, **kwargs)
 
 
+def store_state(url: str, storage_options: dict | None = None) -> str | None:
+    """What is at ``url``: None (no Zarr group opens there), 'foreign' (a group that is not an lst
+    cache), 'invalid' (an lst cache whose manifest this lst refuses: another format version, or
+    damaged), 'partial' (its creation was interrupted) or 'cache' (a fully laid-out store)."""
+    try:
+        root = open_group(url, mode="r", storage_options=storage_options)
+    except Exception:  # noqa: BLE001 - absent, unreadable or not Zarr: the caller decides
+        return None
+    attrs = dict(root.attrs)
+    if "format_version" not in attrs:
+        return "foreign"
+    try:
+        manifest = StoreManifest.from_attrs(attrs, where=f"cache {url}")
+    except CacheError:
+        return "invalid"
+    return "cache" if manifest.layout_complete else "partial"
+
+
+def _decoder_unit_rows(plan: SplitPlan, decoder: dict, hidden_size: int, codec: str) -> tuple[int, int]:
+    """(rows per shard of the decoder arrays, padded to whole inner chunks; inner chunk rows)."""
+    per_unit = max_unit_examples(plan.offsets, plan.shard_tokens) * int(decoder["rows"])
+    rows = chunk_rows_for(hidden_size, codec, 1 << 30)
+    rows = min(rows, 1 << (per_unit - 1).bit_length())
+    return -(-per_unit // rows) * rows, rows
+
+
 def create_store(
     url: str,
     *,
@@ -144,12 +151,15 @@ def create_store(
 ) -> "ActivationCache":
     """Create an empty store with every array sized up front (no activations yet).
 
-    ``decoder`` ({'taps': [...], 'rows': D}) adds the per-example decoder arrays of a T5
-    label-target cache.
+    ``meta`` holds the remaining root attributes of :class:`StoreManifest` (task, backbone,
+    max_length, and label_words / label_targets + decoder_taps where they apply); the manifests are
+    checked before anything is written, so a bad one never replaces a store. ``decoder``
+    ({'taps': [...], 'rows': D}) adds the per-example decoder arrays of a T5 label-target cache.
+    The store is marked ``layout_complete`` once every array exists.
     """
     spec = C.codec_spec(codec)
-    root = open_group(url, mode="w", storage_options=storage_options)
-    root.attrs.update(
+    where = f"create_store({url})"
+    manifest = StoreManifest.from_attrs(
         {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
@@ -158,25 +168,36 @@ def create_store(
             "complete": False,
             "codec": codec,
             "logical_dtype": spec.logical_dtype,
-            "hidden_size": hidden_size,
+            "hidden_size": int(hidden_size),
             "taps": [tap_name(t) for t in taps],
             "splits": [p.name for p in plans],
             **meta,
-        }
+        },
+        where=where,
     )
+    if (decoder is None) != (manifest.decoder_taps is None) or (
+            decoder is not None and [tap_name(t) for t in decoder["taps"]] != manifest.decoder_taps):
+        raise CacheError(f"{where}: the decoder arrays ({decoder}) and meta's decoder_taps "
+                         f"({manifest.decoder_taps}) disagree")
+    split_manifests = {}
+    for plan in plans:
+        unit_rows = _decoder_unit_rows(plan, decoder, hidden_size, codec)[0] if decoder else None
+        m = SplitManifest.from_attrs(
+            {"num_examples": plan.num_examples, "num_tokens": plan.num_tokens, "shard_tokens": int(plan.shard_tokens),
+             "num_shards": plan.num_shards, "num_truncated": int(plan.num_truncated),
+             **({"decoder_unit_rows": unit_rows} if decoder else {})},
+            where=f"{where}: split {plan.name}",
+        )
+        m.check_against(manifest, f"{where}: split {plan.name}")
+        split_manifests[plan.name] = m
+
+    root = open_group(url, mode="w", storage_options=storage_options)
+    root.attrs.update(manifest.to_attrs())
     for plan in plans:
         g = root.create_group(plan.name)
-        n, t = plan.num_examples, max(plan.num_tokens, 1)
+        t = max(plan.num_tokens, 1)
         shard = plan.shard_tokens
-        g.attrs.update(
-            {
-                "num_examples": n,
-                "num_tokens": plan.num_tokens,
-                "shard_tokens": shard,
-                "num_shards": plan.num_shards,
-                "num_truncated": plan.num_truncated,
-            }
-        )
+        g.attrs.update(split_manifests[plan.name].to_attrs())
         small = C.compressors(clevel=3)
         g.create_array("offsets", data=plan.offsets.astype(np.int64), compressors=small)
         g.create_array("input_ids", data=plan.input_ids.astype(np.int32), compressors=small)
@@ -209,16 +230,14 @@ def create_store(
                 )
         if decoder:
             _create_decoder_arrays(g, plan, decoder, hidden_size, codec)
-    return ActivationCache(url, root, storage_options)
+    cache = ActivationCache(url, root, storage_options)
+    cache._update_manifest(layout_complete=True)
+    return cache
 
 
 def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden_size: int, codec: str) -> None:
     spec = C.codec_spec(codec)
-    per_unit = max_unit_examples(plan.offsets, plan.shard_tokens) * int(decoder["rows"])
-    rows = chunk_rows_for(hidden_size, codec, 1 << 30)
-    rows = min(rows, 1 << (per_unit - 1).bit_length())
-    padded = -(-per_unit // rows) * rows
-    g.attrs["decoder_unit_rows"] = padded
+    padded, rows = _decoder_unit_rows(plan, decoder, hidden_size, codec)
     dec = g.create_group("dec")
     acts = dec.create_group("acts")
     for tap in decoder["taps"]:
@@ -242,39 +261,71 @@ class SplitView:
         self.cache = cache
         self.name = name
         self.group: zarr.Group = cache.root[name]
-        a = self.group.attrs
-        self.num_examples: int = a["num_examples"]
-        self.num_tokens: int = a["num_tokens"]
-        self.shard_tokens: int = a["shard_tokens"]
-        self.num_shards: int = a["num_shards"]
-        self.num_truncated: int = a.get("num_truncated", 0)
+        where = f"cache {cache.url}: split {name}"
+        self.manifest: SplitManifest = SplitManifest.from_attrs(dict(self.group.attrs), where=where)
+        self.manifest.check_against(cache.manifest, where)
         self._direct: dict[str, DirectArray | None] = {}
+
+    @property
+    def num_examples(self) -> int:
+        return self.manifest.num_examples
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def shard_tokens(self) -> int:
+        return self.manifest.shard_tokens
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest.num_shards
+
+    @property
+    def num_truncated(self) -> int:
+        return self.manifest.num_truncated
+
+    @property
+    def decoder_unit_rows(self) -> int | None:
+        """Rows per shard of the decoder arrays (T5 label targets), else None."""
+        return self.manifest.decoder_unit_rows
+
+    def _small(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A whole per-example/per-token array, after checking its stored shape against the
+        manifest (so a damaged store cannot make us allocate from a bogus shape)."""
+        arr = self.group[name]
+        if tuple(arr.shape) != shape:
+            raise CacheError(f"cache {self.cache.url}: {self.name}/{name} has shape {tuple(arr.shape)}, the "
+                             f"split's manifest says {shape}; the store is damaged: re-extract it "
+                             "(`lst extract ... --overwrite`)")
+        return arr[:]
 
     @cached_property
     def offsets(self) -> np.ndarray:
-        return self.group["offsets"][:]
+        return self._small("offsets", (self.num_examples + 1,))
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+        return self._small("labels", (self.num_examples,))
 
     @cached_property
     def input_ids(self) -> np.ndarray:
-        return self.group["input_ids"][:]
+        return self._small("input_ids", (self.num_tokens,))
 
     @cached_property
     def token_type_ids(self) -> np.ndarray | None:
-        return self.group["token_type_ids"][:] if "token_type_ids" in self.group else None
+        return self._small("token_type_ids", (self.num_tokens,)) if "token_type_ids" in self.group else None
 
     @cached_property
     def source_rows(self) -> np.ndarray:
-        return self.group["source_rows"][:]
+        return self._small("source_rows", (self.num_examples,))
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
     def done(self) -> np.ndarray:
-        return self.group["done"][:]
+        return self._small("done", (self.num_shards,))
 
     def pending_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done())]
@@ -354,12 +405,13 @@ class SplitView:
 
 
 class ActivationCache:
-    """An opened activation store."""
+    """An opened activation store; its root attributes are read once into :attr:`manifest`."""
 
     def __init__(self, url: str, root: zarr.Group, storage_options: dict | None = None):
         self.url = url
         self.root = root
         self.storage_options = storage_options
+        self.manifest: StoreManifest = StoreManifest.from_attrs(dict(root.attrs), where=f"cache {url}")
         self.direct_reads = os.environ.get("LST_DIRECT_READ", "1") != "0"
         self._pool: ThreadPoolExecutor | None = None
         self._splits: dict[str, SplitView] = {}
@@ -378,23 +430,27 @@ class ActivationCache:
             raise CacheError(f"no activation cache at {url}: run `lst extract ... --out {url}` first") from e
         if "format_version" not in root.attrs:
             raise CacheError(f"{url} is a Zarr group but not an lst activation cache (no format_version)")
-        if root.attrs["format_version"] != FORMAT_VERSION:
-            raise CacheError(
-                f"{url} has cache format {root.attrs['format_version']}, this lst reads {FORMAT_VERSION}: re-extract it"
-            )
         return cls(url, root, storage_options)
+
+    def _update_manifest(self, **changes) -> None:
+        """Write changed root attributes (checked through the manifest first)."""
+        new = dataclasses.replace(self.manifest, **changes)
+        attrs = new.to_attrs(f"cache {self.url}")
+        self.root.attrs.update({k: attrs[k] for k in changes})
+        self.manifest = new
 
     @property
     def attrs(self) -> dict:
-        return dict(self.root.attrs)
+        """The root attributes as a plain dict (a copy, checked: same keys and values as on disk)."""
+        return self.manifest.to_attrs()
 
     @property
     def fingerprint(self) -> dict:
-        return dict(self.root.attrs["fingerprint"])
+        return dict(self.manifest.fingerprint)
 
     @property
     def codec(self) -> str:
-        return self.root.attrs["codec"]
+        return self.manifest.codec
 
     @property
     def spec(self) -> C.CodecSpec:
@@ -402,28 +458,32 @@ class ActivationCache:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.root.attrs["hidden_size"])
+        return self.manifest.hidden_size
 
     @property
     def taps(self) -> list[int]:
-        return [tap_index(n) for n in self.root.attrs["taps"]]
+        return self.manifest.tap_indices
 
     @property
     def label_targets(self) -> dict | None:
         """T5 label-target layout (``LabelTargets.to_dict``) when decoder taps are cached."""
-        return self.root.attrs.get("label_targets")
+        return self.manifest.label_targets
 
     @property
     def decoder_taps(self) -> list[int]:
-        return [tap_index(n) for n in self.root.attrs.get("decoder_taps", [])]
+        return self.manifest.decoder_tap_indices
 
     @property
     def splits(self) -> list[str]:
-        return list(self.root.attrs["splits"])
+        return list(self.manifest.splits)
 
     @property
     def complete(self) -> bool:
-        return bool(self.root.attrs.get("complete", False))
+        return self.manifest.complete
+
+    @property
+    def layout_complete(self) -> bool:
+        return bool(self.manifest.layout_complete)
 
     def split(self, name: str) -> SplitView:
         if name not in self.splits:
@@ -436,7 +496,7 @@ class ActivationCache:
         """Set ``complete`` once every shard of every split is done; returns the new state."""
         done = bool(all(self.split(s).done().all() for s in self.splits))
         if done != self.complete:  # a finished store is never rewritten (DVC may hard-link its files)
-            self.root.attrs["complete"] = done
+            self._update_manifest(complete=done)
         return done
 
     def require_complete(self) -> None:

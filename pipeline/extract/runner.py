@@ -8,13 +8,14 @@ a Dask cluster, one task per shard so that no two writers ever touch one shard.
 
 from __future__ import annotations
 
+from pipeline.errors import ExtractError
+
 import errno
 import sys
 import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,54 +27,13 @@ from pipeline.backbones import init_pack_state
 from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, lm_head_weight, t5_label_targets
 from pipeline.cache import codecs as C
 from pipeline.cache.fingerprint import diff_fingerprints, library_versions
-from pipeline.cache.store import ActivationCache, CacheError, create_store, open_group, tap_name
-from pipeline.datasets import load_dataset, sha256_path
-from pipeline.extract import initpack
+from pipeline.cache.store import ActivationCache, CacheError, create_store, store_state, tap_name
+from pipeline.data import load_dataset, sha256_path
+from pipeline.cache import initpack
 from pipeline.extract.plan import build_split_plan
 from pipeline.extract.worker import ComputeSettings, compute_shard
-
-
-class ExtractError(RuntimeError):
-    """Extraction stopped; the message says why and what was kept."""
-
-
-@dataclass
-class ExtractConfig:
-    backbone: str = "minilm"
-    dataset: str = "sst2"
-    out: str = "data/cache/sst2-minilm.zarr"
-    splits: list[str] | None = None
-    layers: str = "all"  # 'all' or tap indices '0,1,3' (0 = embedding output, i = block i)
-    codec: str = "bf16"
-    max_length: int = 128
-    max_examples: int | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_tokens: int = 8192
-    shard_tokens: int = 16384
-    workers: int = 0
-    scheduler: str | None = None
-    overwrite: bool = False
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    data_dir: str | None = None
-    dev_fraction: float = 0.1
-    seed: int = 0
-    storage_options: dict | None = field(default=None)
-    progress: bool = True
-    fisher_samples: int = 0  # > 0: also compute Fisher importance for --init fisher (the paper: 1,024)
-    # T5: also cache teacher-forced decoder taps for every candidate label word ('auto' = the
-    # dataset's label names, or 'negative,positive'); decoder-only: the words the LM head scores
-    label_words: str | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExtractError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(device)
+from pipeline.devices import resolve_device
+from pipeline.extract.config import ExtractConfig
 
 
 def parse_taps(layers: str, num_layers: int) -> list[int]:
@@ -101,16 +61,14 @@ def _local_path(url: str) -> Path:
 
 
 def _store_state(url: str, storage_options: dict | None) -> str:
-    """'absent', 'cache' (a complete layout), 'partial' (creation was interrupted) or 'foreign'."""
-    try:
-        root = open_group(url, mode="r", storage_options=storage_options)
-    except Exception:
+    """'absent', 'cache' (a complete layout), 'partial' (creation was interrupted), 'invalid' (an lst
+    cache this lst refuses to read) or 'foreign' (see ``store_state``)."""
+    state = store_state(url, storage_options)
+    if state is None:
         if _is_local(url) and _local_path(url).exists() and any(_local_path(url).iterdir()):
             return "foreign"
         return "absent"
-    if "format_version" not in root.attrs:
-        return "foreign"
-    return "cache" if root.attrs.get("layout_complete") else "partial"
+    return state
 
 
 def resolve_label_words(spec: str | None, bundle) -> list[str] | None:
@@ -206,12 +164,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 "wait for it to finish, or stop it first"
             ) from None
     try:
-        summary = _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets, words)
-        if cfg.fisher_samples and summary["complete"]:
-            from pipeline.extract.fisher import maybe_compute_fisher
-
-            summary["fisher"] = maybe_compute_fisher(cfg)
-        return summary
+        return _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets, words)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ExtractError(
@@ -238,7 +191,10 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
         resumed = not diffs  # the same request resumes (or finds nothing to do); a stale one is replaced
     if state == "foreign" and not cfg.overwrite:
         raise CacheError(f"{cfg.out} exists and is not an lst activation cache; choose another --out or pass --overwrite")
-    elif not resumed:
+    if state == "invalid" and not cfg.overwrite:
+        ActivationCache.open(cfg.out, storage_options=cfg.storage_options)  # raises what is wrong, and to --overwrite
+        raise CacheError(f"{cfg.out} is an lst cache this lst cannot read; pass --overwrite to replace it")
+    if not resumed:
         plans = []
         for name in sorted(bundle.splits):
             plans.append(build_split_plan(name, backbone.tokenizer, bundle.splits[name], cfg.max_length, cfg.shard_tokens))
@@ -267,7 +223,6 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
             hidden_size=backbone.hidden_size, versions=library_versions(),
             storage_options=cfg.storage_options, decoder=decoder,
         )
-        cache.root.attrs["layout_complete"] = True
     if not initpack.init_pack_written(cfg.out, cfg.storage_options):
         state = init_pack_state(backbone)
         if backbone.family == "decoder":  # base models load without their head; label scoring needs it

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 
 __all__ = ["collect_trials", "write_report"]
 

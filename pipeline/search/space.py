@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from pipeline.side.config import GATES, HEADS, INITS, POOLINGS
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 
 __all__ = ["SpaceError", "Knob", "SearchSpace", "load_space", "KNOBS", "SIDE_KNOBS"]
 
@@ -42,25 +42,21 @@ class SpaceError(TrainError):
     """A space file the sweep cannot use; the message names the knob and what to write instead."""
 
 
-# knob -> (where it goes, value type)
-KNOBS: dict[str, tuple[str, str]] = {
-    "r": ("side", "int"),
-    "layers": ("side", "layers"),
-    "decoder_layers": ("side", "layers"),  # T5 side decoder (label-word caches)
-    "gate": ("side", "str"),
-    "block": ("side", "str"),
-    "init": ("side", "str"),
-    "pooling": ("side", "str"),
-    "head": ("side", "str"),  # task | lm (label words scored by the frozen LM head)
-    "dropout": ("side", "float"),
-    "attention_dropout": ("side", "float"),
-    "lr": ("train", "float"),
-    "weight_decay": ("train", "float"),
-    "warmup_ratio": ("train", "float"),
-    "epochs": ("train", "int"),
-    "batch_size": ("train", "int"),
-    "seed": ("train", "int"),
-}
+def _knobs() -> dict[str, tuple[str, str]]:
+    """knob -> (where it goes, value type), from the config fields marked ``knob`` in their metadata:
+    a new sweepable option is declared once, on its dataclass field."""
+    import dataclasses
+
+    from pipeline.side.config import SideConfig
+    from pipeline.train.config import TrainConfig
+
+    out = {}
+    for where, cls in (("side", SideConfig), ("train", TrainConfig)):
+        out.update({f.name: (where, f.metadata["knob"]) for f in dataclasses.fields(cls) if "knob" in f.metadata})
+    return out
+
+
+KNOBS: dict[str, tuple[str, str]] = _knobs()
 SIDE_KNOBS = [k for k, (where, _) in KNOBS.items() if where == "side"]
 _RANGE_KEYS = {"low", "high", "log", "step"}
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 
 __all__ = ["SweepConfig", "run_sweep", "open_study", "study_counts", "SAMPLERS", "PRUNERS"]
 
@@ -50,24 +50,34 @@ PRUNERS = ("none", "asha")
 STUDY_NAME = "lst-sweep"
 # TrainConfig fields a sweep may set for every trial (beside the space's knobs)
 _TRAIN_EXTRAS = {"grad_clip", "max_steps", "batch_tokens", "patience", "device", "train_split", "eval_split",
-                 "reader_workers", "window_shards"}
+                 "reader_workers", "window_shards", "reader_memory"}
 
 
 @dataclass
 class SweepConfig:
-    cache: str
-    space: Any  # path to space.yaml, or a dict
-    out: str
-    trials: int = 20
-    sampler: str = "tpe"
-    pruner: str = "none"
-    parallel: int = 1
-    workers: int = 0
-    scheduler: str | None = None
-    seed: int = 0
-    fuse: str = "auto"  # see pipeline.search.fused.resolve_fuse
-    train: dict = field(default_factory=dict)  # extra TrainConfig fields for every trial
-    progress: bool = True
+    cache: str = field(metadata={"help": "activation cache written by `lst extract` (path or URL)", "required": True})
+    space: Any = field(metadata={"help": "space.yaml: the knobs to search (see below)", "required": True})
+    out: str = field(metadata={"help": "sweep directory, e.g. runs/sweep-NAME", "required": True})
+    trials: int = field(default=20, metadata={
+        "help": "trials in the study when done (grid: at most the grid size)"})
+    sampler: str = field(default="tpe", metadata={"help": "Optuna sampler, seeded by --seed", "choices": SAMPLERS})
+    pruner: str = field(default="none", metadata={
+        "help": "asha: successive halving on the dev score after each epoch", "choices": PRUNERS})
+    parallel: int = field(default=1, metadata={
+        "help": "ask K trials at once and train them fused on one read of the cache", "metavar": "K"})
+    workers: int = field(default=0, metadata={
+        "help": "start a local Dask cluster of N worker processes (1 thread each)", "metavar": "N", "group": "dask"})
+    scheduler: str | None = field(default=None, metadata={
+        "help": "use an existing Dask cluster; --out must be on a disk all workers share",
+        "metavar": "tcp://host:port", "group": "dask"})
+    seed: int = field(default=0, metadata={
+        "help": "sampler seed, batch order and (unless searched) init seed"})
+    fuse: str = field(default="auto", metadata={
+        "help": "kept for old scripts: every mode trains the variants in turn on each shared batch",
+        "choices": ("auto", "loop", "vmap")})
+    train: dict = field(default_factory=dict, metadata={"help": "extra TrainConfig fields for every trial",
+                                                         "cli": False})
+    progress: bool = field(default=True, metadata={"help": "progress bars", "cli": False})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -331,7 +341,7 @@ def _best(study):
 
 def _validate(cfg: SweepConfig):
     from pipeline.cache.store import ActivationCache
-    from pipeline.extract import initpack
+    from pipeline.cache import initpack
     from pipeline.search.fused import FUSE_MODES
     from pipeline.search.space import load_space
 
@@ -363,7 +373,7 @@ def _validate(cfg: SweepConfig):
 
 def _identity(cfg: SweepConfig, space, cache) -> dict:
     return {"space": space.describe(), "sampler": cfg.sampler, "pruner": cfg.pruner, "seed": cfg.seed,
-            "train": {k: v for k, v in cfg.train.items() if k not in ("device", "reader_workers")}, "cache_fingerprint_sha256": hashlib.sha256(
+            "train": {k: v for k, v in cfg.train.items() if k not in ("device", "reader_workers", "reader_memory")}, "cache_fingerprint_sha256": hashlib.sha256(
                 json.dumps(cache.fingerprint, sort_keys=True, default=str).encode()).hexdigest()}
 
 

@@ -9,34 +9,38 @@
     register_block        -- add a side-block type (blocks/)
 """
 
-from .blocks import available_blocks, build_block, register_block
-from .config import SideConfig
-from .families import backbone_dims, family_for, reduced_config
-from .init import initialise_side, select_indices, slice_block_state
-from .model import LadderSideNetwork
-from .params import count_parameters, side_parameter_breakdown
-from .pooling import pool
-from .seq2seq import T5LabelScorer
-from .t5 import T5LadderSideModel, from_official_layers, initialise_t5_side, t5_side_parameter_count
+from __future__ import annotations
 
-__all__ = [
-    "SideConfig",
-    "LadderSideNetwork",
-    "initialise_side",
-    "select_indices",
-    "slice_block_state",
-    "count_parameters",
-    "side_parameter_breakdown",
-    "T5LadderSideModel",
-    "T5LabelScorer",
-    "initialise_t5_side",
-    "t5_side_parameter_count",
-    "from_official_layers",
-    "available_blocks",
-    "build_block",
-    "register_block",
-    "backbone_dims",
-    "family_for",
-    "reduced_config",
-    "pool",
-]
+import importlib
+from typing import Any
+
+# Imported on first use, so `import pipeline.<pkg>.config` (the CLI's --help) stays free of torch.
+_LAZY = {
+    "available_blocks": "blocks",
+    "build_block": "blocks",
+    "register_block": "blocks",
+    "SideConfig": "config",
+    "backbone_dims": "families",
+    "family_for": "families",
+    "reduced_config": "families",
+    "initialise_side": "init",
+    "select_indices": "init",
+    "slice_block_state": "init",
+    "LadderSideNetwork": "model",
+    "count_parameters": "params",
+    "side_parameter_breakdown": "params",
+    "pool": "pooling",
+    "T5LabelScorer": "seq2seq",
+    "T5LadderSideModel": "t5",
+    "from_official_layers": "t5",
+    "initialise_t5_side": "t5",
+    "t5_side_parameter_count": "t5",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

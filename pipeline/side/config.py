@@ -11,7 +11,7 @@ copy with the backbone-dependent defaults (``layers=None``, ``pooling=None``) fi
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["SideConfig", "GATES", "INITS", "POOLINGS", "TASK_TYPES", "HEADS"]
@@ -85,20 +85,36 @@ class SideConfig:
             official scripts pass one list to both stacks), else every decoder block.
     """
 
-    r: int = 8
-    layers: list[int] | None = None
-    gate: str = "learnable"
-    gate_T: float = 0.1
-    gate_alpha_init: float = 0.0
-    block: str = "backbone"
-    init: str = "random"
-    pooling: str | None = None
-    dropout: float = 0.1
-    attention_dropout: float | None = None
-    task_type: str = "classification"
-    num_labels: int | None = None
-    head: str = "task"
-    decoder_layers: list[int] | None = None
+    r: int = field(default=8, metadata={
+        "help": "reduction factor: side width d/r, FFN width ff/r, head dim head_dim/r (paper: 8)", "knob": "int"})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "kept backbone blocks, 1-based (block b's output is tap b); None keeps all", "knob": "layers"})
+    gate: str = field(default="learnable", metadata={
+        "help": "ladder gate: learnable (mu = sigmoid(alpha/T) mixes side state and ladder), sum, or none "
+                "(ablation: only the tap-0 ladder)", "knob": "str", "choices": GATES})
+    gate_T: float = field(default=0.1, metadata={"help": "gate temperature (official 0.1)"})
+    gate_alpha_init: float = field(default=0.0, metadata={"help": "initial gate alpha (official 0: mu = 0.5)"})
+    block: str = field(default="backbone", metadata={
+        "help": "side block type: backbone (the family's own block at width d/r) or mlp", "knob": "str"})
+    init: str = field(default="random", metadata={
+        "help": "side initialisation: random, magnitude (pruned backbone blocks) or fisher (rows ranked by "
+                "Fisher importance; run `lst fisher` first)", "knob": "str", "choices": INITS})
+    pooling: str | None = field(default=None, metadata={
+        "help": "pooling for the task head (default: the family's: cls for BERT-likes, mean for the T5 "
+                "encoder, last for decoders)", "knob": "str", "choices": POOLINGS})
+    dropout: float = field(default=0.1, metadata={"help": "side dropout", "knob": "float"})
+    attention_dropout: float | None = field(default=None, metadata={
+        "help": "dropout on attention probabilities (default: same as dropout); 0 enables the fused "
+                "flash-attention kernel: much less memory and time", "knob": "float"})
+    task_type: str = field(default="classification", metadata={
+        "help": "classification or regression (read from the cache)", "choices": TASK_TYPES})
+    num_labels: int | None = field(default=None, metadata={"help": "classes (read from the cache)"})
+    head: str = field(default="task", metadata={
+        "help": "task: a new linear head on the pooled side state (default; on a T5 cache extracted with "
+                "--label-words the default is lm); lm: the backbone's frozen LM head scores the label words",
+        "knob": "str", "choices": HEADS})
+    decoder_layers: list[int] | None = field(default=None, metadata={
+        "help": "T5 side decoder blocks, 1-based (default: layers when given, else all)", "knob": "layers"})
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

@@ -16,16 +16,18 @@ import torch
 
 
 def save_model(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(path, lambda p: safetensors.torch.save_file(state, str(p), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()}))
+    """Weights as safetensors; tied weights (a full backbone's embeddings and LM head) stored once."""
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    _atomic(path, lambda p: safetensors.torch.save_model(model, str(p), metadata=meta, force_contiguous=True))
 
 
 def load_model(model: torch.nn.Module, path: Path) -> None:
-    model.load_state_dict(safetensors.torch.load_file(str(path)))
+    safetensors.torch.load_model(model, str(path), strict=True)
 
 
-def save_resume_point(dirpath: Path, model, optimizer, scheduler, info: dict) -> None:
-    """Write the resume point; ``info.json`` is written last and is the commit marker."""
+def save_resume_point(dirpath: Path, model, optimizer, scheduler, info: dict, rng: torch.Tensor | None = None) -> None:
+    """Write the resume point; ``info.json`` is written last and is the commit marker. ``rng`` is the
+    run's dropout stream (default: torch's global state)."""
     dirpath.mkdir(parents=True, exist_ok=True)
     save_model(model, dirpath / "model.safetensors")
     sd = optimizer.state_dict()
@@ -36,7 +38,7 @@ def save_resume_point(dirpath: Path, model, optimizer, scheduler, info: dict) ->
                 tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.torch"] = torch.get_rng_state() if rng is None else rng
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     _atomic(dirpath / "optimizer.safetensors", lambda p: safetensors.torch.save_file(tensors, str(p)))

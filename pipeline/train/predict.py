@@ -25,7 +25,7 @@ from pipeline.side.config import SideConfig
 from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.errors import TrainError
+from pipeline.errors import TrainError
 
 
 class Predictor:

@@ -1,29 +1,101 @@
-"""Stage-two reader: streams cached taps to the side network and measures whether it keeps up.
+"""Stage-two reader: streams cached taps to the side network within a host-memory budget.
 
-Order of an epoch: shards in a seeded random order, grouped into windows of ``window_shards``;
-examples are shuffled inside a window and cut into batches (by example count or token budget).
-The epoch's batches are planned up front from indices alone, so the step count is known and a
-resumed run sees exactly the batches an uninterrupted one would.
+Every host buffer the reader holds counts against ``memory_budget`` (bytes, default 512 MB;
+``lst train --reader-memory``): compressed chunk frames in flight, one-chunk decode scratch,
+the decoded values of the windows being shuffled (kept in the store's dtype: bf16 bits, int8
+codes plus float32 scales, fp16, fp32) and the assembled fp32 batches (queued, being assembled,
+or the one last handed to the caller). ``reader.accounting`` keeps current and peak bytes per
+category and ``reader.peak_bytes`` the peak of their sum; the plan below guarantees
+``peak_bytes <= memory_budget`` whatever the hidden size, tap count, shard size or sequence
+length. Not counted: the split's index arrays (offsets, input ids, labels: 4-12 bytes a token,
+loaded once per split) and allocator caching (glibc arenas, CUDA's pinned-memory cache).
 
-A background thread reads and decodes each window (Zarr/Blosc decode in a small thread pool, GIL
-released) and assembles padded batches with one gather per tap; the training loop only waits
-when the reader falls behind, and that wait is the reported stall fraction.
+Budget split (``reader.layout``), computed once from the cache's shapes::
+
+    budget = transient + windows + batches
+    transient = decode threads x (2 x one inner chunk + shard index + frame overhead)
+    batches   >= one batch bound: a padded fp32 batch of every requested tap at the worst
+                 shape the batch limits allow (batch_size x longest example, or batch_tokens)
+    windows   >= the stored rows one batch can draw on
+
+If even one batch, its source rows and one chunk being decoded do not fit, the constructor raises
+``CacheError`` naming the smallest budget that works.
+
+Order of an epoch. Read *units* are the examples whose first token row lies in one shard
+(contiguous in storage order; storage is sorted by length). The plan is computed up front from
+indices alone, a pure function of (seed, epoch, budget, shapes), so ``num_batches`` is known and a
+resumed run sees exactly the batches an uninterrupted one would; every example appears once.
+
+* **shards mode** (the budget holds ``window_shards`` of the largest units plus one batch bound):
+  exactly the plan of the reader before budgets: units in seeded random order, grouped into windows
+  of ``window_shards`` units; examples shuffled inside a window and cut into batches (by example
+  count or token budget). Same seed, same batches in the same order. Whatever budget is left over
+  is used for a deeper batch queue (up to ``prefetch``) and then for decoding up to two windows
+  ahead (three in flight, as before).
+* **bytes mode** (smaller budgets): the window budget is halved so the next window decodes while
+  the current one is consumed (if half cannot hold one batch's rows, one window takes it all and
+  nothing overlaps). A window holds at most ``window_cap`` bytes of stored rows. Units are split
+  into *pieces* (consecutive examples, at most ``window_cap / window_shards`` bytes, but no
+  smaller than four inner chunks per tap); all pieces of the split are put in seeded random order
+  and packed greedily into windows; examples are shuffled inside a window and cut into batches.
+  A window thus mixes about ``window_shards`` pieces from random places of the split (random
+  length ranges), of ``window_cap / (bytes per token row)`` tokens in all.
+  How batches differ from shards mode: a window holds fewer examples, so each batch is drawn from
+  a smaller pool (``layout.window_tokens`` token rows instead of ``window_shards`` shards) and
+  every window ends in a short batch, so there are a few more, smaller batches per epoch; the
+  order of pieces is a different random stream, so no batch of a bytes-mode plan equals one of the
+  shards-mode plan even at the same seed. Changing the budget within bytes mode changes the plan
+  (the number of steps too); within shards mode it does not.
+
+Shuffle quality at a given budget: a batch's examples are a uniform sample of its window, so the
+window size is what mixes. At 512 MB, a MiniLM-L6 bf16 cache (7 taps, d 384, 16,384-token shards,
+5.4 kB a token row) stays in shards mode when the batch bound fits beside the 4-shard window
+(~350 MB): 65k token rows, thousands of SST-2 examples from 4 random shards per window, as before. A
+Llama-7B-shaped cache (33 taps, d 4096, 270 kB a token row in bf16) at 512 MB with
+``--batch-tokens 512`` needs 277 MB for the batch bound and leaves one ~230 MB window (~850 token
+rows; pieces are at least four 128-row inner chunks, so a window mixes 1-2 pieces, i.e. a few
+dozen examples of one or two length ranges) with no room to decode ahead; at 1 GB the window budget
+splits in two ~360 MB windows (double buffered, ~1,300 rows, 2-3 pieces each). Raise the budget
+for better mixing; ``layout.describe()`` prints these numbers.
+
+Stall fraction: the training loop waits only when the reader falls behind (``stats``). With room
+for one window ahead and a queue of several batches, decoding hides behind training as before.
+At small budgets the queue shrinks to one or two batches and windows shrink to a few batches, so
+each window's decode (and a re-decode of the inner chunk cut at each piece edge, at most two
+chunks per piece and tap) is less well hidden; when half the window budget cannot hold one batch,
+decoding and training alternate and the stall fraction approaches decode / (decode + step) time.
+
+Decoding: chunk-sized read jobs (``DirectArray.read_into``: shard index plus the compressed frames
+of the overlapping inner chunks, never a whole shard file) run on ``workers`` threads (Blosc
+releases the GIL) straight into per-piece buffers; only the requested taps and the planned rows are
+read. A batch is gathered with one copy per example and tap from those buffers into a preallocated
+zero-padded [B, L, d] fp32 tensor (int8 scaled in place), with no concatenated copy of a window.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from pipeline.cache import codecs as C
+from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray
 from pipeline.cache.store import ActivationCache
+from pipeline.errors import CacheError
+from pipeline.sizes import MB, format_size
+
+DEFAULT_MEMORY_BUDGET = 512 * MB
+MAX_WINDOWS_IN_FLIGHT = 3  # the one being gathered and two decoding ahead (the old reader's depth)
+META_BYTES_PER_TOKEN = 32  # int64 ids, mask, token types and their construction temporaries
+MIN_PIECE_CHUNKS = 4  # bytes-mode pieces span at least this many inner chunks per tap
 
 
 @dataclass
@@ -59,6 +131,132 @@ class ReaderStats:
         return self.wait_s / self.total_s if self.total_s > 0 else 0.0
 
 
+class ByteAccounting:
+    """Current and peak bytes the reader holds, per category and in total (thread-safe)."""
+
+    CATEGORIES = ("encoded", "scratch", "window", "batches")
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.current = dict.fromkeys(self.CATEGORIES, 0)
+        self.peak = dict.fromkeys(self.CATEGORIES, 0)
+        self.peak_total = 0
+        self._lock = threading.Lock()
+
+    def add(self, category: str, n: int) -> None:
+        with self._lock:
+            self.current[category] += n
+            self.peak[category] = max(self.peak[category], self.current[category])
+            self.peak_total = max(self.peak_total, sum(self.current.values()))
+
+    def sub(self, category: str, n: int) -> None:
+        with self._lock:
+            self.current[category] -= n
+
+    @contextmanager
+    def hold(self, category: str, n: int):
+        self.add(category, n)
+        try:
+            yield
+        finally:
+            self.sub(category, n)
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.current.values())
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {"budget": self.budget, "current": dict(self.current), "peak": dict(self.peak),
+                    "peak_total": self.peak_total}
+
+
+@dataclass(frozen=True)
+class ReaderLayout:
+    """How the budget is split (bytes) and what it means for the plan."""
+
+    budget: int
+    mode: str  # "shards" (the pre-budget plan) or "bytes" (sub-shard windows)
+    workers: int  # decode threads
+    transient_bytes: int  # chunk frames + scratch of the decode threads
+    window_bytes: int  # all windows in flight
+    batch_bytes: int  # queued + assembling + handed-out batches
+    batch_bound: int  # bytes of the largest possible batch
+    window_cap: int  # bytes of stored rows one window may hold
+    piece_cap: int  # bytes of one piece (bytes mode)
+    row_bytes: int  # stored bytes of one token row over the requested taps
+    min_budget: int  # smallest budget that works
+    window_min: int = 0  # stored bytes of the rows one batch can draw on (the least a window holds)
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window_cap // self.row_bytes if self.row_bytes else 0
+
+    @property
+    def queue_batches(self) -> int:
+        return max(1, self.batch_bytes // max(1, self.batch_bound))
+
+    def describe(self) -> str:
+        return (f"reader memory {format_size(self.budget)} ({self.mode} mode): windows {format_size(self.window_bytes)} "
+                f"(one window <= {format_size(self.window_cap)}, ~{self.window_tokens} token rows), batches "
+                f"{format_size(self.batch_bytes)} (>= {self.queue_batches} of <= {format_size(self.batch_bound)}), "
+                f"decode {format_size(self.transient_bytes)} on {self.workers} threads")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive examples [e0, e1) of one read unit, token rows [r0, r1)."""
+
+    unit: int
+    e0: int
+    e1: int
+    r0: int
+    r1: int
+    d0: int  # first decoder row within the unit's decoder block
+    nbytes: int  # stored bytes of the requested taps (and decoder taps) of these examples
+
+
+@dataclass
+class Window:
+    """One shuffle window of a plan. Unpacks as ``(units, batches)`` like the old plan tuples."""
+
+    units: list[int]
+    batches: list[np.ndarray]
+    pieces: list[Piece]
+    nbytes: int
+
+    def __iter__(self):
+        return iter((self.units, self.batches))
+
+
+@dataclass
+class _Decoded:
+    window: Window
+    nbytes: int = 0
+    vals: list[list[torch.Tensor]] = field(default_factory=list)  # [piece][tap] rows in store dtype
+    scales: list[list[torch.Tensor]] = field(default_factory=list)  # int8: [piece][tap] float32
+    dvals: list[list[torch.Tensor]] = field(default_factory=list)  # [piece][decoder tap]
+    dscales: list[list[torch.Tensor]] = field(default_factory=list)
+
+
+class _Run:
+    """Reservations of one epoch's threads against the window and batch shares."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.window_held = 0
+        self.windows = 0
+        self.batch_held = 0
+        self.batches = 0
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
 class CacheReader:
     def __init__(
         self,
@@ -76,6 +274,7 @@ class CacheReader:
         device: str | torch.device = "cpu",
         load_acts: bool = True,
         decoder_taps: list[int] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -93,6 +292,8 @@ class CacheReader:
         self.dec_rows = int(cache.label_targets["rows"]) if self.decoder_taps else 0
         if not batch_size and not batch_tokens:
             raise ValueError("give a batch size or a token budget")
+        if int(memory_budget) <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, not {memory_budget!r}")
         self.cache = cache
         self.view = cache.split(split)
         self.taps = list(taps)
@@ -102,39 +303,219 @@ class CacheReader:
         self.window_shards = max(1, window_shards)
         self.seed = seed
         self.workers = max(1, workers)
-        self.prefetch = prefetch
+        self.prefetch = max(1, prefetch)
         self.device = torch.device(device)
         self.load_acts = load_acts
+        self.memory_budget = int(memory_budget)
         self.offsets = self.view.offsets
         self.lengths = np.diff(self.offsets)
         self.labels = self.view.labels
         self.input_ids = self.view.input_ids
         self.token_types = self.view.token_type_ids
         self.stats = ReaderStats()
-        # examples whose first row lies in shard s form read unit s
+        self.accounting = ByteAccounting(self.memory_budget)
+        # examples whose first row lies in shard s form read unit s (a contiguous example range)
         starts = self.offsets[:-1]
         unit_of = starts // self.view.shard_tokens
         self.units = [np.flatnonzero(unit_of == s) for s in range(self.view.num_shards)]
+        self._open_arrays()
+        self.layout = self._layout()
+        self._pieces_cache: list[Piece] | None = None
 
     @property
     def num_examples(self) -> int:
         return self.view.num_examples
 
+    @property
+    def peak_bytes(self) -> int:
+        return self.accounting.peak_total
+
+    # -- shapes and budget -------------------------------------------------------------------------
+    def _open_arrays(self) -> None:
+        spec = self.cache.spec
+        self.hidden = self.cache.hidden_size
+        self._itemsize = np.dtype(spec.storage_dtype).itemsize
+        self._has_scale = spec.has_scale
+        self._acts: list[tuple] = []  # (zarr array, DirectArray | None) per tap
+        self._scales: list[tuple] = []
+        self._dec: list[tuple] = []
+        self._dec_scales: list[tuple] = []
+        if not self.load_acts:
+            return
+        direct = self.cache.direct_reads
+
+        def pair(arr):
+            return arr, (DirectArray.for_array(arr) if direct else None)
+
+        for t in self.taps:
+            self._acts.append(pair(self.view.tap_array(t)))
+            if self._has_scale:
+                self._scales.append(pair(self.view.scale_array(t)))
+        for t in self.decoder_taps:
+            self._dec.append((self.view.decoder_array(t), None))
+            if self._has_scale:
+                self._dec_scales.append((self.view.decoder_array(t, scale=True), None))
+
+    def _tap_row_bytes(self) -> int:
+        """Stored bytes of one row of one tap (values, plus its int8 scale)."""
+        return self.hidden * self._itemsize + (4 if self._has_scale else 0)
+
+    @staticmethod
+    def _job_bytes(arr, direct: DirectArray | None, row_axis: int) -> int:
+        """Most transient bytes one chunk-sized read job of this array holds."""
+        if direct is not None:
+            return direct.max_read_bytes()
+        chunk = arr.chunks
+        n = int(np.prod(chunk, dtype=np.int64)) * np.dtype(arr.dtype.to_native_dtype()
+                                                            if hasattr(arr.dtype, "to_native_dtype") else arr.dtype).itemsize
+        return 3 * n + FRAME_OVERHEAD  # Zarr: compressed frame, decoded chunk, the slice it returns
+
+    def _chunk_rows(self, arr, direct: DirectArray | None, row_axis: int) -> int:
+        return direct.chunk_rows if direct is not None else int(arr.chunks[row_axis])
+
+    def _batch_nbytes(self, B: int, L: int) -> int:
+        K = len(self.taps) if self.load_acts else 0
+        Kd = len(self.decoder_taps) if self.load_acts else 0
+        return (4 * self.hidden * (K * B * L + Kd * B * self.dec_rows)
+                + META_BYTES_PER_TOKEN * B * L + 8 * B)
+
+    def _layout(self) -> ReaderLayout:
+        K = len(self.taps) if self.load_acts else 0
+        Kd = len(self.decoder_taps) if self.load_acts else 0
+        rb = self._tap_row_bytes()
+        self._row_bytes = K * rb  # per token row
+        self._ex_dec_bytes = Kd * self.dec_rows * rb  # per example
+        lens = self.lengths
+        max_len = int(lens.max()) if len(lens) else 1
+        min_len = max(1, int(lens.min())) if len(lens) else 1
+        if self.batch_tokens:
+            b_max = max(1, self.batch_tokens // min_len)
+            if self.batch_size:
+                b_max = min(b_max, self.batch_size)
+            tokens_max = min(b_max * max_len, max(self.batch_tokens, max_len))
+        else:
+            b_max = self.batch_size
+            tokens_max = b_max * max_len
+        b_max = min(b_max, max(1, len(lens)))
+        tokens_max = max(tokens_max, max_len)
+        batch_bound = (4 * self.hidden * (K * tokens_max + Kd * b_max * self.dec_rows)
+                       + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
+        window_min = tokens_max * self._row_bytes + b_max * self._ex_dec_bytes
+        jobs = [self._job_bytes(a, d, 0) for a, d in self._acts + self._scales] + \
+               [self._job_bytes(a, d, 1) for a, d in self._dec + self._dec_scales]
+        job = max(jobs) if jobs else 0
+        min_budget = job + batch_bound + window_min
+        M = self.memory_budget
+        if M < min_budget:
+            need = math.ceil(min_budget / MB)
+            what = f"{K} taps" + (f" and {Kd} decoder taps" if Kd else "")
+            shape = (f"{tokens_max} padded tokens" if self.batch_tokens else f"{b_max} examples x {max_len} tokens")
+            raise CacheError(
+                f"--reader-memory {format_size(M)} cannot hold one batch of split {self.view.name}: a padded fp32 "
+                f"batch of {what} (d {self.hidden}, up to {shape}) takes {format_size(batch_bound)}, its source rows "
+                f"as stored {format_size(window_min)} and one chunk being decoded {format_size(job)}; "
+                f"give --reader-memory {need}MB or more, or a smaller --batch-tokens/--batch-size"
+            )
+        workers = self.workers
+        while workers > 1 and workers * job + batch_bound + window_min > M:
+            workers -= 1
+        transient = workers * job
+        avail = M - transient
+        unit_bytes = self._unit_bytes()
+        w_full = int(sum(sorted(unit_bytes, reverse=True)[: self.window_shards])) if unit_bytes else 0
+        q_target = self.prefetch * batch_bound
+        if avail >= w_full + batch_bound:
+            mode = "shards"
+            batch_bytes = min(q_target, avail - w_full)
+            window_bytes = avail - batch_bytes
+            cap, piece_cap = w_full, w_full
+        else:
+            mode = "bytes"
+            batch_bytes = max(batch_bound, min(q_target, avail // 4))
+            if avail - batch_bytes < window_min:
+                batch_bytes = batch_bound
+            window_bytes = avail - batch_bytes
+            cap = window_bytes // 2 if window_bytes // 2 >= window_min else window_bytes
+            chunk_min = 0
+            if self._acts:
+                chunk_min = MIN_PIECE_CHUNKS * min(self._chunk_rows(a, d, 0) for a, d in self._acts) * self._row_bytes
+            piece_cap = min(cap, max(cap // self.window_shards, chunk_min))
+        return ReaderLayout(budget=M, mode=mode, workers=workers, transient_bytes=transient,
+                            window_bytes=window_bytes, batch_bytes=batch_bytes, batch_bound=batch_bound,
+                            window_cap=cap, piece_cap=piece_cap, row_bytes=self._row_bytes, min_budget=min_budget,
+                            window_min=window_min)
+
+    def _ex_bytes(self, e0: int, e1: int) -> int:
+        return int(self.offsets[e1] - self.offsets[e0]) * self._row_bytes + (e1 - e0) * self._ex_dec_bytes
+
+    def _unit_bytes(self) -> list[int]:
+        return [self._ex_bytes(int(u[0]), int(u[-1]) + 1) if len(u) else 0 for u in self.units]
+
+    def _unit_piece(self, u: int, e0: int, e1: int) -> Piece:
+        first = int(self.units[u][0])
+        return Piece(u, e0, e1, int(self.offsets[e0]), int(self.offsets[e1]), (e0 - first) * self.dec_rows,
+                     self._ex_bytes(e0, e1))
+
+    def _pieces(self) -> list[Piece]:
+        """Bytes mode: every unit cut into consecutive pieces of at most ``piece_cap`` bytes."""
+        if self._pieces_cache is None:
+            cap = self.layout.piece_cap
+            out = []
+            for u, ex in enumerate(self.units):
+                if not len(ex):
+                    continue
+                e_first, e_end = int(ex[0]), int(ex[-1]) + 1
+                total = self._ex_bytes(e_first, e_end)
+                parts = max(1, math.ceil(total / cap)) if cap else 1
+                target = total / parts
+                cum = (np.diff(self.offsets[e_first:e_end + 1]) * self._row_bytes + self._ex_dec_bytes).cumsum()
+                e0 = e_first
+                while e0 < e_end:
+                    base = int(cum[e0 - e_first - 1]) if e0 > e_first else 0
+                    # the last example that keeps the piece within the cap and (softly) the target
+                    hard = int(np.searchsorted(cum, base + cap, side="right")) + e_first
+                    soft = int(np.searchsorted(cum, base + target - 0.5, side="left")) + e_first + 1
+                    e1 = max(e0 + 1, min(hard, soft, e_end))
+                    out.append(self._unit_piece(u, e0, e1))
+                    e0 = e1
+            self._pieces_cache = out
+        return self._pieces_cache
+
     # -- planning --------------------------------------------------------------------------------
-    def plan_epoch(self, epoch: int) -> list[tuple[list[int], list[np.ndarray]]]:
-        """[(units of the window, [example indices per batch])] for the epoch; pure in (seed, epoch)."""
+    def plan_epoch(self, epoch: int) -> list[Window]:
+        """The epoch's windows (each unpacks as ``(units, [example indices per batch])``); pure in
+        (seed, epoch, budget, shapes)."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
         plan = []
-        for w in range(0, len(order), self.window_shards):
-            units = [int(u) for u in order[w : w + self.window_shards] if len(self.units[u])]
-            if not units:
-                continue
-            ex = np.concatenate([self.units[u] for u in units])
-            if self.shuffle:
-                ex = ex[rng.permutation(len(ex))]
-            plan.append((units, self._cut(ex)))
+        if self.layout.mode == "shards":
+            order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
+            for w in range(0, len(order), self.window_shards):
+                units = [int(u) for u in order[w : w + self.window_shards] if len(self.units[u])]
+                if not units:
+                    continue
+                pieces = [self._unit_piece(u, int(self.units[u][0]), int(self.units[u][-1]) + 1) for u in units]
+                plan.append(self._window(rng, units, pieces))
+            return plan
+        pieces = self._pieces()
+        order = rng.permutation(len(pieces)) if self.shuffle else np.arange(len(pieces))
+        cur: list[Piece] = []
+        size = 0
+        for i in order:
+            p = pieces[int(i)]
+            if cur and size + p.nbytes > self.layout.window_cap:
+                plan.append(self._window(rng, sorted({q.unit for q in cur}), cur))
+                cur, size = [], 0
+            cur.append(p)
+            size += p.nbytes
+        if cur:
+            plan.append(self._window(rng, sorted({q.unit for q in cur}), cur))
         return plan
+
+    def _window(self, rng: np.random.Generator, units: list[int], pieces: list[Piece]) -> Window:
+        ex = np.concatenate([np.arange(p.e0, p.e1) for p in pieces])
+        if self.shuffle:
+            ex = ex[rng.permutation(len(ex))]
+        return Window(units, self._cut(ex), pieces, sum(p.nbytes for p in pieces))
 
     def _cut(self, ex: np.ndarray) -> list[np.ndarray]:
         if self.batch_tokens is None:
@@ -153,24 +534,117 @@ class CacheReader:
         return out
 
     def num_batches(self, epoch: int = 0) -> int:
-        return sum(len(b) for _, b in self.plan_epoch(epoch))
+        return sum(len(w.batches) for w in self.plan_epoch(epoch))
 
-    # -- reading ---------------------------------------------------------------------------------
-    def _decode(self, vals: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
-        return C.to_bf16_tensor(vals) if self.cache.codec == "bf16" else C.decode(vals, self.cache.codec, scale)
+    # -- decoding --------------------------------------------------------------------------------
+    def _track(self, encoded: int, scratch: int):
+        acc = self.accounting
 
-    def _read_unit(self, unit: int) -> tuple[int, int, list[torch.Tensor], list[torch.Tensor]]:
-        ex = self.units[unit]
-        r0, r1 = int(self.offsets[ex[0]]), int(self.offsets[ex[-1] + 1])
+        @contextmanager
+        def both():
+            acc.add("encoded", encoded)
+            acc.add("scratch", scratch)
+            try:
+                yield
+            finally:
+                acc.sub("encoded", encoded)
+                acc.sub("scratch", scratch)
+
+        return both()
+
+    def _read_job(self, run: _Run, arr, direct: DirectArray | None, lead: tuple, r0: int, r1: int,
+                  out: np.ndarray) -> None:
+        """Rows [r0, r1) (within one inner chunk) of an array into ``out``."""
+        if run.stopped:
+            return
+        if direct is not None:
+            direct.read_into(r0, r1, out, track=self._track)
+            return
+        with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
+            out[...] = arr[(*lead, slice(r0, r1))]
+
+    def _decode_window(self, window: Window, pool: ThreadPoolExecutor, run: _Run) -> _Decoded:
+        dw = _Decoded(window)
         if not self.load_acts:
-            return r0, r1, [], []
-        out = [self._decode(*self.view.read_rows_raw(tap, r0, r1)) for tap in self.taps]
-        dec = [self._decode(*self.view.read_decoder_unit(tap, unit, len(ex) * self.dec_rows, raw=True))
-               for tap in self.decoder_taps]
-        return r0, r1, out, dec
+            return dw
+        jobs = []
+        acc = self.accounting
 
-    def _assemble(self, idx: np.ndarray, row_base: dict[int, int], pool: list[torch.Tensor] | None,
-                  dec_base: dict[int, int] | None = None, dec_pool: list[torch.Tensor] | None = None) -> Batch:
+        def alloc(shape, dtype) -> np.ndarray:
+            a = np.empty(shape, dtype=dtype)
+            acc.add("window", a.nbytes)
+            dw.nbytes += a.nbytes
+            return a
+
+        def split(arr, direct, lead, r0, r1, out, row_axis):
+            step = self._chunk_rows(arr, direct, row_axis)
+            a = r0
+            while a < r1:
+                b = min(r1, (a // step + 1) * step)
+                jobs.append((arr, direct, lead, a, b, out[a - r0:b - r0]))
+                a = b
+
+        try:
+            for p in window.pieces:
+                n = p.r1 - p.r0
+                vals, scales = [], []
+                for k, (arr, direct) in enumerate(self._acts):
+                    buf = alloc((n, self.hidden), self._store_dtype(arr))
+                    split(arr, direct, (), p.r0, p.r1, buf, 0)
+                    vals.append(self._as_tensor(buf))
+                    if self._has_scale:
+                        sarr, sdirect = self._scales[k]
+                        sbuf = alloc((n,), np.float32)
+                        split(sarr, sdirect, (), p.r0, p.r1, sbuf, 0)
+                        scales.append(torch.from_numpy(sbuf))
+                dvals, dscales = [], []
+                dn = (p.e1 - p.e0) * self.dec_rows
+                for k, (arr, _) in enumerate(self._dec):
+                    buf = alloc((dn, self.hidden), self._store_dtype(arr))
+                    split(arr, None, (p.unit,), p.d0, p.d0 + dn, buf, 1)
+                    dvals.append(self._as_tensor(buf))
+                    if self._has_scale:
+                        sarr, _ = self._dec_scales[k]
+                        sbuf = alloc((dn,), np.float32)
+                        split(sarr, None, (p.unit,), p.d0, p.d0 + dn, sbuf, 1)
+                        dscales.append(torch.from_numpy(sbuf))
+                dw.vals.append(vals)
+                dw.scales.append(scales)
+                dw.dvals.append(dvals)
+                dw.dscales.append(dscales)
+            futures = [pool.submit(self._read_job, run, *j) for j in jobs]
+            wait_futures(futures)
+            for f in futures:
+                f.result()
+        except BaseException:
+            self._free_window(run, dw)
+            raise
+        return dw
+
+    @staticmethod
+    def _store_dtype(arr) -> np.dtype:
+        dt = arr.dtype
+        return np.dtype(dt.to_native_dtype() if hasattr(dt, "to_native_dtype") else dt)
+
+    def _as_tensor(self, buf: np.ndarray) -> torch.Tensor:
+        """Stored values as a tensor without widening (bf16 bits viewed as torch.bfloat16)."""
+        if self.cache.codec == "bf16":
+            return C.to_bf16_tensor(buf)
+        return torch.from_numpy(buf)
+
+    def _free_window(self, run: _Run, dw: _Decoded) -> None:
+        n = dw.nbytes
+        dw.vals = dw.scales = dw.dvals = dw.dscales = []
+        dw.nbytes = 0
+        self.accounting.sub("window", n)
+        with run.cond:
+            run.window_held -= dw.window.nbytes
+            run.windows -= 1
+            run.cond.notify_all()
+
+    # -- assembling ------------------------------------------------------------------------------
+    def _assemble(self, idx: np.ndarray, locs=None, window: _Decoded | None = None) -> Batch:
+        """One padded batch; taps gathered from a decoded window when one is given (ids only otherwise)."""
         lens = self.lengths[idx]
         L = int(lens.max())
         B = len(idx)
@@ -181,86 +655,171 @@ class CacheReader:
         tt = None
         if self.token_types is not None:
             tt = torch.from_numpy(np.where(valid, self.token_types[np.minimum(starts, len(self.token_types) - 1)], 0).astype(np.int64))
-        taps = None
-        if pool is not None:
-            local = np.array([row_base[int(i)] for i in idx])[:, None] + pos
-            zero_row = pool[0].shape[0] - 1
-            gather = torch.from_numpy(np.where(valid, local, zero_row).reshape(-1))
-            taps = [t.index_select(0, gather).view(B, L, -1).float() for t in pool]
-        dec = None
-        if dec_pool:
-            rows = np.array([dec_base[int(i)] for i in idx])[:, None] + np.arange(self.dec_rows)[None, :]
-            g = torch.from_numpy(rows.reshape(-1))
-            dec = [t.index_select(0, g).view(B, self.dec_rows, -1).float() for t in dec_pool]
+        taps = dec = None
+        if window is not None and self.load_acts:
+            piece, row, drow = locs
+            pin = self.device.type == "cuda" and torch.cuda.is_available()
+            taps = []
+            for k in range(len(self.taps)):
+                out = torch.zeros((B, L, self.hidden), dtype=torch.float32, pin_memory=pin)
+                for b in range(B):
+                    j, r, n = int(piece[b]), int(row[b]), int(lens[b])
+                    dst = out[b, :n]
+                    dst.copy_(window.vals[j][k][r:r + n])
+                    if self._has_scale:
+                        dst.mul_(window.scales[j][k][r:r + n].unsqueeze(1))
+                taps.append(out)
+            if self.decoder_taps:
+                D = self.dec_rows
+                dec = []
+                for k in range(len(self.decoder_taps)):
+                    out = torch.empty((B, D, self.hidden), dtype=torch.float32, pin_memory=pin)
+                    for b in range(B):
+                        j, r = int(piece[b]), int(drow[b])
+                        out[b].copy_(window.dvals[j][k][r:r + D])
+                        if self._has_scale:
+                            out[b].mul_(window.dscales[j][k][r:r + D].unsqueeze(1))
+                    dec.append(out)
         return Batch(
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
             attention_mask=torch.from_numpy(valid.astype(np.int64)),
             labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=dec,
         )
 
-    def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
+    @staticmethod
+    def _locator(window: Window, offsets: np.ndarray, dec_rows: int):
+        pieces = sorted(range(len(window.pieces)), key=lambda j: window.pieces[j].e0)
+        e0 = np.array([window.pieces[j].e0 for j in pieces])
+        r0 = np.array([window.pieces[j].r0 for j in pieces])
+        jj = np.array(pieces)
+
+        def locate(idx: np.ndarray):
+            s = np.searchsorted(e0, idx, side="right") - 1
+            return jj[s], offsets[idx] - r0[s], (idx - e0[s]) * dec_rows
+
+        return locate
+
+    # -- the epoch -------------------------------------------------------------------------------
+    def _reserve_window(self, run: _Run, n: int) -> bool:
+        with run.cond:
+            while not run.stopped and (run.window_held + n > self.layout.window_bytes
+                                       or run.windows >= MAX_WINDOWS_IN_FLIGHT):
+                run.cond.wait()
+            if run.stopped:
+                return False
+            run.window_held += n
+            run.windows += 1
+            return True
+
+    def _reserve_batch(self, run: _Run, n: int) -> bool:
+        with run.cond:
+            while not run.stopped and (run.batch_held + n > self.layout.batch_bytes
+                                       or run.batches >= self.prefetch + 1):
+                run.cond.wait()
+            if run.stopped:
+                return False
+            run.batch_held += n
+            run.batches += 1
+        self.accounting.add("batches", n)
+        return True
+
+    def _release_batch(self, run: _Run, n: int) -> None:
+        self.accounting.sub("batches", n)
+        with run.cond:
+            run.batch_held -= n
+            run.batches -= 1
+            run.cond.notify_all()
+
+    def _decode_loop(self, plan: list[Window], run: _Run, handoff: queue.Queue, pool) -> None:
         try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="lst-read") as ex:
-                plan = self.plan_epoch(epoch)
-                futures = [ex.map(self._read_unit, units) for units, _ in plan[:2]]
-                for w, (units, batches) in enumerate(plan):
-                    if w + 2 < len(plan):
-                        futures.append(ex.map(self._read_unit, plan[w + 2][0]))
-                    parts = list(futures[w])
-                    futures[w] = None
-                    row_base: dict[int, int] = {}
-                    dec_base: dict[int, int] = {}
-                    base = dbase = 0
-                    for (r0, r1, _, _), u in zip(parts, units):
-                        for p, i in enumerate(self.units[u]):
-                            row_base[int(i)] = base + int(self.offsets[i]) - r0
-                            dec_base[int(i)] = dbase + p * self.dec_rows
-                        base += r1 - r0
-                        dbase += len(self.units[u]) * self.dec_rows
-                    pool = dec_pool = None
-                    if self.load_acts:
-                        pool = [torch.cat([p[2][k] for p in parts] + [parts[0][2][k].new_zeros(1, parts[0][2][k].shape[1])])
-                                for k in range(len(self.taps))]
-                        dec_pool = [torch.cat([p[3][k] for p in parts]) for k in range(len(self.decoder_taps))]
-                    for idx in batches:
-                        if stop.is_set():
-                            return
-                        b = self._assemble(idx, row_base, pool, dec_base, dec_pool)
-                        if self.device.type == "cuda":
-                            b.taps = [t.pin_memory() for t in b.taps] if b.taps else None
-                            b.dec_taps = [t.pin_memory() for t in b.dec_taps] if b.dec_taps else None
-                        q.put(b)
+            for w in plan:
+                if not self._reserve_window(run, w.nbytes):
+                    return
+                handoff.put(self._decode_window(w, pool, run))
+            handoff.put(None)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
+            handoff.put(e)
+
+    def _assemble_loop(self, run: _Run, handoff: queue.Queue, out: queue.Queue) -> None:
+        try:
+            while not run.stopped:
+                dw = handoff.get()
+                if dw is None:
+                    break
+                if isinstance(dw, BaseException):
+                    raise dw
+                try:
+                    locate = self._locator(dw.window, self.offsets, self.dec_rows)
+                    for idx in dw.window.batches:
+                        L = int(self.lengths[idx].max())
+                        n = self._batch_nbytes(len(idx), L)
+                        if not self._reserve_batch(run, n):
+                            return
+                        try:
+                            b = self._assemble(idx, locate(idx), dw)
+                        except BaseException:
+                            self._release_batch(run, n)
+                            raise
+                        out.put((b, n))
+                        del b
+                finally:
+                    self._free_window(run, dw)
+                    del dw
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            out.put(e)
         finally:
-            q.put(None)
+            out.put(None)
 
     def iter_epoch(self, epoch: int) -> Iterator[Batch]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        t = threading.Thread(target=self._produce, args=(epoch, q, stop), daemon=True)
+        plan = self.plan_epoch(epoch)
+        run = _Run()
+        handoff: queue.Queue = queue.Queue()
+        out: queue.Queue = queue.Queue()
+        pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
+        td = threading.Thread(target=self._decode_loop, args=(plan, run, handoff, pool), daemon=True)
+        ta = threading.Thread(target=self._assemble_loop, args=(run, handoff, out), daemon=True)
         t0 = time.perf_counter()
-        t.start()
+        td.start()
+        ta.start()
+        held = 0  # bytes of the batch last handed out
         try:
             while True:
+                if held:
+                    self._release_batch(run, held)
+                    held = 0
                 w0 = time.perf_counter()
-                item = q.get()
+                item = out.get()
                 self.stats.wait_s += time.perf_counter() - w0
                 if item is None:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                b, held = item
                 self.stats.batches += 1
                 if self.device.type != "cpu":
-                    item = _to_device(item, self.device)
-                yield item
+                    b = _to_device(b, self.device)
+                yield b
+                del b
         finally:
-            stop.set()
-            while t.is_alive():
+            if held:
+                self._release_batch(run, held)
+            run.stop()
+            td.join()
+            # the assembler may wait on the handoff queue: hand it an end, then drain what is left
+            handoff.put(None)
+            while ta.is_alive() or not out.empty():
                 try:
-                    q.get_nowait()
+                    item = out.get(timeout=0.05)
                 except queue.Empty:
-                    t.join(timeout=0.05)
+                    continue
+                if isinstance(item, tuple):
+                    self._release_batch(run, item[1])
+            ta.join()
+            while not handoff.empty():
+                dw = handoff.get_nowait()
+                if isinstance(dw, _Decoded):
+                    self._free_window(run, dw)
+            pool.shutdown(wait=True, cancel_futures=True)
             self.stats.total_s += time.perf_counter() - t0
 
 

@@ -16,7 +16,6 @@ The load average before and after is printed, since the timings share the machin
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -24,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cli import _emit
 
 
 def variant_configs(cache: str, out: Path, n: int, epochs: int = 1, batch_size: int = 100, fuse_seed: int = 0):
@@ -65,7 +63,8 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
     from pipeline.search.flops import speedup_limit
     from pipeline.search.fused import resolve_fuse, train_many
     from pipeline.train.reader import CacheReader
-    from pipeline.train.trainer import TrainConfig, build_side, resolve_device, train
+    from pipeline.devices import resolve_device
+    from pipeline.train.trainer import TrainConfig, build_side, train
 
     torch.set_num_threads(1)
     load_start = os.getloadavg()
@@ -149,31 +148,3 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
     finally:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _cmd(a: argparse.Namespace) -> int:
-    res = run_sweep_bench(cache=a.cache, variants=a.variants, examples=a.examples, workers=a.workers,
-                          backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
-                          progress=not a.no_progress)
-    _emit(res, a.json)
-    return 0
-
-
-def register(bsub) -> None:
-    p = bsub.add_parser(
-        "sweep", help="K variants fused on one read vs K separate cached runs vs K live runs",
-        description="Train K side-network variants (one architecture: lr, weight decay, seed, dropout vary) for one "
-                    "epoch fused on one read of the cache, then as K separate cached runs, and time one live-LST "
-                    "run (x K). Prints the ratios, the FLOP-based speedup limit and whether the goals "
-                    "(fused/separate <= 0.5, fused speedup over live >= 0.8 x limit) are met.")
-    p.add_argument("--cache", help="SST-2 cache to use (default: extract --examples examples into a temp dir)")
-    p.add_argument("--variants", type=int, default=16)
-    p.add_argument("--examples", type=int, default=2000, help="examples per split to extract when no --cache")
-    p.add_argument("--backbone", default="minilm")
-    p.add_argument("--workers", type=int, default=0, help="also time a Dask sweep with 1 and with N worker processes")
-    p.add_argument("--sweep-trials", type=int, default=8, help="trials of the Dask sweeps (default 8)")
-    p.add_argument("--fuse", choices=["auto", "vmap", "loop"], default="auto")
-    p.add_argument("--workdir", help="keep the runs here (default: a temp dir, removed)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd)

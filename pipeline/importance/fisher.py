@@ -32,7 +32,8 @@ summed loss, which adds cross terms between examples: a coarser estimate, not th
 
 from __future__ import annotations
 
-import argparse
+from pipeline.errors import FisherError
+
 import json
 import struct
 import sys
@@ -47,7 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.cache.store import ActivationCache, SplitView, tap_name
-from pipeline.extract import initpack
+from pipeline.cache import initpack
+from pipeline.importance.config import DEFAULT_SAMPLES
+from pipeline.sizes import parse_size
 
 __all__ = [
     "FisherError",
@@ -61,11 +64,6 @@ __all__ = [
     "register",
 ]
 
-DEFAULT_SAMPLES = 1024  # the paper's Fisher sample count
-
-
-class FisherError(RuntimeError):
-    """Fisher importance cannot be computed as asked; the message says why and what to do."""
 
 
 # -- probe -----------------------------------------------------------------------------------------
@@ -369,31 +367,35 @@ def fisher_importance(backbone: Any, split: SplitView, indices: np.ndarray, prob
 
 # -- entry points ----------------------------------------------------------------------------------------
 def _device(name: str) -> torch.device:
-    from pipeline.extract.runner import ExtractError, resolve_device
+    from pipeline.devices import resolve_device
 
-    try:
-        return resolve_device(name)
-    except ExtractError as e:
-        raise FisherError(str(e)) from None
+    return resolve_device(name)
 
 
 def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int = 0, batch_size: int = 1, *,
                    backbone: str | None = None, device: str = "auto", train_split: str = "train",
                    eval_split: str = "validation", pooling: str | None = None, probe_l2: float | None = None,
-                   storage_options: dict | None = None, progress: bool = False) -> dict:
+                   storage_options: dict | None = None, progress: bool = False,
+                   reader_memory: str | int = "512MB") -> dict:
     """Fit the probe, accumulate Fisher importance over ``n_samples`` seeded training examples and
-    write it into the cache's init pack; returns a JSON-ready summary."""
+    write it into the cache's init pack; returns a JSON-ready summary. ``reader_memory`` bounds the
+    cached rows held at once while pooling features (stored values plus their fp32 widening)."""
     from pipeline.backbones import load_backbone
     from pipeline.side.families import family_for
-    from pipeline.train.metrics import compute_metrics
+    from pipeline.metrics import compute_metrics
 
     t0 = time.perf_counter()
     if n_samples < 1:
         raise FisherError(f"--samples must be >= 1, got {n_samples}")
     if batch_size < 1:
         raise FisherError(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        budget = parse_size(reader_memory)
+    except ValueError as e:
+        raise FisherError(f"--reader-memory {reader_memory!r}: {e}") from None
     cache = ActivationCache.open(cache_url, storage_options=storage_options)
     cache.require_complete()
+    chunk_tokens = max(1, budget // (cache.hidden_size * (np.dtype(cache.spec.storage_dtype).itemsize + 4)))
     path = check_backbone(cache, backbone)
     task = cache.attrs["task"]
     task_type = task["task_type"]
@@ -421,7 +423,7 @@ def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int =
         loss_fn: Any = LabelWordLoss(LabelTargets.from_dict(label_targets))
         probe_l2 = None
     else:
-        x_train = pooled_features(train, tap, pooling)
+        x_train = pooled_features(train, tap, pooling, chunk_tokens)
         y_train = train.labels
         if probe_l2 is None:
             probe_l2, l2_scores = select_l2(x_train, y_train, task_type, num_labels, seed=seed)
@@ -431,7 +433,7 @@ def compute_fisher(cache_url: str, n_samples: int = DEFAULT_SAMPLES, seed: int =
         train_metrics = compute_metrics(task["metric"], probe(torch.from_numpy(x_train)).numpy(), y_train)
         if eval_split in cache.splits:
             dev = cache.split(eval_split)
-            x_dev = pooled_features(dev, tap, pooling)
+            x_dev = pooled_features(dev, tap, pooling, chunk_tokens)
             dev_metrics = compute_metrics(task["metric"], probe(torch.from_numpy(x_dev)).numpy(), dev.labels)
     probe_s = time.perf_counter() - t_probe
 
@@ -517,59 +519,3 @@ def maybe_compute_fisher(cfg: Any) -> dict | None:
         batch_size=int(getattr(cfg, "fisher_batch_size", 1) or 1), device=getattr(cfg, "device", "auto"),
         storage_options=getattr(cfg, "storage_options", None), progress=bool(getattr(cfg, "progress", False)),
     )
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------
-def _human(r: dict) -> str:
-    p = r["probe"]
-    dev = (f"dev {p['dev_metric']} {p['dev_score']:.4f} on {p['dev_examples']} examples"
-           if p["dev_score"] is not None else "no dev split")
-    lines = [
-        f"wrote Fisher importance into {r['store']}/init/importance.safetensors ({r['keys']} tensors, "
-        f"{r['zero_keys']} all-zero)",
-        f"  probe: linear on {p['pooling']}-pooled {tap_name(p['tap'])}, {p['train_examples']} train examples, "
-        f"train {p['train_score']:.4f}, {dev}",
-        f"  gradients: {r['samples']} samples (seed {r['seed']}, batch {r['batch_size']}) through "
-        f"{r['backbone']} on {r['device']}, mean loss {r['mean_loss']:.4f}, {r['grad_s']} s",
-    ]
-    lines += [f"  note: {n}" for n in r["notes"]]
-    return "\n".join(lines)
-
-
-def cmd_fisher(a: argparse.Namespace) -> int:
-    from pipeline.cli import UserError, _emit
-
-    try:
-        res = compute_fisher(a.cache, n_samples=a.samples, seed=a.seed, batch_size=a.batch_size, backbone=a.backbone,
-                             device=a.device, train_split=a.train_split, eval_split=a.eval_split,
-                             pooling=a.pooling, progress=not a.no_progress)
-    except FisherError as e:
-        raise UserError(str(e)) from None
-    _emit(res, a.json, _human)
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "fisher", help="stage one: Fisher importance for init=fisher (squared gradients over labelled samples)",
-        description="Fit a linear probe on the cached last tap, then back-propagate its task loss through the live "
-                    "backbone over N seeded training examples (ids from the cache, no re-tokenising) and write "
-                    "the summed squared gradients into the cache's init pack, for `lst train --init fisher`. "
-                    "The backbone is the one named in the cache fingerprint; a backbone whose weights differ "
-                    "from the cache's is refused. On a T5 cache extracted with --label-words no probe is "
-                    "fitted: T5's own LM loss on the gold label word is the task loss, as in the official code.",
-    )
-    p.add_argument("--cache", required=True, help="activation cache (path or fsspec URL)")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="labelled training samples (paper: 1024)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="examples per backward pass; 1 (default) = the official per-example Fisher, larger is "
-                        "faster but squares batch gradients (a coarser estimate)")
-    p.add_argument("--backbone", help="backbone dir if the fingerprint's name does not resolve here (checked by sha256)")
-    p.add_argument("--pooling", choices=["cls", "mean", "last"], help="probe pooling (default: the side family's)")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--eval-split", default="validation", help="split the probe's dev score is reported on")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
-    p.set_defaults(func=cmd_fisher)

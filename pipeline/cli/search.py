@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 
-from pipeline.train.errors import TrainError
+from pipeline.cli.options import add_options, given
+from pipeline.search.space import KNOBS
+from pipeline.search.sweep import SweepConfig
+from pipeline.train.config import TrainConfig
 
 SWEEP_EPILOG = """\
 space.yaml: one knob per line, each a list of choices, a range, or a fixed value:
@@ -17,7 +20,7 @@ space.yaml: one knob per line, each a list of choices, a range, or a fixed value
   weight_decay: [0.0, 0.01]
   epochs: 3
   batch_size: 32
-knobs: r, layers, gate, block, init, pooling, dropout, attention_dropout, lr, weight_decay, warmup_ratio, epochs, batch_size, seed
+knobs: {knobs}
 
 Re-running the same command resumes: finished trials are kept, trials a kill interrupted are retried.
 Examples:
@@ -28,17 +31,14 @@ Examples:
 """
 
 
-def _sweep(a: argparse.Namespace) -> int:
-    from pipeline.search.sweep import SweepConfig, run_sweep
+# TrainConfig options a sweep sets for every trial (besides the space's knobs)
+TRIAL_OPTIONS = ("max_steps", "device", "reader_memory")
 
-    train = {}
-    if a.max_steps is not None:
-        train["max_steps"] = a.max_steps
-    if a.device:
-        train["device"] = a.device
-    cfg = SweepConfig(cache=a.cache, space=a.space, out=a.out, trials=a.trials, sampler=a.sampler, pruner=a.pruner,
-                      parallel=a.parallel, workers=a.workers or 0, scheduler=a.scheduler, seed=a.seed, fuse=a.fuse,
-                      train=train, progress=not a.no_progress)
+
+def _sweep(a: argparse.Namespace) -> int:
+    from pipeline.search.sweep import run_sweep
+
+    cfg = SweepConfig(**given(a, SweepConfig), train=given(a, TrainConfig, TRIAL_OPTIONS), progress=not a.no_progress)
     s = run_sweep(cfg)
     if a.json:
         print(json.dumps(s, default=str))
@@ -68,26 +68,11 @@ def register(sub) -> None:
         description="Run an Optuna study over side-network variants, all trained from one activation cache. "
                     "Trials are trained --parallel at a time on ONE read of each batch (fused); results go to "
                     "OUT/study.journal, OUT/trials/<n>/ and OUT/sweep.json.",
-        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SWEEP_EPILOG.replace("{knobs}", ", ".join(KNOBS)), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--cache", required=True, help="activation cache written by `lst extract` (path or URL)")
-    p.add_argument("--space", required=True, help="space.yaml: the knobs to search (see below)")
-    p.add_argument("--out", required=True, help="sweep directory, e.g. runs/sweep-NAME")
-    p.add_argument("--trials", type=int, default=20, help="trials in the study when done (default 20; grid: at most the grid size)")
-    p.add_argument("--sampler", choices=["grid", "random", "tpe"], default="tpe", help="Optuna sampler (default tpe), seeded by --seed")
-    p.add_argument("--pruner", choices=["none", "asha"], default="none",
-                   help="asha: successive halving on the dev score after each epoch (default none)")
-    p.add_argument("--parallel", type=int, default=1, metavar="K",
-                   help="ask K trials at once and train them fused on one read of the cache (default 1)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, metavar="N", help="start a local Dask cluster of N worker processes (1 thread each)")
-    g.add_argument("--scheduler", metavar="tcp://host:port", help="use an existing Dask cluster; --out must be on a disk all workers share")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed, batch order and (unless searched) init seed (default 0)")
-    p.add_argument("--fuse", choices=["auto", "vmap", "loop"], default="auto",
-                   help="how same-shape variants share a batch: vmap (stacked, torch.func), loop (in turn), "
-                        "auto (vmap on CUDA, loop on CPU; default)")
-    p.add_argument("--max-steps", type=int, help="cap every trial at N optimisation steps (quick sweeps)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    add_options(p, SweepConfig, exclusive={"dask"},
+                overrides={n: {"required": True} for n in ("cache", "space", "out")})
+    add_options(p, TrainConfig, TRIAL_OPTIONS, title="every trial")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     p.set_defaults(func=_sweep)
@@ -105,4 +90,3 @@ def register(sub) -> None:
     r.set_defaults(func=_report)
 
 
-__all__ = ["register", "TrainError"]

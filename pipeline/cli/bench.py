@@ -1,0 +1,178 @@
+"""`lst bench ...`: benchmarks that print JSON (speed and memory goals live here, not in tests)."""
+
+from __future__ import annotations
+
+import argparse
+from pipeline.cli.output import emit
+
+
+def _extract(a: argparse.Namespace) -> int:
+    from pipeline.bench.extract import ExtractBenchConfig, run_extract_bench
+
+    cfg = ExtractBenchConfig(
+        backbone=a.backbone, dataset=a.dataset, split=a.split, examples=a.examples,
+        codecs=tuple(a.codecs.split(",")), batch_tokens=a.batch_tokens, shard_tokens=a.shard_tokens,
+        workdir=a.workdir, progress=not a.no_progress,
+    )
+    res = run_extract_bench(cfg)
+    emit(res, a.json)
+    return 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    from pipeline.bench.train import TrainBenchConfig, run_train_bench
+
+    res = run_train_bench(TrainBenchConfig(backbone=a.backbone, dataset=a.dataset, examples=a.examples, cache=a.cache,
+                                           batch_size=a.batch_size, workdir=a.workdir, device=a.device,
+                                           progress=not a.no_progress, label_words=a.label_words))
+    emit(res, a.json)
+    return 0
+
+
+def _memory(a: argparse.Namespace) -> int:
+    from pipeline.bench.memory import MemoryBenchConfig, run_memory_bench
+
+    cfg = MemoryBenchConfig(backbone=a.backbone, dataset=a.dataset, max_examples=a.max_examples,
+                            batch_size=a.batch_size, max_length=a.max_length, epochs=a.epochs,
+                            max_steps=a.max_steps, cache=a.cache, reader_memory=a.reader_memory, device=a.device,
+                            workdir=a.workdir, label_words=a.label_words, progress=not a.no_progress)
+    side = {} if a.attention_dropout is None else {"attention_dropout": a.attention_dropout}
+    res = run_memory_bench(side=side, cfg=cfg)
+    emit(res, a.json)
+    return 0
+
+
+def _scale(a: argparse.Namespace) -> int:
+    from pipeline.bench.scale import ScaleBenchConfig, run_scale_bench
+
+    cfg = ScaleBenchConfig(hidden=a.hidden, taps=a.taps, tokens=a.tokens, steps=a.steps,
+                           budgets=tuple(x.strip() for x in a.budgets.split(",") if x.strip()),
+                           batch_tokens=a.batch_tokens, batch_size=a.batch_size, layers=a.layers, heads=a.heads,
+                           intermediate=a.intermediate, vocab=a.vocab, r=a.r, workdir=a.workdir,
+                           progress=not a.no_progress)
+    res = run_scale_bench(cfg)
+    emit(res, a.json)
+    return 0
+
+
+def _register_memory(bsub) -> None:
+    m = bsub.add_parser(
+        "memory", help="peak memory of `lst train` (cached, --live) vs full fine-tuning vs a bare forward",
+        description="Each method runs as its own `lst train` command in a fresh process (cached LST, "
+                    "--method lst-live, --method full-ft) on the same data, batch size and epochs; a baseline "
+                    "process (imports only) and a bare backbone forward over the same batches are measured too. "
+                    "CPU: whole-process peak RSS (absolute and above the baseline); CUDA: max_memory_allocated "
+                    "plus the host peak. Goals: cached/full <= 0.15, live/full <= 0.40, cached < bare forward.")
+    m.add_argument("--backbone", default="minilm")
+    m.add_argument("--dataset", default="sst2")
+    m.add_argument("--max-examples", "--examples", dest="max_examples", type=int, default=20000,
+                   help="training examples to extract when no --cache (every split is capped at this; default 20000)")
+    m.add_argument("--batch-size", type=int, default=100)
+    m.add_argument("--max-length", type=int, default=128, help="extraction max length (default 128)")
+    m.add_argument("--epochs", type=int, default=1)
+    m.add_argument("--max-steps", type=int, help="cap each run (quick checks; the benchmark runs whole epochs)")
+    m.add_argument("--cache", help="use this cache (with train and validation splits) instead of extracting one")
+    m.add_argument("--reader-memory", help="passed to `lst train --reader-memory` (default: its own default)")
+    m.add_argument("--attention-dropout", type=float, help="side attention dropout for the LST methods")
+    m.add_argument("--label-words", help="T5 backbones: cache label-word targets; full fine-tuning then trains "
+                                         "T5's LM loss on them, LST the side encoder-decoder (the paper's T5 setting)")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("--workdir", help="keep the cache and runs here (default: a temp dir, removed); reused on re-runs")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_memory)
+
+
+def _register_scale(bsub) -> None:
+    s = bsub.add_parser(
+        "scale", help="`lst train` on a synthetic Llama-7B-shaped cache at several reader budgets",
+        description="Writes a synthetic cache with a real LLM's shape (d 4096, embeddings + evenly spaced blocks, "
+                    "heavy-tailed bf16 values, a 2-class task) straight through the store, then runs `lst train "
+                    "--max-steps N` in a fresh process per --reader-memory budget. Reports peak RSS vs budget "
+                    "(absolute and above the post-import baseline), read+decode MB/s, stall fraction, side step "
+                    "time, and what the run needs on a GPU counted from shapes vs the backbone's own weights.")
+    s.add_argument("--hidden", type=int, default=4096)
+    s.add_argument("--layers", type=int, default=32, help="backbone blocks (default 32)")
+    s.add_argument("--heads", type=int, help="attention heads (default hidden/128: 32 at 4096)")
+    s.add_argument("--intermediate", type=int, help="FFN width (default 11008 at 4096, else hidden*2.6875)")
+    s.add_argument("--vocab", type=int, default=32000)
+    s.add_argument("--taps", type=int, default=9, help="cached taps: embeddings + (taps-1) evenly spaced blocks")
+    s.add_argument("--tokens", type=int, default=200_000, help="training tokens (default 200,000)")
+    s.add_argument("--steps", type=int, default=20, help="`lst train --max-steps` per budget")
+    s.add_argument("--budgets", default="default,128MB",
+                   help="comma-separated --reader-memory values; 'default' runs without the flag")
+    s.add_argument("--batch-tokens", type=int, default=512, help="`lst train --batch-tokens` (default 512)")
+    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--r", type=int, default=8, help="side reduction factor (default 8)")
+    s.add_argument("--workdir", help="keep the synthetic cache and runs here (default: a temp dir, removed)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_scale)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print JSON (extract, train, memory, scale, sweep)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = bsub.add_parser("extract", help="forward vs extraction speed, codec sizes, read-back speed, int8 error",
+                        description="Bare backbone forward vs full extraction over the same batches, then for each "
+                                    "codec: bytes per value, compression vs raw fp16, read+decode MB/s, int8 error.")
+    e.add_argument("--backbone", default="minilm")
+    e.add_argument("--dataset", default="sst2")
+    e.add_argument("--split", default="train")
+    e.add_argument("--examples", type=int, default=20000)
+    e.add_argument("--codecs", default="bf16,fp16,fp32,int8")
+    e.add_argument("--batch-tokens", type=int, default=8192)
+    e.add_argument("--shard-tokens", type=int, default=16384)
+    e.add_argument("--workdir", help="keep the stores here (default: a temp dir, removed)")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_extract)
+
+    t = bsub.add_parser("train", help="one epoch cached vs live, and the FLOP-based speedup limit",
+                        description="Train the same side network for one epoch from the cache and with the live "
+                                    "backbone; report epoch times, cached_over_live_speedup and speedup_limit.")
+    t.add_argument("--backbone", default="minilm", help="minilm (default), mpnet, or a local model directory")
+    t.add_argument("--dataset", default="sst2")
+    t.add_argument("--examples", type=int, default=20000, help="SST-2 train examples to extract (if no --cache)")
+    t.add_argument("--cache", help="use this cache instead of extracting one")
+    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--label-words", help="T5 backbones: cache label-word targets and time the side encoder-decoder")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--workdir")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_train)
+
+    _register_memory(bsub)
+    _register_scale(bsub)
+    _register_sweep(bsub)
+
+
+def _sweep(a: argparse.Namespace) -> int:
+    from pipeline.bench.sweep import run_sweep_bench
+
+    res = run_sweep_bench(cache=a.cache, variants=a.variants, examples=a.examples, workers=a.workers,
+                          backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
+                          progress=not a.no_progress)
+    emit(res, a.json)
+    return 0
+
+
+def _register_sweep(bsub) -> None:
+    p = bsub.add_parser(
+        "sweep", help="K variants fused on one read vs K separate cached runs vs K live runs",
+        description="Train K side-network variants (one architecture: lr, weight decay, seed, dropout vary) for one "
+                    "epoch fused on one read of the cache, then as K separate cached runs, and time one live-LST "
+                    "run (x K). Prints the ratios, the FLOP-based speedup limit and whether the goals "
+                    "(fused/separate <= 0.5, fused speedup over live >= 0.8 x limit) are met.")
+    p.add_argument("--cache", help="SST-2 cache to use (default: extract --examples examples into a temp dir)")
+    p.add_argument("--variants", type=int, default=16)
+    p.add_argument("--examples", type=int, default=2000, help="examples per split to extract when no --cache")
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--workers", type=int, default=0, help="also time a Dask sweep with 1 and with N worker processes")
+    p.add_argument("--sweep-trials", type=int, default=8, help="trials of the Dask sweeps (default 8)")
+    p.add_argument("--fuse", choices=["auto", "vmap", "loop"], default="auto")
+    p.add_argument("--workdir", help="keep the runs here (default: a temp dir, removed)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_sweep)

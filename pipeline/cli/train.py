@@ -1,0 +1,115 @@
+"""`lst train` and `lst predict`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from pipeline.cli.options import add_options, given
+from pipeline.errors import TrainError
+from pipeline.side.config import SideConfig
+from pipeline.train.config import TrainConfig
+
+
+def _layers(s: str) -> list[int] | None:
+    if s in (None, "all"):
+        return None
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise TrainError(f"--layers {s!r}: give 'all' or 1-based block numbers such as 1,2,3,5") from None
+
+
+# side-network fields that are flags of `lst train` (the rest come from the cache or a --config)
+SIDE_FLAGS = ("r", "layers", "decoder_layers", "head", "gate", "block", "init", "pooling", "dropout",
+              "attention_dropout")
+LAYER_FLAGS = ("layers", "decoder_layers")
+
+
+def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
+    base: dict = {}
+    if a.config:
+        p = Path(a.config)
+        if not p.exists():
+            raise TrainError(f"--config {p} does not exist")
+        base = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(base, dict):
+            raise TrainError(f"--config {p}: expected a mapping of training keys, got {type(base).__name__}")
+        if "train" in base:  # a run's own config.yaml
+            base = {**base["train"], "side": {**base["train"].get("side", {}), **base.get("side", {})}}
+    side = {**(base.pop("side", {}) or {}), **given(a, SideConfig, SIDE_FLAGS, exclude=LAYER_FLAGS)}
+    shift = 1 - a.layers_base  # SideConfig is 1-based; official LST lists are 0-based
+    for key in LAYER_FLAGS:
+        flag = getattr(a, key)
+        if flag is not None:
+            got = _layers(flag)
+            side[key] = [x + shift for x in got] if got is not None else None
+    merged = {**base, **given(a, TrainConfig), "side": side, "progress": not a.no_progress}
+    merged["overwrite"] = bool(a.overwrite)
+    if not merged.get("cache") or not merged.get("out"):
+        raise TrainError("give --cache CACHE and --out runs/NAME (or a --config that sets them)")
+    return TrainConfig.from_dict(merged)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from pipeline.train.trainer import train
+
+    s = train(train_config_from_args(a))
+    keys = ("task", "metric", "dev_score", "trainable_params", "trainable_pct", "peak_mem_mb", "epoch_s",
+            "examples_per_s", "stall_fraction")
+    if a.json:
+        print(json.dumps({**{k: s[k] for k in keys}, **{k: v for k, v in s.items() if k not in keys}}))
+    else:
+        print("\n".join(f"{k}: {s[k]}" for k in keys))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from pipeline.train.predict import Predictor, read_inputs
+
+    if bool(a.text) == bool(a.input):
+        raise TrainError("give exactly one of --text TEXT or --input FILE")
+    texts, pairs = ([a.text], [a.text_pair] if a.text_pair else None) if a.text else read_inputs(a.input)
+    preds = Predictor(a.run, device=a.device, max_new_tokens=a.max_new_tokens).predict(texts, pairs)
+    if a.json:
+        print(json.dumps({"run": a.run, "predictions": preds}))
+    else:
+        for p in preds:
+            print(f"{p.get('label', p.get('score'))}\t{p['text']}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="stage two: train a ladder side network from the cache (never loads the backbone)",
+        description="Train one LST side network from an activation cache. Writes config.yaml, side.safetensors, "
+                    "metrics.jsonl and summary.json to --out; re-running the same command resumes after a kill.",
+    )
+    add_options(p, TrainConfig, ("cache", "out"))
+    p.add_argument("--config", help="YAML with training keys and a `side:` section (flags override it)")
+    g = p.add_argument_group("side network")
+    add_options(g, SideConfig, SIDE_FLAGS, overrides={
+        "layers": {"type": str, "help": "kept backbone blocks, 1-based, e.g. 1,2,3,5 (default all)"},
+        "decoder_layers": {"type": str, "help": "T5 side decoder blocks, numbered as --layers (default: --layers "
+                                                "when given, as the official scripts, else all decoder blocks)"}})
+    g.add_argument("--layers-base", type=int, choices=[0, 1], default=1,
+                   help="numbering of --layers/--decoder-layers: 1 (default; block b = tap b) or 0 to paste the "
+                        "official LST lists as they are (T5-base dropping: --layers 1,2,3,5,6,7,9,10,11 --layers-base 0)")
+    add_options(p, TrainConfig, exclude=("cache", "out"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("predict", help="predict new text with a trained run (loads backbone + side network)")
+    q.add_argument("--run", required=True, help="run directory written by `lst train`")
+    q.add_argument("--text", help="one input text")
+    q.add_argument("--text-pair", help="second segment for pair tasks")
+    q.add_argument("--input", help=".txt (one per line) or CSV/TSV/JSONL/Parquet with a text column")
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument("--max-new-tokens", type=int,
+                   help="T5 label-scoring runs: greedy generation length cap (default: longest label + 4)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_predict)

@@ -1,0 +1,54 @@
+"""ExtractConfig: every option of stage one, each declared once with its help text.
+
+``lst extract``'s flags are derived from these fields (``pipeline.cli.options``). This module
+imports no torch, so ``lst extract --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CODEC_CHOICES = ("bf16", "fp16", "fp32", "int8")
+
+
+def opt(default: Any = None, help: str = "", **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = opt("minilm", "'minilm', 'mpnet', or a local Hugging Face model dir")
+    dataset: str = opt("sst2", "named task (sst2, cola, mrpc, stsb, trec), a CSV/TSV/JSONL/Parquet file, "
+                               "'train=a.csv,validation=b.csv', or a local HF datasets dir")
+    out: str = opt("data/cache/sst2-minilm.zarr",
+                   "store path or fsspec URL (default data/cache/<dataset>-<backbone>.zarr)", show_default=False)
+    splits: list[str] | None = opt(None, "comma-separated splits to extract (default: all labelled splits)")
+    layers: str = opt("all", "'all' or tap indices, e.g. 0,1,3 (0 = embeddings, i = block i)")
+    codec: str = opt("bf16", "bf16 (lossless vs bf16 compute), fp16, fp32 (exact), int8 (lossy, per-token scale)",
+                     choices=CODEC_CHOICES)
+    max_length: int = opt(128, "truncate longer inputs (counted and reported)")
+    max_examples: int | None = opt(None, "keep the first N examples of each split", aliases=("--examples",))
+    device: str = opt("auto", "where the backbone runs", choices=("auto", "cpu", "cuda"))
+    precision: str = opt("fp32", "compute precision of the backbone forward (half precision is for CUDA)",
+                         choices=("fp32", "fp16", "bf16"))
+    batch_tokens: int = opt(8192, "padded tokens per forward batch")
+    shard_tokens: int = opt(16384, "token rows per shard (unit of work and resume)")
+    workers: int = opt(0, "run on a Dask LocalCluster with N worker processes", group="dask")
+    scheduler: str | None = opt(None, "run on an existing Dask cluster, e.g. tcp://host:8786", group="dask")
+    overwrite: bool = opt(False, "replace a store whose fingerprint differs")
+    text_column: str | None = opt(None, "text column of a user file")
+    text_pair_column: str | None = opt(None, "second text column of a user file (pair tasks)")
+    label_column: str | None = opt(None, "label column of a user file")
+    data_dir: str | None = opt(None, "data directory for named tasks (default $LST_DATA_DIR or ../shared/data)")
+    dev_fraction: float = opt(0.1, "share of train carved out as validation when there is none")
+    seed: int = opt(0, "seed of the dev carve")
+    storage_options: dict | None = field(default=None, metadata={"help": "fsspec options", "cli": False})
+    progress: bool = field(default=True, metadata={"help": "progress bars", "cli": False})
+    fisher_samples: int = opt(0, "also compute Fisher importance over N labelled train examples for --init fisher "
+                                 "(the paper uses 1024; same as running `lst fisher` afterwards)")
+    label_words: str | None = opt(
+        None, "T5: also cache the decoder's teacher-forced taps for each candidate label word, so a side "
+              "encoder-decoder trains and scores labels from the cache (the paper's T5 setting); decoder-only: "
+              "the words `lst train --head lm` scores with the frozen LM head. 'auto' uses the dataset's label "
+              "names, or give one word per class: negative,positive", metavar="WORDS")

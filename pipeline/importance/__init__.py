@@ -1,0 +1,1 @@
+"""Parameter importance for pruning-based side initialisation (the paper's Fisher information)."""

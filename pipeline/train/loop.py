@@ -1,0 +1,284 @@
+"""The one training loop of stage two.
+
+``run_loop`` drives a list of :class:`VariantRunner` over one batch stream: ``lst train`` is the
+loop with one runner, a fused sweep is the same loop with K runners sharing every decoded batch.
+Each epoch: every active variant takes one optimisation step per batch, then every variant is
+evaluated on one pass over the dev split, its row goes to its ``metrics.jsonl``, its best weights
+to ``side.safetensors`` and, for resumable runs, its resume point to ``checkpoint/``. A variant
+leaves the loop when ``on_epoch`` prunes it, its patience runs out, or ``max_steps`` is reached.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.memory import peak_rss_bytes
+from pipeline.metrics import compute_metrics
+from pipeline.train.config import TrainConfig
+from pipeline.train.reader import Batch, CacheReader
+from pipeline.train.rundir import RunDir
+
+# tap index -> [B, L, d]; ("dec", tap index) -> [B, D, d] for T5 label targets
+TapMap = dict[Any, torch.Tensor]
+# batch -> its taps: read from the cache batch, or computed by the live backbone
+TapSource = Callable[[Batch], TapMap]
+# on_epoch(variant index, metrics row) -> True to stop that variant now (pruning)
+OnEpoch = Callable[[int, dict], bool]
+
+STATE_KEYS = ("epoch", "step", "best_score", "best_epoch", "bad_epochs", "history", "step_losses")
+
+
+def cached_taps(taps: list[int], dec_taps: list[int]) -> TapSource:
+    """The tap map of a cache batch (its taps are in the reader's ``taps`` order)."""
+    def source(b: Batch) -> TapMap:
+        out: TapMap = dict(zip(taps, b.taps or []))
+        out.update({("dec", t): x for t, x in zip(dec_taps, b.dec_taps or [])})
+        return out
+    return source
+
+
+def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: a side network has many small tensors, so one fused update
+    instead of a dozen ops per tensor is a visible share of a cached step."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, fused=True)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """The paper's measure on CUDA (max allocated); the whole process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_bytes() / 2**20
+
+
+@dataclass
+class Variant:
+    """One side network being trained: its config, model, run directory and progress."""
+
+    index: int  # position in the caller's config list
+    cfg: TrainConfig
+    model: Any
+    run: RunDir
+    init_report: dict
+    rng: torch.Tensor  # torch RNG state of this variant's dropout stream
+    weights_file: str = "side.safetensors"  # where the best weights go
+    epoch: int = 0  # epochs finished
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+    step_losses: list = field(default_factory=list)
+    epoch_losses: list = field(default_factory=list)
+    active: bool = True
+    pruned: bool = False
+    stopped_early: bool = False
+    seen: int = 0  # examples trained on in this process
+    train_s: float = 0.0  # seconds of epochs run in this process
+    epochs_here: int = 0
+    stall_wait: float = 0.0
+    stall_total: float = 0.0
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in STATE_KEYS}
+
+    def restore(self, state: dict) -> None:
+        for k in STATE_KEYS:
+            if k in state:
+                setattr(self, k, state[k])
+
+
+class VariantRunner:
+    """One variant as a plain module with torch's AdamW, LambdaLR and clip_grad_norm_.
+
+    The runner swaps its own RNG state in around each step, so K variants trained on one batch
+    stream each see exactly the dropout draws a run of their own would."""
+
+    def __init__(self, v: Variant, total_steps: int):
+        self.variant = v
+        self.taps = v.model.required_taps()
+        self.dec_taps = v.model.required_decoder_taps()
+        self.optimizer = make_optimizer(v.model, v.cfg.lr, v.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, int(v.cfg.warmup_ratio * total_steps)))
+
+    def inputs(self, taps: TapMap, b: Batch) -> dict:
+        out = {"taps": [taps[t] for t in self.taps], "attention_mask": b.attention_mask}
+        if self.dec_taps:
+            out["dec_taps"] = [taps[("dec", t)] for t in self.dec_taps]
+        return out
+
+    def train_step(self, taps: TapMap, b: Batch) -> float:
+        v = self.variant
+        torch.set_rng_state(v.rng)
+        loss = v.model.training_loss(labels=b.labels, **self.inputs(taps, b))
+        v.rng = torch.get_rng_state()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if v.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(v.model.parameters(), v.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def eval_logits(self, taps: TapMap, b: Batch) -> torch.Tensor:
+        return self.variant.model(**self.inputs(taps, b)).float().cpu()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_resume_point(self) -> None:
+        v = self.variant
+        v.run.save_resume_point(v.model, self.optimizer, self.scheduler, v.state(), v.rng)
+
+    def load_resume_point(self) -> None:
+        v = self.variant
+        v.restore(v.run.load_resume_point(v.model, self.optimizer, self.scheduler))
+        v.rng = torch.get_rng_state()
+        v.run.rewrite_metrics(v.history)
+
+
+@torch.no_grad()
+def evaluate(runners: list[VariantRunner], reader: CacheReader, source: TapSource, metric: str) -> list[dict]:
+    """Dev metrics of every runner's variant from one pass over the eval split."""
+    for r in runners:
+        r.variant.model.eval()
+    outs: list[list[torch.Tensor]] = [[] for _ in runners]
+    gold = []
+    for b in reader.iter_epoch(0):
+        taps = source(b)
+        for out, r in zip(outs, runners):
+            out.append(r.eval_logits(taps, b))
+        gold.append(b.labels.cpu())
+    for r in runners:
+        r.variant.model.train()
+    labels = torch.cat(gold).numpy()
+    res = []
+    for out, r in zip(outs, runners):
+        logits = torch.cat(out).numpy()
+        loss = r.variant.model.loss(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+        res.append({**compute_metrics(metric, logits, labels), "loss": loss})
+    return res
+
+
+def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reader: CacheReader,
+             source: TapSource, *, epochs: int, metric: str, max_steps: int | None = None,
+             on_epoch: OnEpoch | None = None, resumable: bool = False, progress: bool = False) -> None:
+    """Train every runner's variant on one batch stream until each is done (see module doc)."""
+    steps_per_epoch = train_reader.num_batches(0)
+    for r in runners:
+        r.variant.model.train()
+    start = min((r.variant.epoch for r in runners), default=0)
+    for epoch in range(start, epochs):
+        active = [r for r in runners if r.variant.active]
+        step = max((r.variant.step for r in active), default=0)
+        if not active or (max_steps is not None and step >= max_steps):
+            break
+        t0 = time.perf_counter()
+        w0, tot0 = train_reader.stats.wait_s, train_reader.stats.total_s
+        for r in active:
+            r.variant.epoch_losses = []
+        name = f"epoch {epoch + 1}/{epochs}" if len(runners) == 1 else f"fused x{len(active)} epoch {epoch + 1}/{epochs}"
+        bar = tqdm(total=steps_per_epoch, desc=name, file=sys.stderr, disable=not progress, dynamic_ncols=True,
+                   leave=False)
+        seen = 0
+        for b in train_reader.iter_epoch(epoch):
+            taps = source(b)
+            for r in active:
+                v = r.variant
+                lv = r.train_step(taps, b)
+                v.epoch_losses.append(lv)
+                if len(v.step_losses) < 200:
+                    v.step_losses.append(lv)
+                v.step += 1
+            step += 1
+            seen += len(b.index)
+            bar.update(1)
+            if len(active) == 1:
+                bar.set_postfix(loss=f"{lv:.4f}")
+            if max_steps is not None and step >= max_steps:
+                break
+        bar.close()
+        epoch_s = time.perf_counter() - t0
+        wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
+        evals = evaluate(active, eval_reader, source, metric)
+        for r, ev in zip(active, evals):
+            v = r.variant
+            v.seen += seen
+            v.train_s += epoch_s
+            v.epochs_here += 1
+            v.stall_wait += wait
+            v.stall_total += total
+            if ev["score"] > v.best_score:
+                v.best_score, v.best_epoch, v.bad_epochs = ev["score"], epoch + 1, 0
+                v.run.save_best(v.model, epoch + 1, ev["score"], v.weights_file)
+            else:
+                v.bad_epochs += 1
+            row = {"epoch": epoch + 1, "step": v.step,
+                   "train_loss": float(np.mean(v.epoch_losses)) if v.epoch_losses else None,
+                   "dev_loss": ev["loss"], "dev_score": ev["score"],
+                   **{f"dev_{k}": x for k, x in ev.items() if k not in ("score", "loss")},
+                   "lr": r.lr, "epoch_s": round(epoch_s, 3), "stall_fraction": round(wait / max(1e-9, total), 4)}
+            v.history.append(row)
+            v.run.append_metrics(row)
+            v.epoch = epoch + 1
+            if resumable:
+                r.save_resume_point()
+            if on_epoch is not None and on_epoch(v.index, row):
+                v.pruned, v.active = True, False
+            elif v.cfg.patience is not None and v.bad_epochs >= v.cfg.patience:
+                v.stopped_early, v.active = True, False
+        if progress:
+            if len(runners) == 1:
+                row = active[0].variant.history[-1]
+                print(f"epoch {epoch + 1}: train_loss={row['train_loss']:.4f} dev_{metric}={row['dev_score']:.4f}",
+                      file=sys.stderr)
+            else:
+                best = max(ev["score"] for ev in evals)
+                print(f"fused epoch {epoch + 1}: {len(active)} variants, {epoch_s:.1f} s, best dev {best:.4f}",
+                      file=sys.stderr)
+
+
+def summary(v: Variant, task: dict, backbone_params: int, device: torch.device, live: bool) -> dict:
+    """The ``summary.json`` of a finished variant (also what ``train()`` returns)."""
+    trainable = v.model.trainable_parameters()
+    return {
+        "run": str(v.run),
+        "task": task["name"],
+        "metric": task["metric"],
+        "dev_score": v.best_score if v.best_score > -math.inf else None,
+        "best_epoch": v.best_epoch,
+        "final": v.history[-1] if v.history else None,
+        "epochs_run": v.epoch,
+        "steps": v.step,
+        "stopped_early": v.stopped_early,
+        "trainable_params": trainable,
+        "trainable_pct": round(100 * trainable / backbone_params, 4),
+        "backbone_params": backbone_params,
+        "peak_mem_mb": round(peak_mem_mb(device), 1),
+        "epoch_s": round(v.train_s / v.epochs_here, 3) if v.epochs_here else None,
+        "examples_per_s": round(v.seen / v.train_s, 1) if v.train_s else None,
+        "stall_fraction": round(v.stall_wait / v.stall_total, 4) if v.stall_total else None,
+        "live": live,
+        "device": str(device),
+        "first_losses": v.step_losses[:20],
+        "method": v.cfg.method,
+    }

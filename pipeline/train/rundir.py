@@ -1,0 +1,90 @@
+"""A run directory and the files it owns.
+
+    config.yaml        the fully resolved config (written once, at the start)
+    metrics.jsonl      one line per finished epoch
+    side.safetensors   the side network at its best dev score (full fine-tuning: model.safetensors)
+    checkpoint/        the resume point, rewritten after every epoch (``info.json`` last: the commit)
+    summary.json       written when the run ends
+
+Everything is safetensors, JSON or YAML: nothing here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cache.fingerprint import diff_fingerprints
+from pipeline.errors import CacheError, TrainError
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.config import RESUME_FREE, TrainConfig
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    # -- starting ------------------------------------------------------------------------------
+    def prepare(self, cfg: TrainConfig, fingerprint: dict, *, resumable: bool) -> bool:
+        """Clear it (``overwrite``), refuse a different or finished run; True when resuming."""
+        if cfg.overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        if not (self.path.exists() and any(self.path.iterdir())):
+            return False
+        if not resumable:
+            raise TrainError(f"{self.path} is not empty; fused runs do not resume: use another out dir or overwrite=True")
+        if (self.checkpoint / "info.json").exists():
+            self._check_same_run(cfg, fingerprint)
+            return True
+        if (self.path / "summary.json").exists():
+            raise TrainError(f"{self.path} holds a finished run; use another --out or --overwrite")
+        return False
+
+    def _check_same_run(self, cfg: TrainConfig, fingerprint: dict) -> None:
+        saved = yaml.safe_load((self.path / "config.yaml").read_text())
+        now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+        diffs = [k for k in now if k not in RESUME_FREE and saved["train"].get(k, defaults[k]) != now[k]]
+        if diffs:
+            raise TrainError(
+                f"{self.path} holds a different run (differs in {', '.join(diffs)}); use another --out or --overwrite"
+            )
+        fdiff = diff_fingerprints(saved["cache_fingerprint"], fingerprint)
+        if fdiff:
+            raise CacheError(f"the cache is not the cache run {self.path} was trained on:\n  " + "\n  ".join(fdiff))
+
+    def start(self, resolved: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (self.path / "metrics.jsonl").write_text("")
+
+    # -- during the run ------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rewrite_metrics(self, history: list[dict]) -> None:
+        """After a resume: a kill between the metrics line and the checkpoint must not leave a duplicate epoch."""
+        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def save_best(self, model, epoch: int, score: float, name: str = "side.safetensors") -> None:
+        ckpt.save_model(model, self.path / name, {"epoch": epoch, "dev_score": score})
+
+    def save_resume_point(self, model, optimizer, scheduler, state: dict, rng) -> None:
+        ckpt.save_resume_point(self.checkpoint, model, optimizer, scheduler, state, rng=rng)
+
+    def load_resume_point(self, model, optimizer, scheduler) -> dict:
+        return ckpt.load_resume_point(self.checkpoint, model, optimizer, scheduler)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,110 @@
+"""The `lst` command line: every command's --help works, and a user error is one line on stderr,
+exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.append((*prefix, name))
+                out += _commands(sub, (*prefix, name))
+    return out
+
+
+COMMANDS = _commands(build_parser())
+
+
+def test_the_command_tree_is_complete():
+    names = {c[0] for c in COMMANDS}
+    assert {"extract", "inspect", "verify", "fisher", "train", "predict", "sweep", "report", "params",
+            "bench"} <= names
+    assert {c[1] for c in COMMANDS if len(c) == 2 and c[0] == "bench"} >= {"extract", "train", "memory", "sweep"}
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` in-process: its return value or SystemExit code, with stdout and stderr."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    rc, out, err = _run(["--help"], capsys)
+    assert rc == 0 and err == ""
+    assert out.startswith("usage: lst")
+    for name in {c[0] for c in COMMANDS}:
+        assert name in out
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_command_has_help(cmd, capsys):
+    rc, out, err = _run([*cmd, "--help"], capsys)
+    assert rc == 0, err
+    assert out.startswith(f"usage: lst {' '.join(cmd)}"), out[:200]
+    assert "-h, --help" in out and err == ""
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--cache", "/nonexistent", "--out", "x"], "no activation cache at /nonexistent"),
+    (["inspect", "/nonexistent"], "no activation cache at /nonexistent"),
+    (["verify", "/nonexistent"], "no activation cache at /nonexistent"),
+    (["fisher", "--cache", "/nonexistent"], "no activation cache at /nonexistent"),
+    (["predict", "--run", "/nonexistent", "--text", "hi"], "/nonexistent is not a finished training run"),
+    (["sweep", "--cache", "/nonexistent", "--space", "/nonexistent.yaml", "--out", "sw"], "/nonexistent.yaml"),
+    (["report", "/nonexistent"], "not a sweep directory"),
+    (["extract", "--backbone", "nope", "--dataset", "sst2", "--out", "e.zarr"], "backbone 'nope'"),
+    (["extract", "--backbone", "minilm", "--dataset", "/nonexistent.csv", "--out", "e.zarr"], "unknown dataset"),
+    (["params", "--backbone", "nope"], "'nope'"),
+    (["train"], "give --cache CACHE and --out"),  # may come from --config, so checked after parsing
+])
+def test_user_error_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative --out paths land here, if anything is written at all
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lst {argv[0]}: error: ") and needle in lines[0]
+    assert "Traceback" not in err and "Traceback" not in out
+
+
+@pytest.mark.parametrize("argv", [[], ["inspect"], ["train", "--cache"], ["no-such-command"], ["train", "--cache", "c", "--bogus"]])
+def test_argparse_usage_errors_exit_2(argv, capsys):
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2
+    assert "usage: lst" in err and "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["console-script", "module"])
+def test_subprocess_user_error_has_no_traceback(how, tmp_path):
+    if how == "console-script":
+        exe = shutil.which("lst", path=os.path.dirname(sys.executable)) or shutil.which("lst")
+        if exe is None:
+            pytest.skip("the `lst` console script is not installed (pip install -e .)")
+        cmd = [exe]
+    else:
+        cmd = [sys.executable, "-m", "pipeline.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([*cmd, "inspect", str(tmp_path / "missing.zarr")], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"lst inspect: error: no activation cache at {tmp_path / 'missing.zarr'}: "
+        f"run `lst extract ... --out {tmp_path / 'missing.zarr'}` first"]
+    assert r.stdout == ""

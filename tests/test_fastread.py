@@ -1,0 +1,213 @@
+"""pipeline/cache/fastread.py: DirectArray decodes the store's sharded arrays itself.
+
+The arrays are made exactly as ``create_store`` makes its ``acts/<tap>`` and ``scales/<tap>``
+arrays (same ``create_array`` arguments and codec chain, ``codecs.compressors``), with 4-row inner
+chunks so one shard holds several. Every read is compared with Zarr's own read of the same array,
+over full and partial inner chunks, shard boundaries, a missing shard file, an inner chunk that was
+never written, and corrupted bytes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cache import codecs as C
+from pipeline.cache.fastread import EMPTY, DirectArray
+from pipeline.errors import ChecksumError
+
+HIDDEN = 6
+SHARD = 16  # token rows per shard
+ROWS = 4  # token rows per inner chunk
+T = 70  # 5 shards, the last one partial (rows 64:70, inside its second inner chunk)
+
+
+class _Split:
+    """The two arrays of a split that DirectArray reads, as create_store lays them out."""
+
+    def __init__(self, root: Path, codec: str, num_tokens: int):
+        spec = C.codec_spec(codec)
+        g = zarr.open_group(str(root / "c.zarr"), mode="w", zarr_format=3)
+        self.acts = g.create_group("train").create_group("acts")
+        for tap in ("embeddings", "layer_1"):
+            self.acts.create_array(
+                tap, shape=(num_tokens, HIDDEN), dtype=spec.storage_dtype, chunks=(ROWS, HIDDEN),
+                shards=(SHARD, HIDDEN), compressors=C.compressors(codec=codec), fill_value=0,
+                attributes={"logical_dtype": spec.logical_dtype, "codec": codec},
+            )
+        self.scales = g["train"].create_group("scales")
+        # create_store's scale chunks are min(shard, 65536) rows; 4 here so shards hold several
+        self.scales.create_array("embeddings", shape=(num_tokens,), dtype="float32", chunks=(ROWS,),
+                                 shards=(SHARD,), compressors=C.compressors(), fill_value=0)
+
+    def tap_array(self, tap: int) -> zarr.Array:
+        return self.acts["embeddings" if tap == 0 else f"layer_{tap}"]
+
+    def scale_array(self, tap: int) -> zarr.Array:
+        assert tap == 0
+        return self.scales["embeddings"]
+
+
+def _make(tmp_path: Path, codec: str, num_tokens: int = T) -> _Split:
+    return _Split(tmp_path, codec, num_tokens)
+
+
+def _values(codec: str, rows: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(C.codec_spec(codec).storage_dtype)
+    if dtype.kind == "f":
+        return (rng.standard_normal((rows, HIDDEN)) * 3).astype(dtype)
+    info = np.iinfo(dtype)
+    # no zero rows, so no inner chunk is skipped as "all fill value" by Zarr
+    return rng.integers(1, min(info.max, 127), (rows, HIDDEN)).astype(dtype)
+
+
+def _index(f: Path, chunks_per_shard: int) -> np.ndarray:
+    buf = f.read_bytes()
+    return np.frombuffer(buf[len(buf) - 16 * chunks_per_shard - 4:-4], dtype="<u8").reshape(-1, 2)
+
+
+RANGES = [
+    (0, T),  # everything
+    (0, 4), (4, 8), (0, 16),  # whole inner chunks, a whole shard
+    (1, 3), (5, 7), (3, 5),  # inside one chunk; across two chunks
+    (2, 14), (13, 19), (15, 17), (14, 50),  # partial first/last chunks, across one or several shards
+    (16, 32), (31, 33), (60, 70), (64, 70), (66, 69), (69, 70),  # the partial last shard
+]
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "fp32", "int8"])
+def test_reads_equal_zarr_over_chunk_and_shard_boundaries(tmp_path, codec):
+    v = _make(tmp_path, codec)
+    arr = v.tap_array(1)
+    vals = _values(codec, T)
+    arr[:] = vals
+    d = DirectArray.for_array(arr)
+    assert d is not None, "the store's codec chain must take the direct path"
+    assert (d.shard_rows, d.chunk_rows, d.chunks_per_shard) == (SHARD, ROWS, SHARD // ROWS)
+    assert d.dtype == vals.dtype and d.shape == (T, HIDDEN)
+    with ThreadPoolExecutor(3) as pool:
+        for a, b in RANGES:
+            ref = arr[a:b]
+            np.testing.assert_array_equal(ref, vals[a:b])  # Zarr itself round-trips
+            for p in (None, pool):
+                got = d.read(a, b, p)
+                assert got.dtype == ref.dtype and got.shape == ref.shape, (a, b)
+                np.testing.assert_array_equal(got, ref, err_msg=f"rows {a}:{b} pool={p is not None}")
+
+
+def test_one_dimensional_scale_arrays(tmp_path):
+    """The int8 codec's per-row float32 scales are 1-D sharded arrays; they take the same path."""
+    v = _make(tmp_path, "int8")
+    sc = v.scale_array(0)
+    d = DirectArray.for_array(sc)
+    assert d is not None and d.row_shape == () and d.shard_rows == SHARD
+    n = sc.shape[0]
+    vals = np.random.default_rng(5).uniform(0.1, 2.0, n).astype(np.float32)
+    sc[:] = vals
+    for a, b in [(0, n), (0, 1), (SHARD - 1, SHARD + 1), (n - 40, n), (n - 3, n), (5, 50)]:
+        np.testing.assert_array_equal(d.read(a, b), sc[a:b])
+        np.testing.assert_array_equal(d.read(a, b), vals[a:b])
+
+
+def test_empty_range(tmp_path):
+    v = _make(tmp_path, "fp32")
+    d = DirectArray.for_array(v.tap_array(0))
+    for a in (0, 17, T):
+        got = d.read(a, a)
+        assert got.shape == (0, HIDDEN)
+
+
+def test_missing_shard_file_reads_as_fill_value(tmp_path):
+    v = _make(tmp_path, "bf16")
+    arr = v.tap_array(1)
+    vals = _values("bf16", T)
+    arr[0:SHARD] = vals[0:SHARD]  # shard 0
+    arr[3 * SHARD:T] = vals[3 * SHARD:T]  # shards 3 and 4; shards 1 and 2 never written
+    d = DirectArray.for_array(arr)
+    assert not d._shard_file(1).exists() and not d._shard_file(2).exists()
+    assert d._shard_file(0).exists() and d._shard_file(3).exists()
+    for a, b in [(0, T), (10, 40), (16, 32), (20, 22), (30, 50)]:
+        ref = arr[a:b]
+        np.testing.assert_array_equal(d.read(a, b), ref)
+    np.testing.assert_array_equal(d.read(SHARD, 3 * SHARD), np.full((2 * SHARD, HIDDEN), arr.fill_value))
+    # the whole array never written: no shard files at all
+    d0 = DirectArray.for_array(v.tap_array(0))
+    assert not any(d0._shard_file(s).exists() for s in range(5))
+    np.testing.assert_array_equal(d0.read(0, T), v.tap_array(0)[:])
+    assert not d0.read(0, T).any()
+
+
+def test_unwritten_inner_chunk_is_an_empty_index_entry(tmp_path):
+    v = _make(tmp_path, "fp16")
+    arr = v.tap_array(1)
+    vals = _values("fp16", T)
+    arr[0:4] = vals[0:4]
+    arr[8:16] = vals[8:16]  # inner chunk 1 (rows 4:8) of shard 0 never written
+    arr[16:20] = vals[16:20]  # shard 1: only its first inner chunk
+    arr[68:T] = vals[68:T]  # last shard (rows 64:70): only its second, partial inner chunk (rows 68:72 of 70)
+    d = DirectArray.for_array(arr)
+    idx0 = _index(d._shard_file(0), d.chunks_per_shard)
+    assert idx0[1, 0] == EMPTY and all(idx0[c, 0] != EMPTY for c in (0, 2, 3))
+    idx1 = _index(d._shard_file(1), d.chunks_per_shard)
+    assert idx1[0, 0] != EMPTY and all(idx1[c, 0] == EMPTY for c in (1, 2, 3))
+    idx4 = _index(d._shard_file(4), d.chunks_per_shard)
+    assert idx4[1, 0] != EMPTY and idx4[0, 0] == EMPTY
+    for a, b in RANGES:
+        np.testing.assert_array_equal(d.read(a, b), arr[a:b], err_msg=f"rows {a}:{b}")
+    got = d.read(0, T)
+    assert not got[4:8].any() and not got[20:32].any() and not got[64:68].any()
+    np.testing.assert_array_equal(got[68:T], vals[68:T])
+
+
+def _flip(f: Path, pos: int) -> None:
+    data = bytearray(f.read_bytes())
+    data[pos] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_chunk_raises_checksum_error(tmp_path):
+    v = _make(tmp_path, "fp32")
+    arr = v.tap_array(1)
+    arr[:] = _values("fp32", T)
+    d = DirectArray.for_array(arr)
+    f = d._shard_file(1)
+    off, nbytes = (int(x) for x in _index(f, d.chunks_per_shard)[2])  # inner chunk 2: rows 24:28
+    _flip(f, off + nbytes // 2)
+    with pytest.raises(ChecksumError, match=r"rows 24:28"):
+        d.read(0, T)
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ChecksumError):
+        d.read(20, 30, pool)
+    # rows that do not touch the damaged chunk still read, and equal Zarr
+    np.testing.assert_array_equal(d.read(0, 24), arr[0:24])
+    np.testing.assert_array_equal(d.read(28, T), arr[28:T])
+
+
+def test_flipped_byte_in_a_shard_index_raises_checksum_error(tmp_path):
+    v = _make(tmp_path, "bf16")
+    arr = v.tap_array(0)
+    arr[:] = _values("bf16", T)
+    d = DirectArray.for_array(arr)
+    f = d._shard_file(2)
+    _flip(f, f.stat().st_size - 10)  # inside the (offset, nbytes) table
+    with pytest.raises(ChecksumError, match="index"):
+        d.read(30, 40)
+    np.testing.assert_array_equal(d.read(0, 32), arr[0:32])
+
+
+def test_other_layouts_fall_back_to_zarr(tmp_path):
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    plain = g.create_array("plain", shape=(32, HIDDEN), chunks=(8, HIDDEN), dtype="float32")  # not sharded
+    assert DirectArray.for_array(plain) is None
+    no_crc = g.create_array("nocrc", shape=(32, HIDDEN), chunks=(8, HIDDEN), shards=(16, HIDDEN),
+                            dtype="float32", compressors=[C.compressors(codec="fp32")[0]])
+    assert DirectArray.for_array(no_crc) is None
+    split_rows = g.create_array("split", shape=(32, HIDDEN), chunks=(8, 3), shards=(16, HIDDEN),
+                                dtype="float32", compressors=C.compressors(codec="fp32"))
+    assert DirectArray.for_array(split_rows) is None

@@ -1,0 +1,234 @@
+"""pipeline/train/reader.py: a CacheReader whose host memory is bounded by a byte budget.
+
+Real small caches (tiny random BERT on an SST-2 slice, several shards of several inner chunks each)
+read at a budget barely above the minimum (sub-shard windows, one queued batch) and at a large one
+(the pre-budget plan): every example once, the plan a pure function of (seed, epoch), the token
+budget held, the reader's byte accounting under the budget, and batch values equal to
+``SplitView.read_rows`` of the same examples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import make_tiny_backbone
+from pipeline.cache import codecs as C
+from pipeline.cache import store as S
+from pipeline.cache.store import ActivationCache
+from pipeline.errors import CacheError
+from pipeline.extract.runner import ExtractConfig, run_extract
+from pipeline.train.reader import CacheReader
+from pipeline.sizes import parse_size
+
+BIG = 1 << 30
+
+
+def _extract(tmp_path_factory, backbone: str, codec: str, n: int = 200, **kw) -> str:
+    out = tmp_path_factory.mktemp("reader") / f"{codec}-{Path(backbone).name}.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        # 16 rows per inner chunk, so a 512-row shard holds 32 and ranges cut chunks
+        itemsize = np.dtype(S.C.codec_spec(codec).storage_dtype).itemsize
+        mp.setattr(S, "CHUNK_TARGET_BYTES", 16 * 32 * itemsize)
+        run_extract(ExtractConfig(backbone=backbone, dataset="sst2", out=str(out), max_examples=n, codec=codec,
+                                  shard_tokens=512, progress=False, **kw))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory) -> dict[str, str]:
+    # only the two families used here (the session-wide tiny_backbones fixture builds four)
+    root = tmp_path_factory.mktemp("reader-backbones")
+    return {f: str(make_tiny_backbone(f, root / f)) for f in ("bert", "t5")}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, backbones) -> dict[str, ActivationCache]:
+    return {c: ActivationCache.open(_extract(tmp_path_factory, backbones["bert"], c)) for c in ("bf16", "int8")}
+
+
+def _tiny(cache, **kw) -> CacheReader:
+    """A reader at a budget a little above the smallest that works (sub-shard windows)."""
+    probe = CacheReader(cache, "train", kw.pop("taps", cache.taps), memory_budget=BIG, **kw)
+    budget = probe.layout.min_budget + probe.layout.window_min
+    r = CacheReader(cache, "train", probe.taps, memory_budget=budget, **kw)
+    assert r.layout.mode == "bytes" and r.layout.window_cap < max(r._unit_bytes())
+    return r
+
+
+def _legacy_plan(r: CacheReader, epoch: int) -> list[list[np.ndarray]]:
+    """The plan of the reader before budgets (windows of window_shards whole shards)."""
+    rng = np.random.default_rng([r.seed, epoch])
+    order = rng.permutation(len(r.units)) if r.shuffle else np.arange(len(r.units))
+    plan = []
+    for w in range(0, len(order), r.window_shards):
+        units = [int(u) for u in order[w:w + r.window_shards] if len(r.units[u])]
+        if not units:
+            continue
+        ex = np.concatenate([r.units[u] for u in units])
+        if r.shuffle:
+            ex = ex[rng.permutation(len(ex))]
+        plan.append(r._cut(ex))
+    return [b for bs in plan for b in bs]
+
+
+def _flat(plan) -> list[np.ndarray]:
+    return [b for w in plan for b in w.batches]
+
+
+@pytest.mark.parametrize("size", ["tiny", "big"])
+@pytest.mark.parametrize("limits", [dict(batch_size=4), dict(batch_size=None, batch_tokens=160)])
+def test_plan_is_an_exact_seeded_cover(caches, size, limits):
+    cache = caches["bf16"]
+    r = _tiny(cache, **limits, seed=5) if size == "tiny" else CacheReader(cache, "train", cache.taps, memory_budget=BIG,
+                                                                          seed=5, **limits)
+    n = r.num_examples
+    p0, p0b, p1 = _flat(r.plan_epoch(0)), _flat(r.plan_epoch(0)), _flat(r.plan_epoch(1))
+    for plan in (p0, p1):
+        assert sorted(np.concatenate(plan).tolist()) == list(range(n))
+    assert [b.tolist() for b in p0] == [b.tolist() for b in p0b]
+    assert [b.tolist() for b in p0] != [b.tolist() for b in p1]
+    if "batch_tokens" in limits:
+        longest = int(r.lengths.max())
+        assert all(len(b) * int(r.lengths[b].max()) <= max(limits["batch_tokens"], longest) for b in p0)
+        assert all(len(b) == 1 for b in p0 if len(b) * int(r.lengths[b].max()) > limits["batch_tokens"])
+    else:
+        assert max(len(b) for b in p0) == limits["batch_size"]
+    seen = [b.index.tolist() for b in r.iter_epoch(0)]
+    assert len(seen) == r.num_batches(0) == len(p0)
+    assert seen == [b.tolist() for b in p0]
+    # a second reader with the same settings (a resumed run) plans the same epoch
+    same = CacheReader(cache, "train", cache.taps, memory_budget=r.memory_budget, seed=5, **limits)
+    assert [b.tolist() for b in _flat(same.plan_epoch(1))] == [b.tolist() for b in p1]
+    if size == "tiny":
+        assert len(r.plan_epoch(0)) > len(r.units)  # sub-shard windows
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_budget_that_holds_whole_windows_keeps_the_old_plan(caches, shuffle):
+    cache = caches["bf16"]
+    for limits in (dict(batch_size=4), dict(batch_size=None, batch_tokens=160)):
+        r = CacheReader(cache, "train", cache.taps, memory_budget=BIG, seed=3, shuffle=shuffle, window_shards=2,
+                        **limits)
+        assert r.layout.mode == "shards"
+        for epoch in (0, 1):
+            assert [b.tolist() for b in _flat(r.plan_epoch(epoch))] == \
+                   [b.tolist() for b in _legacy_plan(r, epoch)]
+
+
+@pytest.mark.parametrize("size", ["tiny", "big"])
+def test_accounting_stays_within_the_budget(caches, size):
+    cache = caches["int8"]
+    r = _tiny(cache, batch_size=4) if size == "tiny" else CacheReader(cache, "train", cache.taps, batch_size=4,
+                                                                      memory_budget=BIG)
+    lay = r.layout
+    assert lay.transient_bytes + lay.window_bytes + lay.batch_bytes <= r.memory_budget
+    for epoch in (0, 1):
+        for _ in r.iter_epoch(epoch):
+            assert r.accounting.total <= r.memory_budget
+    acc = r.accounting.as_dict()
+    assert 0 < r.peak_bytes <= r.memory_budget, acc
+    assert all(v == 0 for v in acc["current"].values()), acc  # everything released at the end
+    assert acc["peak"]["window"] <= lay.window_bytes and acc["peak"]["batches"] <= lay.batch_bytes
+    assert acc["peak"]["encoded"] + acc["peak"]["scratch"] <= 2 * lay.transient_bytes
+    assert acc["peak"]["encoded"] > 0 and acc["peak"]["window"] > 0
+    # an epoch abandoned half way releases everything too
+    it = r.iter_epoch(2)
+    next(it), next(it)
+    it.close()
+    assert all(v == 0 for v in r.accounting.as_dict()["current"].values())
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_batches_at_a_tiny_budget_equal_direct_reads(caches, codec):
+    cache = caches[codec]
+    v = cache.split("train")
+    taps = [cache.taps[0], cache.taps[-1]]
+    r = _tiny(cache, taps=taps, batch_size=None, batch_tokens=120, seed=1)
+    seen = 0
+    for b in r.iter_epoch(0):
+        assert b.taps is not None and len(b.taps) == len(taps)
+        B, L = b.input_ids.shape
+        for k, tap in enumerate(taps):
+            assert b.taps[k].shape == (B, L, cache.hidden_size) and b.taps[k].dtype == torch.float32
+            for row, i in enumerate(b.index):
+                o0, o1 = int(v.offsets[i]), int(v.offsets[i + 1])
+                want = v.read_rows(tap, o0, o1)
+                assert torch.equal(b.taps[k][row, : o1 - o0], want)
+                assert not b.taps[k][row, o1 - o0:].any()  # padding is zero
+                assert b.input_ids[row, : o1 - o0].tolist() == v.input_ids[o0:o1].tolist()
+        assert b.labels.tolist() == v.labels[b.index].tolist()
+        seen += B
+    assert seen == r.num_examples
+    assert r.peak_bytes <= r.memory_budget
+
+
+def test_zarr_fallback_and_decoder_taps_read_the_same(tmp_path_factory, backbones, monkeypatch):
+    """A T5 label cache (decoder taps, always read through Zarr) with the direct reader off."""
+    url = _extract(tmp_path_factory, backbones["t5"], "int8", n=120, label_words="auto")
+    monkeypatch.setenv("LST_DIRECT_READ", "0")
+    cache = ActivationCache.open(url)
+    v = cache.split("train")
+    r = _tiny(cache, batch_size=4, decoder_taps=cache.decoder_taps, seed=2)
+    D = r.dec_rows
+    unit_of = v.offsets[:-1] // v.shard_tokens
+    acts = {t: v.read_rows(t, 0, v.num_tokens) for t in cache.taps}  # one Zarr read per array
+    dec = {t: C.decode(v.decoder_array(t)[:], "int8", v.decoder_array(t, scale=True)[:]) for t in cache.decoder_taps}
+    seen = 0
+    for b in r.iter_epoch(0):
+        for row, i in enumerate(b.index):
+            o0, o1 = int(v.offsets[i]), int(v.offsets[i + 1])
+            for k, tap in enumerate(cache.taps):
+                assert torch.equal(b.taps[k][row, : o1 - o0], acts[tap][o0:o1])
+            u = int(unit_of[i])
+            p = (int(i) - int(np.flatnonzero(unit_of == u)[0])) * D
+            for k, tap in enumerate(cache.decoder_taps):
+                assert torch.equal(b.dec_taps[k][row], dec[tap][u, p:p + D])
+        seen += len(b.index)
+    assert seen == r.num_examples and r.peak_bytes <= r.memory_budget
+
+
+def test_read_into_equals_zarr(caches):
+    cache = caches["int8"]
+    v = cache.split("train")
+    from pipeline.cache.fastread import DirectArray
+
+    rng = np.random.default_rng(0)
+    for arr, chunks in ((v.tap_array(cache.taps[1]), 32), (v.scale_array(cache.taps[1]), 1)):
+        d = DirectArray.for_array(arr)
+        assert d is not None and d.chunks_per_shard == chunks
+        full = arr[:]
+        for _ in range(20):
+            a = int(rng.integers(0, len(full) - 1))
+            b = int(rng.integers(a + 1, min(len(full), a + 300) + 1))
+            out = np.empty((b - a, *full.shape[1:]), dtype=full.dtype)
+            d.read_into(a, b, out)
+            np.testing.assert_array_equal(out, full[a:b])
+
+
+def test_a_budget_too_small_for_one_batch_is_refused(caches):
+    cache = caches["bf16"]
+    need = CacheReader(cache, "train", cache.taps, batch_size=4, memory_budget=BIG).layout.min_budget
+    with pytest.raises(CacheError) as e:
+        CacheReader(cache, "train", cache.taps, batch_size=4, memory_budget=need - 1)
+    msg = str(e.value)
+    assert "--reader-memory" in msg and "--batch-tokens" in msg and "--batch-size" in msg
+    assert f"{-(-need // 2**20)}MB" in msg
+    CacheReader(cache, "train", cache.taps, batch_size=4, memory_budget=need)  # the named minimum works
+
+
+@pytest.mark.parametrize("text,want", [
+    ("512MB", 512 * 2**20), ("512M", 512 * 2**20), ("1.5GB", 3 * 2**29), ("2G", 2 * 2**30),
+    ("128MiB", 128 * 2**20), ("1048576", 1048576), ("64kb", 64 * 1024), (" 2 gb ", 2 * 2**30), (4096, 4096),
+])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "MB", "12XB", "-5MB", "0", "1.5", "ten MB", "5 MiBs", "iB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size|whole|positive"):
+        parse_size(text)
