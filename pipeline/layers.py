@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("extract", "side"),
     ("cache", "data", "backbones"),
     ("devices", "metrics", "memory", "sizes"),
-    ("errors", "layers"),
+    ("errors", "layers", "lazy"),
 )
 
 

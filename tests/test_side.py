@@ -479,3 +479,63 @@ def test_cpu_attention_with_dropout_is_softmax_dropout_matmul():
     torch.testing.assert_close(got, ref)
     # no dropout: SDPA, same arithmetic
     torch.testing.assert_close(attend(q, k, v, bias, 0.5, 0.2, training=False), probs @ v)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_pool_before_upsample_equals_upsample_then_pool(pooling):
+    """forward() pools the d/r-wide states and upsamples one vector per example; the upsample is
+    linear, so this must equal the paper's order (upsample every token, then pool)."""
+    from transformers import BertConfig
+
+    from pipeline.side.model import LadderSideNetwork
+    from pipeline.side.pooling import pool
+
+    torch.manual_seed(0)
+    bc = BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=100)
+    m = LadderSideNetwork(SideConfig(r=4, pooling=pooling, dropout=0.0), bc).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            torch.nn.init.normal_(p, 0, 0.2)
+        taps = [torch.randn(3, 7, 64) for _ in m.required_taps()]
+        mask = torch.ones(3, 7, dtype=torch.long)
+        mask[1, 4:] = 0
+        torch.testing.assert_close(m(taps, mask), m.head(pool(m.encode(taps, mask), mask, pooling)),
+                                   atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["magnitude", "fisher"])
+@pytest.mark.parametrize("heads", [12, 6, 4, 3])
+def test_side_heads_build_and_prune_from_minilm_shapes(init, heads):
+    """--side-heads: any head count that divides the side attention width builds, and the
+    official (not head-aware) global row choice slices the backbone into it."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.side.init import initialise_side
+    from pipeline.side.model import LadderSideNetwork
+
+    torch.manual_seed(0)
+    bc = BertConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=12, intermediate_size=1536,
+                    vocab_size=50)
+    state = BertModel(bc).state_dict()
+    importance = {k: v.detach().abs() + 0.01 for k, v in state.items()}
+    m = LadderSideNetwork(SideConfig(r=8, side_heads=heads, init=init, dropout=0.0), bc)
+    assert m.side_hf_config.num_attention_heads == heads and m.side_hf_config.hidden_size == 48
+    rep = initialise_side(m, init, state, importance if init == "fisher" else None)
+    assert rep["init"] == init
+    q = m.blocks["1"].state_dict()
+    qw = next(v for k, v in q.items() if k.endswith("query.weight"))
+    assert tuple(qw.shape) == (48, 48)
+    # the side query weights are sliced out of the backbone's (block 1 = backbone layer 0), not random
+    assert torch.isin(qw, state["encoder.layer.0.attention.self.query.weight"]).all()
+    out = m([torch.randn(2, 5, 384) for _ in m.required_taps()], torch.ones(2, 5, dtype=torch.long))
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
+
+
+def test_side_heads_must_divide_the_width():
+    from transformers import BertConfig
+
+    from pipeline.side.model import LadderSideNetwork
+
+    bc = BertConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=12, intermediate_size=1536)
+    with pytest.raises(ValueError, match="side_heads=5 must divide"):
+        LadderSideNetwork(SideConfig(r=8, side_heads=5), bc)

@@ -17,6 +17,7 @@ import sys
 
 from pipeline.cli import bench, extract, fisher, params, search, train
 from pipeline.errors import LstError
+from pipeline.memory import return_freed_memory_to_os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    return_freed_memory_to_os()  # bounded memory: freed batch buffers leave the process's RSS
     try:
         return int(a.func(a) or 0)
     except LstError as e:

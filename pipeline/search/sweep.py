@@ -193,6 +193,8 @@ def _recover_stale(study, out: Path) -> tuple[list[int], list[int]]:
 
     stale, told = [], []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _owner_alive(t.user_attrs.get("owner_lock")):
+            continue  # another sweep on this study is training it right now: not stale
         s = _finished_summary(out, t.number)
         if s is not None:
             _record(study, t._trial_id, s)
@@ -215,7 +217,34 @@ def _recover_stale(study, out: Path) -> tuple[list[int], list[int]]:
 
 # -- one worker's loop ---------------------------------------------------------------------------------
 
-def _claim(study, cfg: SweepConfig, target: int) -> list:
+def _owner_alive(lock_path: str | None) -> bool:
+    """Is the worker process that claimed a trial still alive? Each worker holds an OS file lock
+    (released by the kernel when the process dies, SIGKILL included) for its whole life."""
+    if not lock_path or not Path(lock_path).exists():
+        return False
+    from filelock import FileLock, Timeout
+
+    probe = FileLock(lock_path)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    probe.release()
+    return False
+
+
+def _owner_lock(cfg: SweepConfig, name: str):
+    """The lock this worker holds while it lives (see ``_owner_alive``)."""
+    from filelock import FileLock
+
+    d = Path(cfg.out) / "workers"
+    d.mkdir(exist_ok=True)
+    lock = FileLock(str(d / ("".join(c if c.isalnum() else "_" for c in name) + ".lock")))
+    lock.acquire()
+    return lock
+
+
+def _claim(study, cfg: SweepConfig, target: int, owner: str | None = None) -> list:
     """Ask up to ``parallel`` new trials, never more than the study still needs (under a lock)."""
     from optuna.storages.journal import JournalFileOpenLock
 
@@ -224,7 +253,11 @@ def _claim(study, cfg: SweepConfig, target: int) -> list:
     try:
         n = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t))
         k = min(cfg.parallel, target - n)
-        return [study.ask() for _ in range(max(0, k))]
+        trials = [study.ask() for _ in range(max(0, k))]
+        for t in trials:  # under the claim lock: no sweep can see this trial without its owner
+            if owner:
+                t.set_user_attr("owner_lock", owner)
+        return trials
     finally:
         lock.release()
 
@@ -297,8 +330,11 @@ def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
     """Run trials until the study holds ``trials`` of them; what a local sweep and each Dask worker do."""
     import torch
 
+    from pipeline.memory import return_freed_memory_to_os
+
     if one_thread:  # a Dask worker process owns one core
         torch.set_num_threads(1)
+    return_freed_memory_to_os()  # each worker process holds its own reader budget
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = SweepConfig(**cfg_dict)
     from pipeline.search.space import load_space
@@ -309,8 +345,9 @@ def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
     target = _target(cfg, space)
     name = f"{socket.gethostname()}:{os.getpid()}#{worker}"
     done, t0 = [], time.perf_counter()
+    owner = _owner_lock(cfg, name)
     while True:
-        trials = _claim(study, cfg, target)
+        trials = _claim(study, cfg, target, owner.lock_file)
         if not trials:
             break
         res = _run_batch(study, trials, cfg, space, name)
@@ -320,6 +357,7 @@ def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
             best = _best(study)
             print(f"[{name}] trials {', '.join(str(r['trial']) + ':' + r['state'].lower() for r in res)}; "
                   f"{c['finished']}/{target} finished, best {best[1] if best else None}", file=sys.stderr, flush=True)
+    owner.release()
     return {"worker": name, "trials": done, "wall_s": round(time.perf_counter() - t0, 3)}
 
 
@@ -404,7 +442,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
     (out / "trials").mkdir(exist_ok=True)
     resumed = _check_identity(out, _identity(cfg, space, cache))
     study = open_study(out, _sampler(cfg, space, 0), _pruner(cfg))
-    stale, told = _recover_stale(study, out)
+    from optuna.storages.journal import JournalFileOpenLock
+
+    claim = JournalFileOpenLock(str(out / "claim.lock"))
+    claim.acquire()  # no other sweep claims a trial (and has not yet named its owner) meanwhile
+    try:
+        stale, told = _recover_stale(study, out)
+    finally:
+        claim.release()
     before = study_counts(study)
     target = _target(cfg, space)
     if resumed:

@@ -106,6 +106,9 @@ class SideConfig:
     attention_dropout: float | None = field(default=None, metadata={
         "help": "dropout on attention probabilities (default: same as dropout); 0 enables the fused "
                 "flash-attention kernel: much less memory and time", "knob": "float"})
+    side_heads: int | None = field(default=None, metadata={
+        "help": "side attention heads (default: the backbone's count, as the paper; fewer heads of a larger "
+                "dim keep the width and cut the attention cost)", "knob": "int", "flag": "--side-heads"})
     task_type: str = field(default="classification", metadata={
         "help": "classification or regression (read from the cache)", "choices": TASK_TYPES})
     num_labels: int | None = field(default=None, metadata={"help": "classes (read from the cache)"})
@@ -119,6 +122,9 @@ class SideConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"SideConfig.r must be a positive integer, got {self.r!r}")
+        if self.side_heads is not None and (isinstance(self.side_heads, bool) or not isinstance(self.side_heads, int)
+                                            or self.side_heads < 1):
+            raise ValueError(f"SideConfig.side_heads must be a positive integer or None, got {self.side_heads!r}")
         self.layers = _check_layer_list("layers", self.layers)
         self.decoder_layers = _check_layer_list("decoder_layers", self.decoder_layers)
         _choice("gate", self.gate, GATES)
@@ -173,7 +179,7 @@ class SideConfig:
                     f"SideConfig.layers {out} out of range: the {family.name} backbone has "
                     f"{dims.layers} blocks, so layers must be within 1..{dims.layers} (1-based)"
                 )
-        reduced_config(backbone_config, self.r, self.dropout)  # raises on bad r
+        reduced_config(backbone_config, self.r, self.dropout, heads=self.side_heads)  # raises on bad r / heads
 
     def resolved(self, backbone_config: Any) -> "SideConfig":
         """A validated copy with ``layers`` and ``pooling`` filled in for this backbone."""

@@ -30,17 +30,21 @@ class Dims:
     layers: int
     norm_eps: float
 
-    def reduced(self, r: int) -> "Dims":
-        """The side network's widths: hidden, FFN and per-head dim divided by r; heads kept."""
-        return Dims(
-            hidden=self.hidden // r,
-            intermediate=self.intermediate // r,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            head_dim=self.head_dim // r,
-            layers=self.layers,
-            norm_eps=self.norm_eps,
-        )
+    def reduced(self, r: int, heads: int | None = None) -> "Dims":
+        """The side network's widths: hidden, FFN and per-head dim divided by r; heads kept (the
+        paper), or ``heads`` heads sharing the same attention width (heads x head dim = inner / r)."""
+        if heads is None or heads == self.heads:
+            return Dims(self.hidden // r, self.intermediate // r, self.heads, self.kv_heads, self.head_dim // r,
+                        self.layers, self.norm_eps)
+        inner = self.heads * self.head_dim // r
+        if heads < 1 or inner % heads:
+            raise ValueError(f"side_heads={heads} must divide the side attention width {inner} "
+                             f"(backbone {self.heads} heads x {self.head_dim} / r={r})")
+        if self.kv_heads != self.heads:
+            raise ValueError(f"side_heads needs multi-head attention; this backbone groups {self.heads} query heads "
+                             f"over {self.kv_heads} key/value heads: leave side_heads unset")
+        return Dims(self.hidden // r, self.intermediate // r, heads, heads, inner // heads, self.layers,
+                    self.norm_eps)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def _bert_dims(c: Any) -> Dims:
 
 
 def _bert_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
-    c.hidden_size, c.intermediate_size = side.hidden, side.intermediate
+    c.hidden_size, c.intermediate_size, c.num_attention_heads = side.hidden, side.intermediate, side.heads
     c.hidden_dropout_prob, c.attention_probs_dropout_prob = p, pa
 
 
@@ -83,7 +87,7 @@ def _t5_dims(c: Any) -> Dims:
 
 def _t5_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
     # As the official modeling_side_t5.py: d_model, d_ff and d_kv all divided by r.
-    c.d_model, c.d_ff, c.d_kv = side.hidden, side.intermediate, side.head_dim
+    c.d_model, c.d_ff, c.d_kv, c.num_heads = side.hidden, side.intermediate, side.head_dim, side.heads
     c.dropout_rate = p
     c.lst_attention_dropout = pa
 
@@ -94,7 +98,7 @@ def _gpt2_dims(c: Any) -> Dims:
 
 
 def _gpt2_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
-    c.n_embd, c.n_inner = side.hidden, side.intermediate
+    c.n_embd, c.n_inner, c.n_head = side.hidden, side.intermediate, side.heads
     c.resid_pdrop = c.embd_pdrop = p
     c.attn_pdrop = pa
 
@@ -108,6 +112,7 @@ def _llama_dims(c: Any) -> Dims:
 
 def _llama_shrink(c: Any, side: Dims, p: float, pa: float) -> None:
     c.hidden_size, c.intermediate_size, c.head_dim = side.hidden, side.intermediate, side.head_dim
+    c.num_attention_heads, c.num_key_value_heads = side.heads, side.kv_heads
     c.attention_dropout = pa
     c.lst_hidden_dropout = p  # Llama blocks have no residual dropout; the side block adds one
 
@@ -147,12 +152,14 @@ def valid_reductions(dims: Dims, rotary: bool = False) -> list[int]:
     return [r for r in range(1, g + 1) if g % r == 0 and not (rotary and (dims.head_dim // r) % 2)]
 
 
-def reduced_config(config: Any, r: int, dropout: float, attention_dropout: float | None = None) -> Any:
+def reduced_config(config: Any, r: int, dropout: float, attention_dropout: float | None = None,
+                   heads: int | None = None) -> Any:
     """A copy of the backbone's HF config at side width (the config side blocks are built from).
 
     Hidden, FFN and per-head dims are divided by r, the head count is kept (the paper: "same
     number of heads, per-head dim divided by r"), dropouts are set to the side dropout
-    (attention-probability dropout to ``attention_dropout`` when given), and
+    (attention-probability dropout to ``attention_dropout`` when given; ``heads`` side heads
+    share the same attention width instead of the backbone's count when given), and
     ``lst_reduction_factor`` records r (T5 blocks use it to reproduce the official init).
     """
     fam = family_for(config)
@@ -166,7 +173,10 @@ def reduced_config(config: Any, r: int, dropout: float, attention_dropout: float
         )
     side = copy.deepcopy(config)
     pa = float(dropout if attention_dropout is None else attention_dropout)
-    fam.shrink(side, dims.reduced(r), float(dropout), pa)
+    side_dims = dims.reduced(r, heads)
+    if rotary and side_dims.head_dim % 2:
+        raise ValueError(f"side_heads={heads} leaves an odd head dim {side_dims.head_dim}; rotary embeddings need it even")
+    fam.shrink(side, side_dims, float(dropout), pa)
     side.lst_reduction_factor = int(r)
     side.lst_dropout = float(dropout)
     return side

@@ -164,9 +164,12 @@ def slice_block_state(
             else:
                 qi, ki, vi = (_out_in(_get(importance, f"{n}.weight", "importance"), step.transposed)[:, idx]
                               for n in (step.q, step.k, step.v))
-            q_rows, kv_rows = select_attention_rows(
-                qi, ki, vi, full.heads, full.kv_heads, full.head_dim, side.head_dim, selection, step.rotary
-            )
+            if side.heads == full.heads:
+                keep, how = side.head_dim, selection
+            else:  # other side head count: the official global row choice, regrouped into side heads
+                keep, how = side.heads * side.head_dim // full.heads, "global"
+            q_rows, kv_rows = select_attention_rows(qi, ki, vi, full.heads, full.kv_heads, full.head_dim, keep, how,
+                                                    step.rotary)
             if step.fused:
                 rows = torch.cat([q_rows, q_out + kv_rows, q_out + kv_out + kv_rows])
                 out[f"{step.fused}.weight"] = _out_in(w[rows], step.transposed).contiguous().clone()

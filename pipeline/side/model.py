@@ -10,7 +10,7 @@ a live backbone.  Structure and init follow the official ``modeling_side_t5.py``
         h  = mu * h + (1 - mu) * Down_b(tap_b)               # 'sum': h + Down_b(tap_b)
         h  = SideBlock_b(h)                                  # 'none': no ladder here
     h = dropout(FinalNorm(h)); h = Up(h)                     # Up: d/r -> d, with bias
-    logits = Head(pool(h))
+    logits = Head(pool(h))                                   # computed as Head(Up(pool(h))): same value
 
 Ladders, Up and the head are ``Linear`` with N(0, 0.01) weights and zero bias (the
 official ``_init_weights`` branch for every non-T5 ``nn.Linear``).  Ladder b reads block
@@ -60,8 +60,8 @@ class LadderSideNetwork(nn.Module):
         self.family = family_for(backbone_config)
         self.dims = backbone_dims(backbone_config)
         self.side_hf_config = reduced_config(backbone_config, self.config.r, self.config.dropout,
-                                             self.config.attention_dropout)
-        self.side_dims = self.dims.reduced(self.config.r)
+                                             self.config.attention_dropout, self.config.side_heads)
+        self.side_dims = self.dims.reduced(self.config.r, self.config.side_heads)
         self.layers: list[int] = list(self.config.layers or [])
         d, ds = self.dims.hidden, self.side_dims.hidden
 
@@ -111,6 +111,10 @@ class LadderSideNetwork(nn.Module):
 
     def encode(self, taps: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
         """Side states after the final norm, dropout and upsample: [B, L, d]."""
+        return self.upsample(self.side_states(taps, attention_mask))
+
+    def side_states(self, taps: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+        """Side states after the final norm and dropout, before the upsample: [B, L, d/r]."""
         need = self.required_taps()
         if len(taps) != len(need):
             raise ValueError(f"expected {len(need)} taps (indices {need}, in that order), got {len(taps)}")
@@ -124,7 +128,7 @@ class LadderSideNetwork(nn.Module):
                 ladder = self.ladders[str(b)](taps[j + 1])
                 h = gates[j] * h + (1 - gates[j]) * ladder if gates is not None else h + ladder
             h = self.blocks[str(b)](h, ctx)
-        return self.upsample(self.dropout(self.final_norm(h)))
+        return self.dropout(self.final_norm(h))
 
     def set_label_head(self, rows: Tensor) -> None:
         """Install the frozen LM-head rows [num_labels, d] of the label words (head='lm')."""
@@ -135,7 +139,9 @@ class LadderSideNetwork(nn.Module):
         self.label_head.copy_(rows.detach())
 
     def forward(self, taps: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
-        pooled = pool(self.encode(taps, attention_mask), attention_mask, self.config.pooling)
+        # Pool, then upsample: the upsample is linear (and every pooling an average or a pick of
+        # token rows), so this equals pooling the upsampled states, without the [B, L, d] tensor.
+        pooled = self.upsample(pool(self.side_states(taps, attention_mask), attention_mask, self.config.pooling))
         if self.head is None:
             return F.linear(pooled, self.label_head.to(pooled.dtype))
         return self.head(pooled)

@@ -47,6 +47,9 @@ class T5LabelScorer(nn.Module):
         super().__init__()
         if config.block != "backbone":
             raise ValueError(f"the T5 side encoder-decoder is built of T5 blocks; block={config.block!r} is not supported")
+        if config.side_heads is not None:
+            raise ValueError("side_heads applies to encoder and decoder-only side networks; the T5 side "
+                             "encoder-decoder keeps the official head count")
         if config.num_labels != len(targets.words):
             raise ValueError(f"{config.num_labels} classes but {len(targets.words)} label words")
         enc, dec = t5_stack_layers(config, t5_config)

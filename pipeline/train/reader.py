@@ -108,13 +108,6 @@ class Batch:
     token_type_ids: torch.Tensor | None = None
     dec_taps: list[torch.Tensor] | None = None  # T5 label targets: one [B, D, d] per decoder tap
 
-    def side_inputs(self) -> dict:
-        """Keyword arguments of the side network's forward."""
-        out = {"taps": self.taps, "attention_mask": self.attention_mask}
-        if self.dec_taps is not None:
-            out["dec_taps"] = self.dec_taps
-        return out
-
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())

@@ -16,7 +16,7 @@ from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache import initpack
 from pipeline.cache.store import ActivationCache
 from pipeline.devices import resolve_device
-from pipeline.errors import TrainError
+from pipeline.errors import CacheError, TrainError
 from pipeline.side.config import SideConfig
 from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
@@ -162,12 +162,11 @@ def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     task = cache.attrs["task"]
     torch.manual_seed(cfg.seed)
-    if cfg.method == "full-ft":
-        from pipeline.train.finetune import FullFineTuneRunner, build_full_ft
+    if cfg.method not in ("lst", "lst-live"):  # the baselines: full-ft, lora, adapter, bitfit, linear-probe
+        from pipeline.train.finetune import build_method
 
-        model, runner_cls, weights_file = build_full_ft(cache, cfg, device), FullFineTuneRunner, "model.safetensors"
+        model, runner_cls, weights_file, described = build_method(cache, cfg, device)
         init_report: dict = {}
-        described = {"model": model.describe()}
     else:
         model, init_report = build_side(cache, cfg.side, cfg.seed)
         model.to(device)
@@ -176,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
     taps, dec_taps = model.required_taps(), model.required_decoder_taps()
     source = LiveTaps(cache, taps, device, dec_taps) if cfg.live else cached_taps(taps, dec_taps)
     train_reader, eval_reader = make_readers(cache, cfg, taps, dec_taps, device, data_seed=cfg.seed,
-                                             load_acts=not cfg.live and cfg.method != "full-ft")
+                                             load_acts=not cfg.live and bool(taps))
     total = total_steps(cfg, train_reader.num_batches(0))
     torch.manual_seed(cfg.seed + 1)  # the dropout stream, independent of the init draw
     variant = Variant(index=0, cfg=cfg, model=model, run=run, init_report=init_report, rng=torch.get_rng_state(),
@@ -217,6 +216,9 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
     kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=data_seed, workers=cfg.reader_workers,
               window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps)
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget)
-    eval_reader = CacheReader(cache, cfg.eval_split, taps, shuffle=False,
-                              **{**kw, "batch_size": max(cfg.batch_size or 0, 256)}, memory_budget=budget)
+    try:  # evaluation in larger batches when the budget allows (the scores do not depend on it)
+        eval_reader = CacheReader(cache, cfg.eval_split, taps, shuffle=False,
+                                  **{**kw, "batch_size": max(cfg.batch_size or 0, 256)}, memory_budget=budget)
+    except CacheError:
+        eval_reader = CacheReader(cache, cfg.eval_split, taps, shuffle=False, **kw, memory_budget=budget)
     return train_reader, eval_reader
