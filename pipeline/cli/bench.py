@@ -36,6 +36,8 @@ def _memory(a: argparse.Namespace) -> int:
                             batch_size=a.batch_size, max_length=a.max_length, epochs=a.epochs,
                             max_steps=a.max_steps, cache=a.cache, reader_memory=a.reader_memory, device=a.device,
                             workdir=a.workdir, label_words=a.label_words, progress=not a.no_progress)
+    if a.methods:
+        cfg.methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     side = {} if a.attention_dropout is None else {"attention_dropout": a.attention_dropout}
     res = run_memory_bench(side=side, cfg=cfg)
     emit(res, a.json)
@@ -76,6 +78,8 @@ def _register_memory(bsub) -> None:
     m.add_argument("--attention-dropout", type=float, help="side attention dropout for the LST methods")
     m.add_argument("--label-words", help="T5 backbones: cache label-word targets; full fine-tuning then trains "
                                          "T5's LM loss on them, LST the side encoder-decoder (the paper's T5 setting)")
+    m.add_argument("--methods", help="comma-separated methods (default full,live,cached; also lora, adapter, bitfit, "
+                                     "linear-probe)")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.add_argument("--workdir", help="keep the cache and runs here (default: a temp dir, removed); reused on re-runs")
     m.add_argument("--no-progress", action="store_true")
@@ -111,7 +115,7 @@ def _register_scale(bsub) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks that print JSON (extract, train, memory, scale, sweep)")
+    p = sub.add_parser("bench", help="benchmarks that print JSON (extract, train, memory, scale, sweep, llm)")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     e = bsub.add_parser("extract", help="forward vs extraction speed, codec sizes, read-back speed, int8 error",
                         description="Bare backbone forward vs full extraction over the same batches, then for each "
@@ -119,7 +123,7 @@ def register(sub) -> None:
     e.add_argument("--backbone", default="minilm")
     e.add_argument("--dataset", default="sst2")
     e.add_argument("--split", default="train")
-    e.add_argument("--examples", type=int, default=20000)
+    e.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000)
     e.add_argument("--codecs", default="bf16,fp16,fp32,int8")
     e.add_argument("--batch-tokens", type=int, default=8192)
     e.add_argument("--shard-tokens", type=int, default=16384)
@@ -133,7 +137,7 @@ def register(sub) -> None:
                                     "backbone; report epoch times, cached_over_live_speedup and speedup_limit.")
     t.add_argument("--backbone", default="minilm", help="minilm (default), mpnet, or a local model directory")
     t.add_argument("--dataset", default="sst2")
-    t.add_argument("--examples", type=int, default=20000, help="SST-2 train examples to extract (if no --cache)")
+    t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000, help="SST-2 train examples to extract (if no --cache)")
     t.add_argument("--cache", help="use this cache instead of extracting one")
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--label-words", help="T5 backbones: cache label-word targets and time the side encoder-decoder")
@@ -146,15 +150,98 @@ def register(sub) -> None:
     _register_memory(bsub)
     _register_scale(bsub)
     _register_sweep(bsub)
+    _register_llm(bsub)
+    _register_faults(bsub)
+
+
+def _llm(a: argparse.Namespace) -> int:
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from pipeline.bench.llm import ALL_METHODS, LlmBenchConfig, run_llm_bench, to_markdown
+
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise SystemExit(f"lst bench llm: unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+    cfg = LlmBenchConfig(
+        backbone=a.backbone, dataset=a.dataset, examples=a.examples, prompt_template=a.prompt_template,
+        label_words=a.label_words, taps=a.taps, codec=a.codec, max_length=a.max_length, cache=a.cache,
+        workdir=a.workdir, methods=methods, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, r=a.r, gate=a.gate,
+        side_args=shlex.split(a.side_args or ""), live_epochs=a.live_epochs, live_max_steps=a.live_max_steps,
+        lora_epochs=a.lora_epochs, lora_lr=a.lora_lr, lora_max_steps=a.lora_max_steps, full_epochs=a.full_epochs,
+        full_lr=a.full_lr, full_max_steps=a.full_max_steps, storage_examples=a.storage_examples, device=a.device,
+        progress=not a.no_progress,
+    )
+    res = run_llm_bench(cfg)
+    command = "lst bench " + " ".join(shlex.quote(x) for x in sys.argv[sys.argv.index("llm"):])
+    res["command"] = command
+    if a.results:
+        base = Path(a.results)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+        base.with_suffix(".md").write_text(to_markdown(res, command))
+    emit(res, a.json)
+    return 0
+
+
+def _register_llm(bsub) -> None:
+    from pipeline.bench.llm import ALL_METHODS, DEFAULT_PROMPT, DEFAULT_TAPS  # no torch import
+
+    p = bsub.add_parser(
+        "llm", help="a decoder-only LLM (SmolLM2-135M) on real data: probe, cached/live LST, LoRA, full FT",
+        description="Extract a prompted, int8, tap-subset cache with `lst extract`, then run each method as its own "
+                    "`lst train` process (peak RSS and wall time measured): zero-shot label words, a linear probe on "
+                    "the last cached tap, cached LST --head task and --head lm, live LST, LoRA and full fine-tuning "
+                    "(those this `lst train` offers). Also stored bytes per token for bf16/int8 x all taps/subset.")
+    p.add_argument("--backbone", default="smollm2")
+    p.add_argument("--dataset", default="sst2")
+    p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=5000, help="training examples (default 5000)")
+    p.add_argument("--prompt-template", default=DEFAULT_PROMPT)
+    p.add_argument("--label-words", default="negative,positive")
+    p.add_argument("--taps", default=DEFAULT_TAPS, help=f"cached taps (default {DEFAULT_TAPS})")
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--cache", help="reuse this cache (made with the same prompt and label words)")
+    p.add_argument("--workdir", default="data/bench-llm", help="caches and runs (default data/bench-llm)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of cached LST and the probe")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="LST learning rate")
+    p.add_argument("--r", type=int, default=8, help="LST reduction factor")
+    p.add_argument("--gate", choices=["learnable", "sum", "none"])
+    p.add_argument("--side-args", help="extra `lst train` flags for the LST methods, quoted")
+    p.add_argument("--live-epochs", type=int, default=1)
+    p.add_argument("--live-max-steps", type=int)
+    p.add_argument("--lora-epochs", type=int, default=1)
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--lora-max-steps", type=int)
+    p.add_argument("--full-epochs", type=int, default=1)
+    p.add_argument("--full-lr", type=float, default=3e-5)
+    p.add_argument("--full-max-steps", type=int, help="cap full fine-tuning (a subset of the epoch)")
+    p.add_argument("--storage-examples", type=int, default=200, help="validation examples per storage variant (0: skip)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--results", help="write <path>.json and <path>.md, e.g. benchmarks/results/smollm2-sst2-cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_llm)
+    _register_table(bsub)
 
 
 def _sweep(a: argparse.Namespace) -> int:
     from pipeline.bench.sweep import run_sweep_bench
+    from pipeline.errors import UserError
 
-    res = run_sweep_bench(cache=a.cache, variants=a.variants, examples=a.examples, workers=a.workers,
-                          backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
-                          progress=not a.no_progress)
-    emit(res, a.json)
+    try:
+        ks = [int(k) for k in str(a.variants).split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--k {a.variants!r}: give a number of variants or a list such as 4,16,64") from None
+    by_k = {k: run_sweep_bench(cache=a.cache, variants=k, examples=a.examples, workers=a.workers,
+                               backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
+                               progress=not a.no_progress) for k in ks}
+    emit(by_k[ks[0]] if len(ks) == 1 else {"benchmark": "sweep", "k": ks, "by_k": by_k}, a.json)
     return 0
 
 
@@ -166,8 +253,9 @@ def _register_sweep(bsub) -> None:
                     "run (x K). Prints the ratios, the FLOP-based speedup limit and whether the goals "
                     "(fused/separate <= 0.5, fused speedup over live >= 0.8 x limit) are met.")
     p.add_argument("--cache", help="SST-2 cache to use (default: extract --examples examples into a temp dir)")
-    p.add_argument("--variants", type=int, default=16)
-    p.add_argument("--examples", type=int, default=2000, help="examples per split to extract when no --cache")
+    p.add_argument("--k", "--variants", dest="variants", default="16",
+                   help="variants K, or a list such as 4,16,64 (one result per K, under by_k)")
+    p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=2000, help="examples per split to extract when no --cache")
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--workers", type=int, default=0, help="also time a Dask sweep with 1 and with N worker processes")
     p.add_argument("--sweep-trials", type=int, default=8, help="trials of the Dask sweeps (default 8)")
@@ -176,3 +264,80 @@ def _register_sweep(bsub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sweep)
+
+
+def _table(a: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from pipeline.bench.table import TABLE_METHODS, TableBenchConfig, run_table_bench
+
+    cfg = TableBenchConfig(
+        tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()), backbone=a.backbone,
+        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else TABLE_METHODS,
+        max_train=a.max_train, epochs=a.epochs, batch_size=a.batch_size, max_length=a.max_length,
+        max_steps=a.max_steps, fisher_samples=a.fisher_samples, device=a.device, workdir=a.workdir,
+        results_dir=a.results_dir, tag=a.tag, progress=not a.no_progress)
+    res = run_table_bench(cfg, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    if a.json:
+        emit(res, True)
+    else:
+        from pipeline.bench.table import render_markdown
+
+        print(render_markdown(res))
+    return 0
+
+
+def _register_table(bsub) -> None:
+    p = bsub.add_parser(
+        "table", help="the paper's comparison: every method on every task, score vs peak memory",
+        description="Extract each task once (`lst extract`), run `lst fisher` on it, then train every method "
+                    "(full-ft, lora, adapter, bitfit, linear-probe, lst-live, lst; LST with --init fisher) as a "
+                    "fresh `lst train` process through the peak-memory harness of `lst bench memory`. Writes "
+                    "benchmarks/results/table-<backbone>-<device>[-<tag>].md/.json/.png: params %, peak memory "
+                    "(absolute and above baseline), train time, the paper's dev metric per task and the average.")
+    p.add_argument("--tasks", default="sst2,cola,mrpc,stsb")
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--methods", help="comma-separated (default: full,lora,adapter,bitfit,linear-probe,live,cached)")
+    p.add_argument("--max-train", type=int, help="`lst extract --max-examples`: caps every split (dev sets are "
+                                                 "<= 1500 examples, so N >= 1500 caps training only)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-steps", type=int, help="cap each run (quick checks)")
+    p.add_argument("--fisher-samples", type=int, help="`lst fisher --samples` (default: its own, 1024)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workdir", help="caches, runs and logs (default: a new temp dir, kept); caches there are reused")
+    p.add_argument("--results-dir", default="benchmarks/results")
+    p.add_argument("--tag", help="appended to the output file names, e.g. train2000")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_table)
+
+
+def _faults(a: argparse.Namespace) -> int:
+    from pipeline.bench.faults import FaultsBenchConfig, run_faults_bench
+
+    res = run_faults_bench(FaultsBenchConfig(workdir=a.workdir, seed=a.seed, kills=a.kills, examples=a.examples,
+                                             backbone=a.backbone, progress=not a.no_progress))
+    emit(res, a.json)
+    return 0
+
+
+def _register_faults(bsub) -> None:
+    p = bsub.add_parser(
+        "faults", help="fault injection: SIGKILLs, store damage, full disk, memory, locks, bad inputs",
+        description="Runs the real `lst` commands in subprocesses under injected faults: SIGKILLs of extract "
+                    "(start-up, mid-shard, between a shard's data and its done flag, finalisation), train "
+                    "(cached, --live) and sweep (during checkpoint writes), each resumed; flipped, truncated and "
+                    "deleted store files; ENOSPC; a too-small reader budget and an allocation failure; two "
+                    "extractions and two sweeps at once; malformed inputs. Prints kills, resumes_identical, "
+                    "corruptions_injected/detected, bad_inputs_tried/clean_error, tracebacks and data_lost.")
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs of `lst extract` (default 20)")
+    p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=24, help="SST-2 examples per split (default 24)")
+    p.add_argument("--backbone", help="backbone to extract (default: a tiny random BERT in the workdir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
+    p.add_argument("--workdir", help="keep everything here (default: a temp dir, removed)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_faults)

@@ -50,6 +50,9 @@ def _classify_label(v: Any) -> tuple[int, Any, bool]:
     return _BAD, v, False
 
 
+_UNPARSEABLE = type("_Unparseable", (), {"__repr__": lambda self: "<list or mapping>"})()
+
+
 @dataclass
 class _ParsedLabels:
     kind: np.ndarray  # int8 per row: _MISSING/_NUM/_TEXT/_BAD
@@ -67,7 +70,10 @@ def _parse_labels(series: pd.Series) -> _ParsedLabels:
         num = series.to_numpy(dtype=np.float64, na_value=np.nan)
         kind = np.where(np.isnan(num), _MISSING, np.where(np.isfinite(num), _NUM, _BAD)).astype(np.int8)
         return _ParsedLabels(kind, num, np.empty(n, object), False)
-    codes, uniques = pd.factorize(series.astype(object), use_na_sentinel=True)
+    values = series.astype(object)
+    if any(isinstance(v, (list, dict, tuple, set, np.ndarray)) for v in values):  # unhashable: unparseable
+        values = values.map(lambda v: _UNPARSEABLE if isinstance(v, (list, dict, tuple, set, np.ndarray)) else v)
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
     cls = [_classify_label(u) for u in uniques]
     u_kind = np.array([c[0] for c in cls] + [_MISSING], dtype=np.int8)  # index -1 -> the NA sentinel
     u_num = np.array([c[1] if c[0] == _NUM else np.nan for c in cls] + [np.nan], dtype=np.float64)
@@ -167,6 +173,16 @@ def convert_labels(
                 f"{rows_text(raw[s].rows[neg])} ({ROWS_MEANING}); class ids must be 0..K-1 "
                 "(GLUE-style -1 means 'unlabeled': drop those rows or that split)"
             )
+    if fixed_names is None and "train" in out and len(out["train"]):
+        k = int(out["train"].max()) + 1
+        for s, y in out.items():
+            over = y >= k
+            if s != "train" and over.any():
+                raise DatasetError(
+                    f"label(s) in split {s!r} ({raw[s].path}) at rows {rows_text(raw[s].rows[over])} are class ids "
+                    f"never seen in the train split (which has ids 0..{k - 1}); fix those labels or add examples "
+                    "of every class to the train split"
+                )
     names = fixed_names
     if names is None and all(p.all_bool for p in parsed.values() if len(p.kind)):
         names = ["False", "True"]

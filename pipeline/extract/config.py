@@ -18,7 +18,8 @@ def opt(default: Any = None, help: str = "", **meta: Any) -> Any:
 
 @dataclass
 class ExtractConfig:
-    backbone: str = opt("minilm", "'minilm', 'mpnet', or a local Hugging Face model dir")
+    backbone: str = opt("minilm", "'minilm', 'mpnet', 'smollm2' (SmolLM2-135M-Instruct, decoder-only), or a local "
+                                  "Hugging Face model dir")
     dataset: str = opt("sst2", "named task (sst2, cola, mrpc, stsb, trec), a CSV/TSV/JSONL/Parquet file, "
                                "'train=a.csv,validation=b.csv', or a local HF datasets dir")
     out: str = opt("data/cache/sst2-minilm.zarr",
@@ -47,6 +48,11 @@ class ExtractConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars", "cli": False})
     fisher_samples: int = opt(0, "also compute Fisher importance over N labelled train examples for --init fisher "
                                  "(the paper uses 1024; same as running `lst fisher` afterwards)")
+    prompt_template: str | None = opt(
+        None, "wrap every input in a prompt before tokenising (for causal LMs), e.g. 'Review: {text}\\nSentiment:'; "
+              "pair tasks use {text} and {text_pair}. Backslash escapes (\\n, \\t) are decoded. The last prompt "
+              "token is where `lst train --head lm` scores label words and --pooling last reads",
+        metavar="TEMPLATE")
     label_words: str | None = opt(
         None, "T5: also cache the decoder's teacher-forced taps for each candidate label word, so a side "
               "encoder-decoder trains and scores labels from the cache (the paper's T5 setting); decoder-only: "

@@ -27,10 +27,11 @@ from pipeline.backbones import init_pack_state
 from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, lm_head_weight, t5_label_targets
 from pipeline.cache import codecs as C
 from pipeline.cache.fingerprint import diff_fingerprints, library_versions
+from pipeline.cache.faultpoints import fault_point
 from pipeline.cache.store import ActivationCache, CacheError, create_store, store_state, tap_name
 from pipeline.data import load_dataset, sha256_path
 from pipeline.cache import initpack
-from pipeline.extract.plan import build_split_plan
+from pipeline.extract.plan import build_split_plan, normalize_prompt_template
 from pipeline.extract.worker import ComputeSettings, compute_shard
 from pipeline.devices import resolve_device
 from pipeline.extract.config import ExtractConfig
@@ -112,6 +113,8 @@ def label_scoring(cfg: ExtractConfig, backbone, bundle) -> tuple[LabelTargets | 
 
 def build_fingerprint(cfg: ExtractConfig, backbone_path: Path, model_type: str, bundle, taps: list[int]) -> dict:
     extra = {"label_words": cfg.label_words} if cfg.label_words is not None else {}
+    if cfg.prompt_template is not None:  # only when set: caches without a prompt keep their fingerprint
+        extra["prompt_template"] = normalize_prompt_template(cfg.prompt_template)
     return {
         **extra,
         "backbone": cfg.backbone,
@@ -144,6 +147,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column, splits=cfg.splits,
         max_examples=cfg.max_examples, dev_fraction=cfg.dev_fraction, seed=cfg.seed,
     )
+    if cfg.prompt_template is not None:  # a bad template fails before the backbone loads
+        normalize_prompt_template(cfg.prompt_template,
+                                  any(sp.text_pairs is not None for sp in bundle.splits.values()))
     distributed = bool(cfg.workers or cfg.scheduler)
     # A Dask coordinator only needs the tokenizer, config and init pack: keep it off the accelerator.
     backbone = load_backbone(str(path), device="cpu" if distributed else str(device))
@@ -163,6 +169,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 f"{cfg.out} is being written by another extraction (lock {out}.lock is held); "
                 "wait for it to finish, or stop it first"
             ) from None
+    fault_point("locked")
     try:
         return _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets, words)
     except OSError as e:
@@ -197,7 +204,8 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
     if not resumed:
         plans = []
         for name in sorted(bundle.splits):
-            plans.append(build_split_plan(name, backbone.tokenizer, bundle.splits[name], cfg.max_length, cfg.shard_tokens))
+            plans.append(build_split_plan(name, backbone.tokenizer, bundle.splits[name], cfg.max_length, cfg.shard_tokens,
+                                          cfg.prompt_template))
         meta = {
             "task": {
                 "name": bundle.name, "task_type": bundle.task_type, "metric": bundle.metric,
@@ -233,6 +241,7 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
     stored = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
     settings = ComputeSettings(taps=tuple(taps), codec=cfg.codec, batch_tokens=cfg.batch_tokens, precision=cfg.precision,
                                decoder_taps=tuple(cache.decoder_taps), targets=stored)
+    fault_point("work")
     work = [(s, shard) for s in cache.splits for shard in cache.split(s).pending_shards()]
     total_rows = sum(_rows(cache, s, k) for s, k in work)
     t_compute = time.perf_counter()
@@ -246,6 +255,7 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
     finally:
         bar.close()
     compute_s = time.perf_counter() - t_compute
+    fault_point("finalise")
     complete = cache.mark_complete()
     splits = {s: _split_summary(cache, s) for s in cache.splits}
     return {

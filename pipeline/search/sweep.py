@@ -177,6 +177,9 @@ def _tell(study, trial, *args, **kw) -> None:
     except RuntimeError as e:
         if "Study.stop" not in str(e):
             raise
+    except KeyError as e:  # a re-enqueued (retried) trial has no grid_id for GridSampler.after_trial;
+        if e.args != ("grid_id",):  # its state is stored before that, as above
+            raise
 
 
 def _record(study, trial_id: int, s: dict) -> None:

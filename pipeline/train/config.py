@@ -22,8 +22,10 @@ def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any
 
 
 DEFAULT_READER_MEMORY = "512MB"
-METHODS = ("lst", "lst-live", "full-ft")
-METHOD_LR = {"lst": 3e-3, "lst-live": 3e-3, "full-ft": 3e-4}  # the paper's learning rates
+METHODS = ("lst", "lst-live", "full-ft", "lora", "adapter", "bitfit", "linear-probe")
+# the paper's learning rates (the linear probe, not in the paper, trains a head only: LST's rate)
+METHOD_LR = {"lst": 3e-3, "lst-live": 3e-3, "full-ft": 3e-4, "lora": 3e-4, "adapter": 3e-4, "bitfit": 3e-4,
+             "linear-probe": 3e-3}
 
 
 @dataclass
@@ -33,9 +35,13 @@ class TrainConfig:
     side: dict[str, Any] = opt(factory=dict, help="side-network options (SideConfig fields)", cli=False)
     method: str = opt("lst", "lst: side network from the cache; lst-live: the same with taps from the live backbone "
                              "(= --live); full-ft: fine-tune the whole backbone the cache was built from, with a "
-                             "linear head on its pooled last hidden state (T5 label caches: T5's LM loss)",
+                             "linear head on its pooled last hidden state (T5 label caches: T5's LM loss); lora: "
+                             "the same with LoRA (peft, r 32) on the attention query/value projections; adapter: "
+                             "bottleneck adapters (dim 64) after each block's FFN; bitfit: biases only; "
+                             "linear-probe: a linear head on the pooled last cached tap (no backbone)",
                       choices=METHODS)
-    lr: float | None = opt(None, "AdamW learning rate (default: the paper's, 3e-3 for LST, 3e-4 for full-ft)",
+    lr: float | None = opt(None, "AdamW learning rate (default: the paper's, 3e-3 for LST and the linear probe, "
+                                 "3e-4 for full-ft, lora, adapter and bitfit)",
                            group="optimisation", knob="float")
     weight_decay: float = opt(0.01, "AdamW weight decay", group="optimisation", knob="float")
     warmup_ratio: float = opt(0.06, "share of steps for linear warm-up, then linear decay", group="optimisation", knob="float")
@@ -63,10 +69,11 @@ class TrainConfig:
             raise TrainError(f"method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.method == "lst-live":
             self.live = True
-        if self.live and self.method == "full-ft":
-            raise TrainError("--method full-ft trains the live backbone itself; drop --live")
+        if self.live and self.method not in ("lst", "lst-live"):
+            raise TrainError(f"--method {self.method} does not read taps from the live backbone; drop --live")
         if self.lr is None:
             self.lr = METHOD_LR[self.method]
+        check_values(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,6 +85,34 @@ class TrainConfig:
         if unknown:
             raise TrainError(f"unknown training config keys {unknown}; known: {', '.join(sorted(names))}")
         return cls(**d)
+
+
+_RANGES = (("epochs", int, 1, True), ("batch_size", int, 1, True), ("batch_tokens", int, 1, True),
+           ("max_steps", int, 1, True), ("patience", int, 0, True), ("seed", int, None, True),
+           ("lr", float, 0.0, False), ("weight_decay", float, 0.0, True), ("warmup_ratio", float, 0.0, True),
+           ("grad_clip", float, 0.0, True))
+
+
+def check_values(cfg: "TrainConfig") -> None:
+    """Refuse mistyped or impossible numeric options with one line naming the key and the fix
+    (a YAML config is not type-checked by argparse)."""
+    for name, kind, low, inclusive in _RANGES:
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        if kind is float and isinstance(v, str):  # YAML reads 3e-3 (no dot) as a string
+            try:
+                v = float(v)
+                setattr(cfg, name, v)
+            except ValueError:
+                pass
+        ok_type = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        if not ok_type:
+            raise TrainError(f"training option {name}={v!r}: expected {'an integer' if kind is int else 'a number'}")
+        if low is not None and (v < low or (v == low and not inclusive)):
+            raise TrainError(f"training option {name}={v!r}: must be {'>=' if inclusive else '>'} {low}")
+    if getattr(cfg, "warmup_ratio", None) is not None and cfg.warmup_ratio >= 1:
+        raise TrainError(f"training option warmup_ratio={cfg.warmup_ratio!r}: must be below 1")
 
 
 # Keys that may differ between a run and its resume without changing its results.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.errors import TrainError
 from pipeline.memory import peak_rss_bytes
 from pipeline.metrics import compute_metrics
 from pipeline.train.config import TrainConfig
@@ -66,6 +68,22 @@ def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_bytes() / 2**20
+
+
+@contextmanager
+def out_of_memory_is_a_user_error(b: Batch):
+    """An allocation failure in a step becomes a clear error: finished epochs stay in the resume point."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise TrainError(f"out of memory in a training step (batch of {len(b.index)} examples, "
+                         f"{tuple(b.attention_mask.shape)} padded): lower --batch-size or --batch-tokens, "
+                         "then re-run the same command to resume from the last finished epoch") from e
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
+            raise
+        raise TrainError(f"out of memory in a training step ({e}): lower --batch-size or --batch-tokens, "
+                         "then re-run the same command to resume from the last finished epoch") from e
 
 
 @dataclass
@@ -128,10 +146,11 @@ class VariantRunner:
     def train_step(self, taps: TapMap, b: Batch) -> float:
         v = self.variant
         torch.set_rng_state(v.rng)
-        loss = v.model.training_loss(labels=b.labels, **self.inputs(taps, b))
-        v.rng = torch.get_rng_state()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with out_of_memory_is_a_user_error(b):
+            loss = v.model.training_loss(labels=b.labels, **self.inputs(taps, b))
+            v.rng = torch.get_rng_state()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if v.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(v.model.parameters(), v.cfg.grad_clip)
         self.optimizer.step()

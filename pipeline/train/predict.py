@@ -33,8 +33,11 @@ class Predictor:
         run = Path(run)
         if not (run / "config.yaml").exists() or not (run / "side.safetensors").exists():
             raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        fp = cfg["cache_fingerprint"]
+        try:
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            fp = cfg["cache_fingerprint"]
+        except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as e:
+            raise TrainError(f"{run / 'config.yaml'} is damaged ({type(e).__name__}); re-train the run") from None
         path = resolve_backbone(fp["backbone"])
         if weights_sha256(path) != fp["weights_sha256"]:
             raise TrainError(f"backbone {fp['backbone']!r} at {path} differs from the one run {run} was trained with")
@@ -47,10 +50,15 @@ class Predictor:
         else:
             self.targets = None
             self.model = LadderSideNetwork(side, self.backbone.config)
-        ckpt.load_model(self.model, run / "side.safetensors")
+        try:
+            ckpt.load_model(self.model, run / "side.safetensors")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise TrainError(f"{run / 'side.safetensors'} is damaged or not this run's side network "
+                             f"({type(e).__name__}: {str(e)[:200]}); re-train the run (`lst train ... --overwrite`)") from None
         self.model.to(device).eval()
         self.task = cfg["task"]
         self.max_length = int(fp["max_length"])
+        self.prompt_template = fp.get("prompt_template")  # extraction's prompt: new text is wrapped the same way
         self.device = torch.device(device)
         longest = max(len(t) for t in self.targets.targets) if self.targets else 0
         self.max_new_tokens = max_new_tokens or longest + 4
@@ -86,13 +94,30 @@ class Predictor:
                 break
         return [t.strip() for t in self.backbone.tokenizer.batch_decode(seq[:, 1:].cpu(), skip_special_tokens=True)]
 
+    def _prompted(self, texts: list[str], pairs: list[str] | None) -> dict:
+        """Token ids exactly as extraction made them (prompt applied, same truncation), right-padded."""
+        from pipeline.extract.plan import tokenize_texts
+
+        ids, _, _ = tokenize_texts(self.backbone.tokenizer, texts, pairs, self.max_length, self.prompt_template)
+        width = max(len(x) for x in ids)
+        pad = int(self.backbone.tokenizer.pad_token_id)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for k, x in enumerate(ids):
+            input_ids[k, :len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[k, :len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> list[dict]:
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.backbone.tokenizer(
-                texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, truncation=True,
-                max_length=self.max_length, padding=True, return_tensors="pt",
-            )
+            if self.prompt_template is not None:
+                enc = self._prompted(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None)
+            else:
+                enc = self.backbone.tokenizer(
+                    texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, truncation=True,
+                    max_length=self.max_length, padding=True, return_tensors="pt",
+                )
             enc = {k: v.to(self.device) for k, v in enc.items()}
             logits, generated = self._scores(enc)
             for k, row in enumerate(logits):

@@ -12,6 +12,7 @@ Everything is safetensors, JSON or YAML: nothing here is ever unpickled.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,17 +66,20 @@ class RunDir:
 
     def start(self, resolved: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        _write_atomic(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         (self.path / "metrics.jsonl").write_text("")
 
     # -- during the run ------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise ckpt.disk_error(e, self.path / "metrics.jsonl") from e
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         """After a resume: a kill between the metrics line and the checkpoint must not leave a duplicate epoch."""
-        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        _write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def save_best(self, model, epoch: int, score: float, name: str = "side.safetensors") -> None:
         ckpt.save_model(model, self.path / name, {"epoch": epoch, "dev_score": score})
@@ -87,4 +91,16 @@ class RunDir:
         return ckpt.load_resume_point(self.checkpoint, model, optimizer, scheduler)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_atomic(self.path / "summary.json", json.dumps(summary, indent=2))
+
+
+# (field, kind, lowest allowed, lowest is allowed itself) for the numeric training options
+def _write_atomic(path: Path, text: str) -> None:
+    """A kill never leaves a half-written file (``summary.json`` marks a finished run)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ckpt.disk_error(e, path) from e

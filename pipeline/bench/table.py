@@ -1,0 +1,260 @@
+"""`lst bench table`: the LST paper's comparison (Table 1 style) on real GLUE tasks in one run.
+
+For each task: `lst extract` once (a subprocess; ``--max-examples`` caps every split, which only
+caps training sets as long as it is >= the dev sizes: SST-2 872, MRPC 408, CoLA 1043, STS-B 1500),
+`lst fisher` on the cache (skipped when the cache already holds Fisher importance), one baseline
+process (imports only), then every method as a fresh `lst train` process through the peak-memory
+harness of `lst bench memory` (``run_measured``, ``train_command``, its ``METHODS`` table). LST runs use
+their defaults with Fisher initialisation (``--init fisher``); every method uses the paper's learning
+rate (``METHOD_LR``) unless ``train_args`` overrides it.
+
+Scores are the paper's: SST-2 accuracy, CoLA Matthews correlation, MRPC the mean of F1 and accuracy,
+STS-B the mean of Pearson and Spearman, all x100, at the best dev epoch. Memory on CPU is each
+process's whole-process peak RSS, absolute and above the task's baseline process; the table reports
+the largest over the tasks. Writes ``<results>/table-<backbone>-<device>[-<tag>].{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.bench.memory import (CHILD_ENV, METHODS, MemoryBenchConfig, _lst, _self, extract_cache,
+                                   resolve_bench_device, run_measured, train_command)
+
+TABLE_METHODS = ("full", "lora", "adapter", "bitfit", "linear-probe", "live", "cached")
+LABELS = {"full": "Full fine-tuning", "lora": "LoRA (r 32, q/v)", "adapter": "Adapter (dim 64)", "bitfit": "BitFit",
+          "linear-probe": "Linear probe (cached last layer)", "live": "LST, live backbone",
+          "cached": "LST, cached (this project)"}
+TASK_LABELS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "qnli": "QNLI", "rte": "RTE",
+               "mnli": "MNLI", "qqp": "QQP"}
+LST_METHODS = ("live", "cached")
+
+
+@dataclass
+class TableBenchConfig:
+    tasks: tuple[str, ...] = ("sst2", "cola", "mrpc", "stsb")
+    backbone: str = "minilm"
+    methods: tuple[str, ...] = TABLE_METHODS
+    max_train: int | None = None  # `lst extract --max-examples` (caps every split)
+    epochs: int = 1
+    batch_size: int = 100
+    max_length: int = 128
+    max_steps: int | None = None  # quick checks only
+    fisher_samples: int | None = None  # `lst fisher --samples` (default: its own, the paper's 1024)
+    device: str = "auto"
+    workdir: str | None = None  # caches, runs and logs (default: a temp dir, kept: the runs are the evidence)
+    results_dir: str = "benchmarks/results"
+    tag: str | None = None  # appended to the output file names
+    train_args: list[str] = field(default_factory=list)  # extra `lst train` arguments for every method
+    progress: bool = True
+
+
+def paper_score(task: str, row: dict) -> float:
+    """The paper's dev metric from a metrics.jsonl row (x100)."""
+    if "dev_pearson" in row:
+        v = (row["dev_pearson"] + row["dev_spearman"]) / 2
+    elif "dev_f1" in row:
+        v = (row["dev_f1"] + row["dev_accuracy"]) / 2
+    elif "dev_matthews" in row:
+        v = row["dev_matthews"]
+    else:
+        v = row.get("dev_accuracy", row["dev_score"])
+    return 100 * float(v)
+
+
+def best_row(run: Path, best_epoch: int | None) -> dict | None:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    for r in rows:
+        if r["epoch"] == best_epoch:
+            return r
+    return rows[-1] if rows else None
+
+
+def _log(cfg: TableBenchConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"[bench table {time.strftime('%H:%M:%S')}] {msg}", file=__import__("sys").stderr, flush=True)
+
+
+def ensure_fisher(cfg: TableBenchConfig, url: str, log: Path, device: str) -> float | None:
+    """`lst fisher` on the cache unless it already holds importance; seconds spent (None: reused)."""
+    from pipeline.cache import initpack
+
+    if initpack.read_importance(url) is not None:
+        return None
+    args = ["fisher", "--cache", url, "--json", "--no-progress", "--device", device]
+    if cfg.fisher_samples:
+        args += ["--samples", str(cfg.fisher_samples)]
+    t0 = time.perf_counter()
+    with open(log, "w") as err:
+        res = subprocess.run(_lst(*args), stdout=subprocess.PIPE, stderr=err, text=True,
+                             env={**os.environ, **CHILD_ENV})
+    if res.returncode:
+        raise RuntimeError(f"lst fisher failed (exit {res.returncode}): {' '.join(args)}; see {log}")
+    return round(time.perf_counter() - t0, 3)
+
+
+def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
+    from pipeline.cache.store import ActivationCache
+
+    tw = work / task
+    tw.mkdir(parents=True, exist_ok=True)
+    mcfg = MemoryBenchConfig(backbone=cfg.backbone, dataset=task, max_examples=cfg.max_train, batch_size=cfg.batch_size,
+                             max_length=cfg.max_length, epochs=cfg.epochs, max_steps=cfg.max_steps, device=device,
+                             train_args=list(cfg.train_args), progress=False)
+    _log(cfg, f"{task}: extract")
+    t0 = time.perf_counter()
+    url = extract_cache(mcfg, tw)  # an identical cache already there is reused (resumed: nothing to do)
+    extract_s = round(time.perf_counter() - t0, 3)
+    _log(cfg, f"{task}: fisher")
+    fisher_s = ensure_fisher(cfg, url, tw / "fisher.log", device)
+    cache = ActivationCache.open(url)
+    splits = {s: cache.split(s).num_examples for s in cache.splits}
+    baseline = run_measured(_self("baseline", "--cache", url))
+    base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
+    out: dict = {"task": task, "metric": cache.attrs["task"]["metric"], "cache": url, "examples": splits,
+                 "extract_s": extract_s, "fisher_s": fisher_s, "baseline_mb": round(base_mb, 1), "methods": {}}
+    for m in cfg.methods:
+        _log(cfg, f"{task}: {m}")
+        run = tw / "runs" / m
+        cmd = train_command(m, mcfg, url, run, device)
+        if m in LST_METHODS:
+            cmd += ["--init", "fisher"]
+        got = run_measured(cmd, stderr_to=str(tw / f"{m}.log"))
+        s = got["result"]
+        host = got["polled_peak_mb"] if device == "cuda" else max(got["polled_peak_mb"], s["peak_mem_mb"])
+        row = best_row(run, s.get("best_epoch"))
+        d = {"command": " ".join(["lst", *cmd[3:]]), "score": round(paper_score(task, row), 2) if row else None,
+             "dev": {k: v for k, v in (row or {}).items() if k.startswith("dev_")},
+             "abs_mb": round(host, 1), "above_baseline_mb": round(host - base_mb, 1),
+             "trainable_params": s["trainable_params"], "trainable_pct": s["trainable_pct"],
+             "backbone_params": s["backbone_params"], "epoch_s": s["epoch_s"], "wall_s": got["wall_s"],
+             "steps": s["steps"], "examples_per_s": s["examples_per_s"]}
+        if device == "cuda":
+            d["cuda_peak_mb"] = s["peak_mem_mb"]
+        out["methods"][m] = d
+        _log(cfg, f"{task}: {m} score {d['score']} peak {d['abs_mb']} MB ({d['above_baseline_mb']} above baseline), "
+                  f"{d['wall_s']} s")
+    return out
+
+
+def aggregate(cfg: TableBenchConfig, tasks: dict[str, dict], device: str) -> dict[str, dict]:
+    rows = {}
+    for m in cfg.methods:
+        per = [t["methods"][m] for t in tasks.values()]
+        scores = {k: t["methods"][m]["score"] for k, t in tasks.items()}
+        ok = [v for v in scores.values() if v is not None]
+        rows[m] = {
+            "label": LABELS.get(m, m), "args": " ".join(METHODS[m]) + (" --init fisher" if m in LST_METHODS else ""),
+            "trainable_params": max(p["trainable_params"] for p in per),
+            "trainable_pct": round(max(p["trainable_pct"] for p in per), 3),
+            "peak_abs_mb": max(p["abs_mb"] for p in per),
+            "peak_above_baseline_mb": max(p["above_baseline_mb"] for p in per),
+            "train_epoch_s": round(sum(p["epoch_s"] or 0 for p in per), 1),
+            "wall_s": round(sum(p["wall_s"] for p in per), 1),
+            "scores": scores,
+            "average": round(sum(ok) / len(ok), 2) if len(ok) == len(scores) and ok else None,
+        }
+        if device == "cuda":
+            rows[m]["cuda_peak_mb"] = max(p["cuda_peak_mb"] for p in per)
+    return rows
+
+
+def render_markdown(res: dict) -> str:
+    tasks = res["tasks_order"]
+    cfg = res["config"]
+    lines = [f"# LST comparison: {res['backbone']} on {', '.join(TASK_LABELS.get(t, t) for t in tasks)} ({res['device']})",
+             "",
+             f"Each method is a fresh `lst train` process on the same cache, batch size {cfg['batch_size']}, "
+             f"{cfg['epochs']} epoch(s), max length {cfg['max_length']}, the paper's learning rates "
+             "(3e-4 full FT / LoRA / Adapter / BitFit, 3e-3 LST and the linear probe); LST: defaults with "
+             "`--init fisher`.",
+             f"Training examples per task: " + ", ".join(
+                 f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('train')}" for t in tasks)
+             + "; dev: " + ", ".join(f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('validation')}"
+                                       for t in tasks) + ".",
+             "Scores (x100): SST-2 accuracy, CoLA MCC, MRPC mean(F1, acc), STS-B mean(Pearson, Spearman), at the "
+             "best dev epoch. Peak memory: whole-process peak RSS (VmHWM) of the `lst train` process, largest over "
+             "the tasks, absolute and above a baseline process that only imports what training imports"
+             + (" ; CUDA: max_memory_allocated" if res["device"] == "cuda" else "") + ". Train time: "
+             "the training epochs' seconds summed over tasks (process wall time, with loading and eval, in brackets).",
+             "",
+             "| Method | Params % | Peak MB (abs) | Peak MB (above baseline) | Train s (wall s) | "
+             + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
+
+    def f(v, n=1):
+        return "-" if v is None else f"{v:.{n}f}"
+
+    for m, r in res["methods"].items():
+        lines.append(f"| {r['label']} | {r['trainable_pct']:.3f} | {f(r['peak_abs_mb'], 0)} | "
+                     f"{f(r['peak_above_baseline_mb'], 0)} | {f(r['train_epoch_s'], 0)} ({f(r['wall_s'], 0)}) | "
+                     + " | ".join(f(r["scores"][t]) for t in tasks) + f" | {f(r['average'])} |")
+    lines += ["", f"Baseline process peak RSS: " + ", ".join(
+        f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['baseline_mb']:.0f} MB" for t in tasks) + ".",
+        f"Command: `{res['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, r in res["methods"].items():
+        if r["average"] is None:
+            continue
+        x = r.get("cuda_peak_mb") if res["device"] == "cuda" else r["peak_above_baseline_mb"]
+        ax.scatter([x], [r["average"]], s=60, color="tab:red" if m == "cached" else "tab:blue")
+        ax.annotate(r["label"], (x, r["average"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("peak memory, MB " + ("(CUDA max allocated)" if res["device"] == "cuda"
+                                        else "(process peak RSS above the import baseline)"))
+    ax.set_ylabel("average dev score (x100)")
+    ax.set_title(f"{res['backbone']} on {', '.join(TASK_LABELS.get(t, t) for t in res['tasks_order'])} "
+                 f"({res['device']}, {res['config']['epochs']} epoch)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_table_bench(cfg: TableBenchConfig, command: str = "") -> dict:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    device = resolve_bench_device(cfg.device)
+    work = Path(cfg.workdir or tempfile.mkdtemp(prefix="lst-bench-table-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tasks = {}
+    for t in cfg.tasks:
+        tasks[t] = run_task(cfg, t, work, device)
+    res = {"benchmark": "table", "backbone": cfg.backbone, "device": device, "tasks_order": list(cfg.tasks),
+           "config": asdict(cfg), "command": command, "workdir": str(work),
+           "measure": "cuda max_memory_allocated" if device == "cuda"
+           else "whole-process peak RSS (VmHWM), absolute and above the post-import baseline process",
+           "total_s": None, "methods": aggregate(cfg, tasks, device), "tasks": tasks}
+    res["total_s"] = round(time.perf_counter() - t0, 1)
+    scored = {m: r for m, r in res["methods"].items() if r["average"] is not None}
+    if "cached" in scored:
+        others = {m: r for m, r in scored.items() if m not in ("cached", "linear-probe")}
+        res["cached_lowest_peak_except_probe"] = all(
+            scored["cached"]["peak_above_baseline_mb"] < r["peak_above_baseline_mb"] for r in others.values())
+        for m in ("full", "lora"):
+            if m in scored:
+                res[f"cached_minus_{m}_avg"] = round(scored["cached"]["average"] - scored[m]["average"], 2)
+    stem = f"table-{Path(cfg.backbone).name}-{device}" + (f"-{cfg.tag}" if cfg.tag else "")
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res["outputs"] = {k: str(out / f"{stem}.{k}") for k in ("md", "json", "png")}
+    (out / f"{stem}.md").write_text(render_markdown(res))
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    plot(res, out / f"{stem}.png")
+    return res
