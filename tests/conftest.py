@@ -16,33 +16,13 @@ import torch
 torch.set_num_threads(1)
 
 from pipeline.backbones import make_tiny_backbone
+from pipeline.cache.inspect import store_arrays  # noqa: F401 - tests import it from here
 
 
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny-backbones")
     return {f: str(make_tiny_backbone(f, root / f)) for f in ("bert", "t5", "gpt2", "llama")}
-
-
-def store_arrays(url: str) -> dict[str, np.ndarray]:
-    """Every array of every split of a store, by path (for value-for-value comparisons)."""
-    from pipeline.cache.store import ActivationCache, tap_name
-
-    cache = ActivationCache.open(url)
-    out = {}
-    for s in cache.splits:
-        v = cache.split(s)
-        for name in ("offsets", "input_ids", "labels", "source_rows", "done"):
-            out[f"{s}/{name}"] = v.group[name][:]
-        for t in cache.taps:
-            out[f"{s}/acts/{tap_name(t)}"] = v.tap_array(t)[:]
-            if cache.spec.has_scale:
-                out[f"{s}/scales/{tap_name(t)}"] = v.scale_array(t)[:]
-        for t in cache.decoder_taps:
-            out[f"{s}/dec/acts/{tap_name(t)}"] = v.decoder_array(t)[:]
-            if cache.spec.has_scale:
-                out[f"{s}/dec/scales/{tap_name(t)}"] = v.decoder_array(t, scale=True)[:]
-    return out
 
 
 def assert_same_store(a: str, b: str) -> None:

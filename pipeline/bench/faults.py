@@ -199,25 +199,11 @@ class FaultBench:
         return ["extract", "--backbone", self.backbone, "--dataset", "sst2", "--max-examples", self.cfg.examples,
                 "--shard-tokens", 64, "--batch-tokens", 256, "--out", out, "--no-progress", *extra]
 
-    @staticmethod
-    def store_arrays(url: Path) -> dict[str, np.ndarray]:
-        from pipeline.cache.store import ActivationCache, tap_name
-
-        cache = ActivationCache.open(str(url))
-        out = {}
-        for s in cache.splits:
-            v = cache.split(s)
-            for name in ("offsets", "input_ids", "labels", "source_rows", "done"):
-                out[f"{s}/{name}"] = v.group[name][:]
-            for t in cache.taps:
-                out[f"{s}/acts/{tap_name(t)}"] = v.tap_array(t)[:]
-                if cache.spec.has_scale:
-                    out[f"{s}/scales/{tap_name(t)}"] = v.scale_array(t)[:]
-        return out
-
     def same_store(self, a: Path, b: Path) -> bool:
+        from pipeline.cache.inspect import store_arrays
+
         try:
-            xa, xb = self.store_arrays(a), self.store_arrays(b)
+            xa, xb = store_arrays(str(a)), store_arrays(str(b))
         except Exception as e:  # noqa: BLE001 - an unreadable result is a difference
             self.log(f"compare {b}: {type(e).__name__}: {e}")
             return False

@@ -105,6 +105,13 @@ def _split_plan(name: str, tokens: int, cfg: ScaleBenchConfig, rng: np.random.Ge
                      source_rows=rng.permutation(len(lengths)).astype(np.int64), shard_tokens=cfg.shard_tokens)
 
 
+class _NoTokenizer:
+    """A synthetic cache has no tokenizer: the init pack's tokenizer folder stays empty."""
+
+    def save_pretrained(self, path: str) -> None:
+        pass
+
+
 class _Values:
     """Heavy-tailed residual-stream-like rows, fast: one Student-t pool, re-drawn rows per shard."""
 
@@ -131,6 +138,7 @@ class _Values:
 
 def write_synthetic_cache(url: str, cfg: ScaleBenchConfig, shape: dict) -> dict:
     from pipeline.cache.fingerprint import library_versions
+    from pipeline.cache import initpack
     from pipeline.cache.store import create_store
 
     t0 = time.perf_counter()
@@ -155,9 +163,8 @@ def write_synthetic_cache(url: str, cfg: ScaleBenchConfig, shape: dict) -> dict:
     cache = create_store(url, fingerprint=fingerprint, meta=meta, plans=plans, taps=taps, codec="bf16",
                          hidden_size=shape["hidden"], versions=library_versions())
     cache.root.attrs["layout_complete"] = True
-    init = Path(url) / "init"
-    init.mkdir(parents=True, exist_ok=True)
-    (init / "config.json").write_text(llama_config(shape).to_json_string())
+    # stage two needs only the init pack's config.json (random init); no weights, no tokenizer
+    initpack.write_init_pack(url, {}, llama_config(shape).to_json_string(), _NoTokenizer())
     values = _Values(shape["hidden"], min(cfg.shard_tokens, 16384), cfg.seed + 1)
     stored = 0
     for plan in plans:

@@ -31,6 +31,9 @@ TABLE_METHODS = ("full", "lora", "adapter", "bitfit", "linear-probe", "live", "c
 LABELS = {"full": "Full fine-tuning", "lora": "LoRA (r 32, q/v)", "adapter": "Adapter (dim 64)", "bitfit": "BitFit",
           "linear-probe": "Linear probe (cached last layer)", "live": "LST, live backbone",
           "cached": "LST, cached (this project)"}
+SHORT = {"full": "Full FT", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit", "linear-probe": "Linear probe",
+         "live": "LST live", "cached": "LST cached"}
+OFFSETS = {"lora": (5, -12), "adapter": (-48, -12), "cached": (-62, -12)}  # label positions in the plot
 TASK_LABELS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "qnli": "QNLI", "rte": "RTE",
                "mnli": "MNLI", "qqp": "QQP"}
 LST_METHODS = ("live", "cached")
@@ -213,12 +216,14 @@ def plot(res: dict, path: Path) -> None:
             continue
         x = r.get("cuda_peak_mb") if res["device"] == "cuda" else r["peak_above_baseline_mb"]
         ax.scatter([x], [r["average"]], s=60, color="tab:red" if m == "cached" else "tab:blue")
-        ax.annotate(r["label"], (x, r["average"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(SHORT.get(m, m), (x, r["average"]), textcoords="offset points",
+                    xytext=OFFSETS.get(m, (5, 5)), fontsize=8)
     ax.set_xlabel("peak memory, MB " + ("(CUDA max allocated)" if res["device"] == "cuda"
                                         else "(process peak RSS above the import baseline)"))
     ax.set_ylabel("average dev score (x100)")
     ax.set_title(f"{res['backbone']} on {', '.join(TASK_LABELS.get(t, t) for t in res['tasks_order'])} "
                  f"({res['device']}, {res['config']['epochs']} epoch)")
+    ax.margins(x=0.12, y=0.1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

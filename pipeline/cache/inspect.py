@@ -146,3 +146,22 @@ def verify_cache(cache: ActivationCache, progress=None) -> VerifyReport:
         rep.problems.append("store is not marked complete")
     rep.ok = not (rep.corrupt or rep.missing or rep.problems)
     return rep
+
+
+def store_arrays(url: str) -> dict[str, np.ndarray]:
+    """Every array of every split of a store, by path (for value-for-value comparisons)."""
+    cache = ActivationCache.open(url)
+    out = {}
+    for s in cache.splits:
+        v = cache.split(s)
+        for name in ("offsets", "input_ids", "labels", "source_rows", "done"):
+            out[f"{s}/{name}"] = v.group[name][:]
+        for t in cache.taps:
+            out[f"{s}/acts/{tap_name(t)}"] = v.tap_array(t)[:]
+            if cache.spec.has_scale:
+                out[f"{s}/scales/{tap_name(t)}"] = v.scale_array(t)[:]
+        for t in cache.decoder_taps:
+            out[f"{s}/dec/acts/{tap_name(t)}"] = v.decoder_array(t)[:]
+            if cache.spec.has_scale:
+                out[f"{s}/dec/scales/{tap_name(t)}"] = v.decoder_array(t, scale=True)[:]
+    return out
