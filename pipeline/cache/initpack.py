@@ -29,15 +29,9 @@ def _damaged(url: str, what: str) -> CacheError:
                       "(`lst extract ... --overwrite`)")
 
 
-def read_checked(url: str, name: str, storage_options: dict | None = None) -> bytes:
-    """The bytes of ``init/<name>``, checked against the sha256 the pack's marker records (packs
-    written before the manifest existed carry none and are read as they are)."""
-    fs, root = _fs(url, storage_options)
-    try:
-        with fs.open(f"{root}/{INIT_DIR}/{name}", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise _damaged(url, f"init/{name} is missing") from None
+def _require_sha256(url: str, name: str, digest: str, fs, root: str) -> None:
+    """``digest`` must be the sha256 the pack's marker records for ``init/<name>`` (packs older than
+    the manifest record none and pass)."""
     try:
         with fs.open(f"{root}/{DONE_MARKER}", "r") as f:
             marker = json.loads(f.read())
@@ -47,17 +41,44 @@ def read_checked(url: str, name: str, storage_options: dict | None = None) -> by
     except ValueError:
         raise _damaged(url, f"{DONE_MARKER} is not JSON") from None
     want = (marker.get("sha256") or {}).get(name) if isinstance(marker, dict) else None
-    if want is not None and hashlib.sha256(data).hexdigest() != want:
+    if want is not None and digest != want:
         raise _damaged(url, f"init/{name} fails its sha256 checksum")
+
+
+def read_checked(url: str, name: str, storage_options: dict | None = None) -> bytes:
+    """The bytes of ``init/<name>``, checked against the sha256 the pack's marker records (packs
+    written before the manifest existed carry none and are read as they are)."""
+    fs, root = _fs(url, storage_options)
+    try:
+        with fs.open(f"{root}/{INIT_DIR}/{name}", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise _damaged(url, f"init/{name} is missing") from None
+    _require_sha256(url, name, hashlib.sha256(data).hexdigest(), fs, root)
     return data
 
 
+def _check_streaming(url: str, name: str, storage_options: dict | None, block: int = 1 << 24) -> None:
+    """``read_checked``'s check without holding the file: a 7B backbone's weights are 13.5 GB, and
+    every `lst train` start verifies them, so the hash is computed 16 MB at a time."""
+    fs, root = _fs(url, storage_options)
+    h = hashlib.sha256()
+    try:
+        with fs.open(f"{root}/{INIT_DIR}/{name}", "rb") as f:
+            while chunk := f.read(block):
+                h.update(chunk)
+    except (FileNotFoundError, IsADirectoryError):
+        raise _damaged(url, f"init/{name} is missing") from None
+    _require_sha256(url, name, h.hexdigest(), fs, root)
+
+
 def verify_init_pack(url: str, storage_options: dict | None = None) -> list[str]:
-    """Problems with the init pack (for ``lst verify``): each checked file present and sound."""
+    """Problems with the init pack (for ``lst verify`` and stage two's start): each checked file
+    present and sound, read in bounded memory."""
     problems = []
     for name in CHECKED:
         try:
-            read_checked(url, name, storage_options)
+            _check_streaming(url, name, storage_options)
         except CacheError as e:
             problems.append(str(e))
     return problems
