@@ -48,6 +48,10 @@ class FaultsBenchConfig:
     examples: int = 24
     backbone: str | None = None  # default: a tiny random BERT written into the workdir
     progress: bool = True
+    sections: tuple[str, ...] = ()  # run only these (default: all of SECTIONS)
+
+
+SECTIONS = ("extract_kills", "train_kills", "sweep_kills", "damage", "disk_memory_concurrency", "bad_inputs")
 
 
 @dataclass
@@ -330,31 +334,33 @@ class FaultBench:
         if not self.check(r.rc == 0, f"sweep reference failed: {r.err.strip()[-300:]}"):
             return
         want, _ = self.study_values(ref)
-        out = self.root / "sweep-kill"
-        k = self.lst(self.sweep_args(out, space), env={"LST_FAULT_SLEEP_CHECKPOINT_WRITE": "0.15"},
-                     kill_at=("checkpoint-write", 3, 0.05))
-        before, _ = self.study_values(out) if (out / "study.journal").exists() else ({}, 0)
-        if k.killed:
-            self.t.kills += 1
-        res = self.lst(self.sweep_args(out, space))
-        after, n = self.study_values(out)
-        kept = all(after.get(p) == v for p, v in before.items())
-        same = res.rc == 0 and after == want and n == len(want)
-        self.t.data_lost += sum(1 for p in before if p not in after)
-        if self.check(same and kept, f"sweep killed mid-trial: resume differs (rc {res.rc}, {n} complete, "
-                                     f"finished kept {kept}) {res.err.strip()[-200:]}") and k.killed:
-            self.t.resumes_identical += 1
+        for nth in (1, 3, 4):  # during the 1st, 3rd and 4th trial's checkpoint write (4 one-epoch trials)
+            out = self.root / f"sweep-kill-{nth}"
+            k = self.lst(self.sweep_args(out, space), env={"LST_FAULT_SLEEP_CHECKPOINT_WRITE": "0.15"},
+                         kill_at=("checkpoint-write", nth, self.rng.uniform(0.0, 0.12)))
+            before, _ = self.study_values(out) if (out / "study.journal").exists() else ({}, 0)
+            if k.killed:
+                self.t.kills += 1
+            res = self.lst(self.sweep_args(out, space))
+            after, n = self.study_values(out)
+            kept = all(after.get(p) == v for p, v in before.items())
+            same = res.rc == 0 and after == want and n == len(want)
+            self.t.data_lost += sum(1 for p in before if p not in after)
+            if self.check(same and kept, f"sweep killed at checkpoint write {nth}: resume differs (rc {res.rc}, "
+                                         f"{n} complete, finished kept {kept}) {res.err.strip()[-200:]}") and k.killed:
+                self.t.resumes_identical += 1
         # two sweeps on one study at once: share it, lose nothing, run no trial twice
-        both = self.root / "sweep-two"
-        procs = [threading.Thread(target=lambda: self.lst(self.sweep_args(both, space))) for _ in range(2)]
-        for p in procs:
-            p.start()
-            time.sleep(1.0)
-        for p in procs:
-            p.join()
-        got, n = self.study_values(both)
-        self.check(got == want and n == len(want),
-                   f"two sweeps on one study: {n} complete trials, values equal {got == want}")
+        for i, gap in enumerate((1.0, 3.0)):
+            both = self.root / f"sweep-two-{i}"
+            procs = [threading.Thread(target=lambda: self.lst(self.sweep_args(both, space))) for _ in range(2)]
+            for p in procs:
+                p.start()
+                time.sleep(gap)
+            for p in procs:
+                p.join()
+            got, n = self.study_values(both)
+            self.check(got == want and n == len(want),
+                       f"two sweeps on one study ({gap} s apart): {n} complete trials, values equal {got == want}")
 
     # -- 3. store damage ---------------------------------------------------------------------------
     def damage(self) -> None:
@@ -570,9 +576,8 @@ class FaultBench:
 
             raise LstError(f"bench faults: the reference extraction failed: {r.err.strip()[-400:]}")
         sections = {}
-        for name, fn in (("extract_kills", self.extract_kills), ("train_kills", self.train_kills),
-                         ("sweep_kills", self.sweep_kills), ("damage", self.damage),
-                         ("disk_memory_concurrency", self.disk_memory_concurrency), ("bad_inputs", self.bad_inputs)):
+        for name in self.cfg.sections or SECTIONS:
+            fn = getattr(self, name)
             s0 = time.perf_counter()
             self.log(f"{name} ...")
             try:
@@ -597,6 +602,11 @@ class FaultBench:
 
 
 def run_faults_bench(cfg: FaultsBenchConfig) -> dict:
+    unknown = sorted(set(cfg.sections) - set(SECTIONS))
+    if unknown:
+        from pipeline.errors import LstError
+
+        raise LstError(f"bench faults: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if cfg.workdir:
         root = Path(cfg.workdir)
         if root.exists():

@@ -319,7 +319,8 @@ def _faults(a: argparse.Namespace) -> int:
     from pipeline.bench.faults import FaultsBenchConfig, run_faults_bench
 
     res = run_faults_bench(FaultsBenchConfig(workdir=a.workdir, seed=a.seed, kills=a.kills, examples=a.examples,
-                                             backbone=a.backbone, progress=not a.no_progress))
+                                             backbone=a.backbone, progress=not a.no_progress,
+                                             sections=tuple(x for x in (a.sections or "").split(",") if x)))
     emit(res, a.json)
     return 0
 
@@ -337,6 +338,8 @@ def _register_faults(bsub) -> None:
     p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=24, help="SST-2 examples per split (default 24)")
     p.add_argument("--backbone", help="backbone to extract (default: a tiny random BERT in the workdir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
+    p.add_argument("--sections", metavar="A,B", help="run only these sections, comma-separated: extract_kills, "
+                   "train_kills, sweep_kills, damage, disk_memory_concurrency, bad_inputs (default: all)")
     p.add_argument("--workdir", help="keep everything here (default: a temp dir, removed)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")

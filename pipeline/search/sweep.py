@@ -100,12 +100,16 @@ def _log(cfg: SweepConfig, msg: str) -> None:
 
 def _sampler(cfg: SweepConfig, space, worker: int, offset: int = 0):
     """Seeded sampler. Workers must not draw the same sequence (seed + 1000 x worker), and a resumed
-    sweep must not replay the draws of its first run (seed shifted by the trials already in the study)."""
+    sweep must not replay the draws of its first run (seed shifted by the trials already in the study).
+    The grid sampler is the exception: its seed shuffles the grid, and a trial's ``grid_id`` indexes that
+    shuffled list, so every worker and every resume must use the same seed or a resumed sweep maps the
+    ids recorded by the first run to other points (re-running one, skipping another). Workers never
+    collide on a point anyway: they claim trials under a lock and the sampler skips running points."""
     import optuna
 
-    seed = cfg.seed + 1000 * worker + 7919 * offset
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid() or {"_": [0]}, seed=seed)
+        return optuna.samplers.GridSampler(space.grid() or {"_": [0]}, seed=cfg.seed)
+    seed = cfg.seed + 1000 * worker + 7919 * offset
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=min(10, max(2, cfg.trials // 3)))
