@@ -232,3 +232,101 @@ def test_parse_size(text, want):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="size|whole|positive"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_packed_batches_hold_the_padded_batches_real_rows(caches, codec):
+    """Packed readers hand out the same batches (same plan) with only the real rows, in the store's
+    dtype (int8 scaled to fp32); scattered back they equal the padded batch exactly."""
+    from pipeline.side.packed import PackedTap
+
+    cache = caches[codec]
+    kw = dict(batch_size=None, batch_tokens=120, seed=2)
+    padded = list(_tiny(cache, **kw).iter_epoch(0))
+    r = _tiny(cache, packed=True, **kw)
+    packed = list(r.iter_epoch(0))
+    assert [b.index.tolist() for b in packed] == [b.index.tolist() for b in padded]
+    for p, q in zip(packed, padded):
+        assert torch.equal(p.attention_mask, q.attention_mask)
+        for tp, tq in zip(p.taps, q.taps):
+            assert isinstance(tp, PackedTap) and tp.values.shape[0] == int(q.attention_mask.sum())
+            assert tp.values.dtype == (torch.float32 if codec == "int8" else torch.bfloat16)
+            assert torch.equal(tp.padded(torch.float32), tq)
+    assert r.peak_bytes <= r.memory_budget
+
+
+def test_by_length_order_is_a_seeded_cover_with_little_padding(caches):
+    cache = caches["bf16"]
+    kw = dict(batch_size=8, seed=4)
+    rand = CacheReader(cache, "train", cache.taps, memory_budget=BIG, window_cap=1, **kw)
+    grouped = CacheReader(cache, "train", cache.taps, memory_budget=BIG, window_cap=1, by_length=True, **kw)
+    assert rand.layout.mode == grouped.layout.mode == "bytes"  # a window cap below a shard: sub-shard windows
+    n = grouped.num_examples
+    p0, p0b, p1 = _flat(grouped.plan_epoch(0)), _flat(grouped.plan_epoch(0)), _flat(grouped.plan_epoch(1))
+    assert sorted(np.concatenate(p0).tolist()) == list(range(n))
+    assert [b.tolist() for b in p0] == [b.tolist() for b in p0b] and [b.tolist() for b in p0] != [b.tolist() for b in p1]
+
+    def pad(plan):
+        grid = sum(len(b) * int(grouped.lengths[b].max()) for b in plan)
+        return 1 - sum(int(grouped.lengths[b].sum()) for b in plan) / grid
+    assert pad(p0) < pad(_flat(rand.plan_epoch(0)))
+    # the window cap bounds each window's stored bytes (but a window holds at least one batch's rows)
+    assert all(w.nbytes <= max(grouped.layout.window_cap, grouped.layout.window_min) for w in grouped.plan_epoch(0))
+    assert grouped.layout.window_bytes == grouped.layout.window_cap  # one window at a time
+
+
+def test_packed_taps_give_the_side_network_the_padded_loss_and_gradients():
+    """PackedTap through the ladders (bias on the padding rows) and the tap-0 dropout (the padded
+    mask's draws): loss and every gradient equal those of the padded batch."""
+    from pipeline.backbones import make_tiny_backbone  # noqa: F401 (fixture-free: a config is enough)
+    from transformers import BertConfig
+
+    from pipeline.side.config import SideConfig
+    from pipeline.side.model import LadderSideNetwork
+    from pipeline.side.packed import PackedTap
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=50)
+    torch.manual_seed(0)
+    model = LadderSideNetwork(SideConfig(r=4, dropout=0.1, num_labels=2), cfg)
+    B, L = 5, 7
+    lens = torch.tensor([7, 3, 1, 5, 6])
+    mask = (torch.arange(L)[None] < lens[:, None]).long()
+    rows = mask.view(-1).nonzero().squeeze(1)
+    padded = [torch.randn(B, L, 32) * mask[..., None] for _ in model.required_taps()]
+    packed = [PackedTap(t.view(B * L, 32)[rows].clone(), rows, B, L) for t in padded]
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    out = []
+    for taps in (padded, packed):
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model.training_loss(taps, mask, labels)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-6)
+    assert out[0][1].keys() == out[1][1].keys()
+    for n in out[0][1]:
+        assert torch.allclose(out[0][1][n], out[1][1][n], atol=1e-6), n
+
+
+def test_train_config_picks_the_reader_plan(caches):
+    """Defaults: a 64MB shuffle window, by-length batches; 'shards' + 'random' give the earlier plan."""
+    import pytest as _pt
+
+    from pipeline.errors import TrainError
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import make_readers
+
+    cache = caches["bf16"]
+    dflt = TrainConfig(cache="x", out="y")
+    assert (dflt.shuffle_window, dflt.batch_order) == ("64MB", "by-length")
+    tr, ev = make_readers(cache, dflt, cache.taps, [], torch.device("cpu"), data_seed=0, packed=True)
+    assert tr.by_length and tr.window_limit == 64 << 20 and tr.packed and not ev.shuffle
+    old = TrainConfig(cache="x", out="y", shuffle_window="shards", batch_order="random")
+    tr, _ = make_readers(cache, old, cache.taps, [], torch.device("cpu"), data_seed=0)
+    assert not tr.by_length and tr.window_limit is None and not tr.packed
+    for bad in ("lots", "-1MB"):
+        with _pt.raises(TrainError, match="--shuffle-window"):
+            TrainConfig(cache="x", out="y", shuffle_window=bad)
+    with _pt.raises(TrainError, match="batch_order"):
+        TrainConfig(cache="x", out="y", batch_order="sorted")

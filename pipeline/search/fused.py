@@ -38,7 +38,7 @@ from pipeline.train.trainer import build_side, label_meta, make_readers, total_s
 __all__ = ["train_many", "train_group", "group_key", "side_train_memory_mb", "OnEpoch", "FUSE_MODES", "resolve_fuse"]
 
 _GROUP_FIELDS = ("cache", "train_split", "eval_split", "batch_size", "batch_tokens", "epochs", "max_steps",
-                 "device", "window_shards", "reader_memory")
+                 "device", "window_shards", "reader_memory", "shuffle_window", "batch_order")
 FUSE_MODES = ("auto", "loop", "vmap")
 
 
@@ -142,7 +142,9 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
 
     taps = sorted({t for v in variants for t in v.model.required_taps()})
     dec_taps = sorted({t for v in variants for t in v.model.required_decoder_taps()})
-    train_reader, eval_reader = make_readers(cache, g, taps, dec_taps, device, data_seed=data_seed)
+    train_reader, eval_reader = make_readers(
+        cache, g, taps, dec_taps, device, data_seed=data_seed,
+        packed=all(getattr(v.model, "accepts_packed_taps", False) for v in variants))
     total = total_steps(g, train_reader.num_batches(0))
     runners = [VariantRunner(v, total) for v in variants]
     length = int(fp.get("max_length", 128))

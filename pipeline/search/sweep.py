@@ -50,7 +50,7 @@ PRUNERS = ("none", "asha")
 STUDY_NAME = "lst-sweep"
 # TrainConfig fields a sweep may set for every trial (beside the space's knobs)
 _TRAIN_EXTRAS = {"grad_clip", "max_steps", "batch_tokens", "patience", "device", "train_split", "eval_split",
-                 "reader_workers", "window_shards", "reader_memory"}
+                 "reader_workers", "window_shards", "reader_memory", "shuffle_window", "batch_order"}
 
 
 @dataclass

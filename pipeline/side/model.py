@@ -31,6 +31,7 @@ from .blocks.dropout import Dropout
 from .blocks.norms import make_norm
 from .config import SideConfig
 from .families import backbone_dims, family_for, reduced_config
+from .packed import PackedTap, apply_ladder, packed_dropout
 from .pooling import pool
 
 __all__ = ["LadderSideNetwork", "LADDER_INIT_STD"]
@@ -49,7 +50,8 @@ class LadderSideNetwork(nn.Module):
     """Side network for ``backbone_config`` shaped by ``config``.
 
     ``forward(taps, attention_mask)`` takes the taps listed by ``required_taps()``, in
-    that order, each [B, L, d] (cast to the side network's dtype), and a [B, L] mask
+    that order, each [B, L, d] or a :class:`PackedTap` of its real rows (cast to the side
+    network's dtype), and a [B, L] mask
     (1 = real token, right padding); it returns logits [B, num_labels] (regression: [B, 1]).
     """
 
@@ -97,6 +99,9 @@ class LadderSideNetwork(nn.Module):
         gate='none', whose kept blocks take no ladder input)."""
         return [0] if self.config.gate == "none" else [0, *self.layers]
 
+    #: taps may come as :class:`PackedTap` (the reader then skips the padding)
+    accepts_packed_taps = True
+
     def required_decoder_taps(self) -> list[int]:
         """None: only the T5 label scorer reads decoder taps (same interface, so callers never ask
         which kind of side network they hold)."""
@@ -118,14 +123,18 @@ class LadderSideNetwork(nn.Module):
         need = self.required_taps()
         if len(taps) != len(need):
             raise ValueError(f"expected {len(need)} taps (indices {need}, in that order), got {len(taps)}")
-        dtype = self.upsample.weight.dtype
-        taps = [t.to(dtype) for t in taps]  # a cache may decode to bf16; compute in the side's dtype
+        dtype = self.upsample.weight.dtype  # a cache may decode to bf16; compute in the side's dtype
         ctx = make_context(attention_mask, self.family.causal, dtype)
-        h = self.ladders["0"](self.tap_dropout(taps[0]))
+        t0 = taps[0]
+        if isinstance(t0, PackedTap):
+            t0 = packed_dropout(t0, self.tap_dropout.p, self.tap_dropout.training, dtype)
+        else:
+            t0 = self.tap_dropout(t0.to(dtype))
+        h = apply_ladder(self.ladders["0"], t0, dtype)
         gates = self.gate_values().to(dtype) if self.gate_alpha is not None else None
         for j, b in enumerate(self.layers):
             if self.config.gate != "none":
-                ladder = self.ladders[str(b)](taps[j + 1])
+                ladder = apply_ladder(self.ladders[str(b)], taps[j + 1], dtype)
                 h = gates[j] * h + (1 - gates[j]) * ladder if gates is not None else h + ladder
             h = self.blocks[str(b)](h, ctx)
         return self.dropout(self.final_norm(h))

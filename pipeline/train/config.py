@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import TrainError
+from pipeline.sizes import parse_size
 
 
 def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any) -> Any:
@@ -22,6 +23,8 @@ def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any
 
 
 DEFAULT_READER_MEMORY = "512MB"
+DEFAULT_SHUFFLE_WINDOW = "64MB"
+BATCH_ORDERS = ("by-length", "random")
 METHODS = ("lst", "lst-live", "full-ft", "lora", "adapter", "bitfit", "linear-probe")
 # the paper's learning rates (the linear probe, not in the paper, trains a head only: LST's rate)
 METHOD_LR = {"lst": 3e-3, "lst-live": 3e-3, "full-ft": 3e-4, "lora": 3e-4, "adapter": 3e-4, "bitfit": 3e-4,
@@ -59,6 +62,16 @@ class TrainConfig:
     reader_memory: str = opt(DEFAULT_READER_MEMORY,
                              "host memory the cache reader may hold: shards in flight, decoded values, the "
                              "shuffle pool and queued batches (e.g. 512MB, 2GB)")
+    shuffle_window: str = opt(DEFAULT_SHUFFLE_WINDOW,
+                              "stored bytes of cached rows shuffled together into batches (e.g. 64MB; 'shards' "
+                              "for whole-shard windows, the batches of the earlier reader, when --reader-memory "
+                              "holds four shards); the reader keeps two such windows, so this and not the "
+                              "budget sets how much of it a run really uses")
+    batch_order: str = opt("by-length",
+                           "by-length: each shuffle window's examples sorted by length (ties in random order), "
+                           "cut into batches and the batches shuffled, so a batch is little padding; random: "
+                           "batches drawn uniformly from the window (the earlier reader's plan)",
+                           choices=BATCH_ORDERS)
     reader_workers: int = opt(2, "threads that read and decode the cache", cli=False)
     window_shards: int = opt(4, "shards shuffled together (upper bound; the memory budget may shrink it)", cli=False)
     overwrite: bool = opt(False, "replace an existing run directory")
@@ -74,6 +87,9 @@ class TrainConfig:
         if self.lr is None:
             self.lr = METHOD_LR[self.method]
         check_values(self)
+        parse_shuffle_window(self.shuffle_window)
+        if self.batch_order not in BATCH_ORDERS:
+            raise TrainError(f"batch_order {self.batch_order!r}: use one of {', '.join(BATCH_ORDERS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,3 +133,16 @@ def check_values(cfg: "TrainConfig") -> None:
 
 # Keys that may differ between a run and its resume without changing its results.
 RESUME_FREE = {"progress", "overwrite", "reader_workers", "device", "cache"}
+
+
+def parse_shuffle_window(size: str | int | None) -> int | None:
+    """Bytes one shuffle window may hold; None for 'shards' (whole-shard windows, budget permitting)."""
+    if size is None or str(size).strip().lower() == "shards":
+        return None
+    try:
+        n = parse_size(size)
+    except ValueError as e:
+        raise TrainError(f"--shuffle-window {size!r}: {e}; or 'shards'") from None
+    if n <= 0:
+        raise TrainError(f"--shuffle-window {size!r} must be positive (or 'shards')")
+    return n

@@ -218,7 +218,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         name = f"epoch {epoch + 1}/{epochs}" if len(runners) == 1 else f"fused x{len(active)} epoch {epoch + 1}/{epochs}"
         bar = tqdm(total=steps_per_epoch, desc=name, file=sys.stderr, disable=not progress, dynamic_ncols=True,
                    leave=False)
-        seen = 0
+        seen = real = grid = 0
         for b in train_reader.iter_epoch(epoch):
             taps = source(b)
             for r in active:
@@ -230,6 +230,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                 v.step += 1
             step += 1
             seen += len(b.index)
+            real += int(b.attention_mask.sum())
+            grid += b.attention_mask.numel()
             bar.update(1)
             if len(active) == 1:
                 bar.set_postfix(loss=f"{lv:.4f}")
@@ -255,7 +257,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                    "train_loss": float(np.mean(v.epoch_losses)) if v.epoch_losses else None,
                    "dev_loss": ev["loss"], "dev_score": ev["score"],
                    **{f"dev_{k}": x for k, x in ev.items() if k not in ("score", "loss")},
-                   "lr": r.lr, "epoch_s": round(epoch_s, 3), "stall_fraction": round(wait / max(1e-9, total), 4)}
+                   "lr": r.lr, "epoch_s": round(epoch_s, 3), "stall_fraction": round(wait / max(1e-9, total), 4),
+                   "padding_share": round(1.0 - real / grid, 4) if grid else None}
             v.history.append(row)
             v.run.append_metrics(row)
             v.epoch = epoch + 1

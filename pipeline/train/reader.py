@@ -47,6 +47,15 @@ resumed run sees exactly the batches an uninterrupted one would; every example a
   shards-mode plan even at the same seed. Changing the budget within bytes mode changes the plan
   (the number of steps too); within shards mode it does not.
 
+Defaults of ``lst train`` (``make_readers``): ``window_cap`` (``--shuffle-window``, 64 MB) caps each
+window below what the budget allows, which puts every cache whose 4 shards exceed it in bytes mode,
+and then only one window is held at a time (the next is decoded once the last batch of the current
+one is queued, while the queue drains); ``by_length`` sorts each shuffled window by length
+(equal lengths stay in random order), cuts it and shuffles the batches, so batches carry little
+padding; ``packed`` hands out each tap's real rows only (``side.packed.PackedTap``, store dtype, int8
+scaled to fp32) with their positions, never a padded fp32 grid. ``--shuffle-window shards
+--batch-order random`` gives back the plan and batches of the earlier reader.
+
 Shuffle quality at a given budget: a batch's examples are a uniform sample of its window, so the
 window size is what mixes. At 512 MB, a MiniLM-L6 bf16 cache (7 taps, d 384, 16,384-token shards,
 5.4 kB a token row) stays in shards mode when the batch bound fits beside the 4-shard window
@@ -104,7 +113,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, L] (pad 0)
     attention_mask: torch.Tensor  # [B, L]
     labels: torch.Tensor  # [B]
-    taps: list[torch.Tensor] | None  # one [B, L, d] per requested tap (None in ids-only mode)
+    taps: list | None  # one [B, L, d] tensor (or PackedTap: packed readers) per requested tap; None: ids only
     token_type_ids: torch.Tensor | None = None
     dec_taps: list[torch.Tensor] | None = None  # T5 label targets: one [B, D, d] per decoder tap
 
@@ -263,11 +272,14 @@ class CacheReader:
         window_shards: int = 4,
         seed: int = 0,
         workers: int = 2,
-        prefetch: int = 8,
+        prefetch: int = 2,
         device: str | torch.device = "cpu",
         load_acts: bool = True,
         decoder_taps: list[int] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        packed: bool = False,
+        window_cap: int | None = None,
+        by_length: bool = False,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -300,6 +312,12 @@ class CacheReader:
         self.device = torch.device(device)
         self.load_acts = load_acts
         self.memory_budget = int(memory_budget)
+        # packed: taps handed out as their real rows (side.packed.PackedTap), not padded fp32 grids
+        self.packed = bool(packed) and load_acts and not self.decoder_taps
+        # the most stored bytes one shuffle window may hold (None: only the budget limits it)
+        self.window_limit = int(window_cap) if window_cap else None
+        # batches of similar lengths: each window sorted by length (ties at random), cut, batches shuffled
+        self.by_length = bool(by_length)
         self.offsets = self.view.offsets
         self.lengths = np.diff(self.offsets)
         self.labels = self.view.labels
@@ -366,11 +384,19 @@ class CacheReader:
     def _chunk_rows(self, arr, direct: DirectArray | None, row_axis: int) -> int:
         return direct.chunk_rows if direct is not None else int(arr.chunks[row_axis])
 
-    def _batch_nbytes(self, B: int, L: int) -> int:
+    def _value_bytes(self) -> int:
+        """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
+        one (int8 codes are scaled to fp32 as they are gathered)."""
+        return self._itemsize if self.packed and not self._has_scale else 4
+
+    def _batch_nbytes(self, B: int, L: int, real: int | None = None) -> int:
+        """Bytes of a batch of B examples padded to L (``real`` token rows when packed)."""
         K = len(self.taps) if self.load_acts else 0
         Kd = len(self.decoder_taps) if self.load_acts else 0
-        return (4 * self.hidden * (K * B * L + Kd * B * self.dec_rows)
-                + META_BYTES_PER_TOKEN * B * L + 8 * B)
+        rows = real if self.packed and real is not None else B * L
+        packed_index = 8 * rows if self.packed else 0
+        return (self._value_bytes() * self.hidden * K * rows + 4 * self.hidden * Kd * B * self.dec_rows
+                + META_BYTES_PER_TOKEN * B * L + 8 * B + packed_index)
 
     def _layout(self) -> ReaderLayout:
         K = len(self.taps) if self.load_acts else 0
@@ -391,8 +417,13 @@ class CacheReader:
             tokens_max = b_max * max_len
         b_max = min(b_max, max(1, len(lens)))
         tokens_max = max(tokens_max, max_len)
-        batch_bound = (4 * self.hidden * (K * tokens_max + Kd * b_max * self.dec_rows)
-                       + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
+        if self.packed:  # real rows of the largest batch: the b_max longest examples, at most tokens_max
+            real_max = min(tokens_max, int(np.sort(lens)[::-1][:b_max].sum())) if len(lens) else tokens_max
+            batch_bound = ((self._value_bytes() * self.hidden * K + 8) * real_max
+                           + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
+        else:
+            batch_bound = (4 * self.hidden * (K * tokens_max + Kd * b_max * self.dec_rows)
+                           + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
         window_min = tokens_max * self._row_bytes + b_max * self._ex_dec_bytes
         jobs = [self._job_bytes(a, d, 0) for a, d in self._acts + self._scales] + \
                [self._job_bytes(a, d, 1) for a, d in self._dec + self._dec_scales]
@@ -417,7 +448,8 @@ class CacheReader:
         unit_bytes = self._unit_bytes()
         w_full = int(sum(sorted(unit_bytes, reverse=True)[: self.window_shards])) if unit_bytes else 0
         q_target = self.prefetch * batch_bound
-        if avail >= w_full + batch_bound:
+        limit = self.window_limit
+        if avail >= w_full + batch_bound and (limit is None or w_full <= limit):
             mode = "shards"
             batch_bytes = min(q_target, avail - w_full)
             window_bytes = avail - batch_bytes
@@ -429,6 +461,12 @@ class CacheReader:
                 batch_bytes = batch_bound
             window_bytes = avail - batch_bytes
             cap = window_bytes // 2 if window_bytes // 2 >= window_min else window_bytes
+            if limit is not None and cap > max(limit, window_min):
+                # a shuffle window smaller than the budget allows, and one at a time: the next window
+                # decodes as soon as the last batch of this one is queued, while the queue drains
+                # (a 64 MB window decodes in ~30 ms against ~1 s of queued steps)
+                cap = max(limit, window_min)
+                window_bytes = min(window_bytes, cap)
             chunk_min = 0
             if self._acts:
                 chunk_min = MIN_PIECE_CHUNKS * min(self._chunk_rows(a, d, 0) for a, d in self._acts) * self._row_bytes
@@ -508,6 +546,13 @@ class CacheReader:
         ex = np.concatenate([np.arange(p.e0, p.e1) for p in pieces])
         if self.shuffle:
             ex = ex[rng.permutation(len(ex))]
+        if self.shuffle and self.by_length:
+            # a stable sort of the shuffled window: equal lengths stay in random order; then the
+            # batches are shuffled, so lengths do not come in order either
+            ex = ex[np.argsort(self.lengths[ex], kind="stable")]
+            batches = self._cut(ex)
+            return Window(units, [batches[i] for i in rng.permutation(len(batches))], pieces,
+                          sum(p.nbytes for p in pieces))
         return Window(units, self._cut(ex), pieces, sum(p.nbytes for p in pieces))
 
     def _cut(self, ex: np.ndarray) -> list[np.ndarray]:
@@ -653,6 +698,8 @@ class CacheReader:
             piece, row, drow = locs
             pin = self.device.type == "cuda" and torch.cuda.is_available()
             taps = []
+            if self.packed:
+                return self._assemble_packed(idx, locs, window, ids, valid, tt)
             for k in range(len(self.taps)):
                 out = torch.zeros((B, L, self.hidden), dtype=torch.float32, pin_memory=pin)
                 for b in range(B):
@@ -677,6 +724,38 @@ class CacheReader:
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
             attention_mask=torch.from_numpy(valid.astype(np.int64)),
             labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=dec,
+        )
+
+    def _assemble_packed(self, idx: np.ndarray, locs, window: _Decoded, ids: np.ndarray, valid: np.ndarray,
+                         tt: torch.Tensor | None) -> Batch:
+        """The batch's real rows per tap, in the store's dtype (int8 scaled to fp32), one copy per
+        example and tap, plus their flat positions in the padded [B, L] grid."""
+        from pipeline.side.packed import PackedTap
+
+        piece, row, _ = locs
+        lens = self.lengths[idx]
+        B, L = valid.shape
+        N = int(lens.sum())
+        rows = torch.from_numpy(np.flatnonzero(valid.reshape(-1)).astype(np.int64))
+        spans = [(int(piece[b]), int(row[b]), int(lens[b])) for b in range(B)]
+        taps = []
+        for k in range(len(self.taps)):
+            if self._has_scale:
+                out = torch.empty((N, self.hidden), dtype=torch.float32)
+            else:
+                out = torch.empty((N, self.hidden), dtype=window.vals[spans[0][0]][k].dtype)
+            o = 0
+            for j, r, n in spans:
+                dst = out[o:o + n]
+                dst.copy_(window.vals[j][k][r:r + n])
+                if self._has_scale:
+                    dst.mul_(window.scales[j][k][r:r + n].unsqueeze(1))
+                o += n
+            taps.append(PackedTap(out, rows, B, L))
+        return Batch(
+            index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(valid.astype(np.int64)),
+            labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=None,
         )
 
     @staticmethod
@@ -744,8 +823,8 @@ class CacheReader:
                 try:
                     locate = self._locator(dw.window, self.offsets, self.dec_rows)
                     for idx in dw.window.batches:
-                        L = int(self.lengths[idx].max())
-                        n = self._batch_nbytes(len(idx), L)
+                        lens = self.lengths[idx]
+                        n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
                         if not self._reserve_batch(run, n):
                             return
                         try:
@@ -821,7 +900,7 @@ def _to_device(b: Batch, device: torch.device) -> Batch:
     return Batch(
         index=b.index, input_ids=b.input_ids.to(device, non_blocking=nb),
         attention_mask=b.attention_mask.to(device, non_blocking=nb), labels=b.labels.to(device, non_blocking=nb),
-        taps=[t.to(device, non_blocking=nb) for t in b.taps] if b.taps is not None else None,
+        taps=[t.to(device, non_blocking=nb) for t in b.taps] if b.taps is not None else None,  # PackedTap.to too
         token_type_ids=b.token_type_ids.to(device, non_blocking=nb) if b.token_type_ids is not None else None,
         dec_taps=[t.to(device, non_blocking=nb) for t in b.dec_taps] if b.dec_taps is not None else None,
     )

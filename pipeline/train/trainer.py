@@ -22,7 +22,7 @@ from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.side.t5 import initialise_t5_side
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, parse_shuffle_window
 from pipeline.train.loop import TapMap, Variant, VariantRunner, cached_taps, run_loop, summary
 from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
@@ -175,7 +175,8 @@ def train(cfg: TrainConfig) -> dict:
     taps, dec_taps = model.required_taps(), model.required_decoder_taps()
     source = LiveTaps(cache, taps, device, dec_taps) if cfg.live else cached_taps(taps, dec_taps)
     train_reader, eval_reader = make_readers(cache, cfg, taps, dec_taps, device, data_seed=cfg.seed,
-                                             load_acts=not cfg.live and bool(taps))
+                                             load_acts=not cfg.live and bool(taps),
+                                             packed=getattr(model, "accepts_packed_taps", False))
     total = total_steps(cfg, train_reader.num_batches(0))
     torch.manual_seed(cfg.seed + 1)  # the dropout stream, independent of the init draw
     variant = Variant(index=0, cfg=cfg, model=model, run=run, init_report=init_report, rng=torch.get_rng_state(),
@@ -208,14 +209,17 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_taps: list[int],
-                 device: torch.device, *, data_seed: int, load_acts: bool = True) -> tuple[CacheReader, CacheReader]:
+                 device: torch.device, *, data_seed: int, load_acts: bool = True,
+                 packed: bool = False) -> tuple[CacheReader, CacheReader]:
     """The shuffled train stream and the ordered eval stream. Each may use the whole memory budget:
     they never run at once (evaluation runs between epochs, and a reader releases every buffer when
-    its epoch ends)."""
+    its epoch ends). ``packed``: every consumer takes ``PackedTap`` (the real rows, no padding)."""
     budget = parse_reader_memory(cfg.reader_memory)
     kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=data_seed, workers=cfg.reader_workers,
-              window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps)
-    train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget)
+              window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps,
+              packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window))
+    train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget,
+                               by_length=cfg.batch_order == "by-length")
     try:  # evaluation in larger batches when the budget allows (the scores do not depend on it)
         eval_reader = CacheReader(cache, cfg.eval_split, taps, shuffle=False,
                                   **{**kw, "batch_size": max(cfg.batch_size or 0, 256)}, memory_budget=budget)

@@ -1,0 +1,96 @@
+"""Packed taps: a batch's real token rows without the padding.
+
+A cached batch of short sentences is mostly padding (SST-2 at batch 100: ~13 real tokens an
+example, padded to the longest, ~50), and a padded fp32 batch of every tap was the largest object
+of a cached step (7 MiniLM taps: ~54 MB). The reader hands out the real rows only, in the store's
+dtype ([N, d], N = real tokens), with their flat positions in the padded [B, L] grid. The side
+network applies each ladder (a per-token linear map) to the N rows and scatters the d/r-wide result
+into the padded grid, filling the padding rows with the ladder's bias, which is exactly what the
+ladder gives on the zero rows a padded batch carries there. So the side states, the loss and every
+gradient equal those of the padded batch, at a fraction of the memory and of the ladder FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PackedTap", "apply_ladder", "packed_dropout"]
+
+
+@dataclass
+class PackedTap:
+    """Rows ``values`` [N, d] of a padded [B, L, d] tap; ``rows`` [N] are their flat indices b*L + t."""
+
+    values: Tensor
+    rows: Tensor
+    batch: int
+    length: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.length, int(self.values.shape[-1]))
+
+    def to(self, *args, **kwargs) -> "PackedTap":
+        """Move or cast like a tensor (a dtype applies to the values; a device to both)."""
+        values = self.values.to(*args, **kwargs)
+        rows = self.rows.to(values.device) if values.device != self.rows.device else self.rows
+        return PackedTap(values, rows, self.batch, self.length)
+
+    def padded(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The zero-padded [B, L, d] tensor (for consumers that need the grid)."""
+        v = self.values if dtype is None else self.values.to(dtype)
+        out = v.new_zeros((self.batch * self.length, v.shape[-1]))
+        out.index_copy_(0, self.rows, v)
+        return out.view(self.batch, self.length, -1)
+
+
+class _RowsLinear(torch.autograd.Function):
+    """``x.to(w.dtype) @ w.T + b`` for a tap that needs no gradient, saving ``x`` as it came (the
+    batch's own bf16/fp32 rows, already held) instead of the widened copy ``F.linear`` would keep for
+    the weight gradient: on MiniLM at 6,600 tokens that copy was 68 MB of the step's 246 MB."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.has_bias = b is not None
+        ctx.w_dtype = w.dtype
+        return nn.functional.linear(x.to(w.dtype), w, b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        grad_w = grad.t().mm(x.to(ctx.w_dtype)) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return None, grad_w, grad_b
+
+
+def apply_ladder(ladder: nn.Linear, tap: Tensor | PackedTap, dtype: torch.dtype) -> Tensor:
+    """``ladder(tap)`` as [B, L, d_out] for a padded or a packed tap (same values either way)."""
+    if not isinstance(tap, PackedTap):
+        return ladder(tap.to(dtype))
+    x = tap.values
+    if x.requires_grad or ladder.weight.dtype != dtype:
+        y = ladder(x.to(dtype))
+    else:
+        y = _RowsLinear.apply(x, ladder.weight, ladder.bias)
+    bias = ladder.bias if ladder.bias is not None else y.new_zeros(y.shape[-1])
+    full = bias.to(y.dtype).expand(tap.batch * tap.length, y.shape[-1]).index_copy(0, tap.rows, y)
+    return full.view(tap.batch, tap.length, -1)
+
+
+def packed_dropout(tap: PackedTap, p: float, training: bool, dtype: torch.dtype) -> PackedTap:
+    """Dropout on the real rows with the mask a padded [B, L, d] tap would draw (same generator
+    calls, so the same masks, and a resumed run the same stream); padding rows are zero either way."""
+    v = tap.values.to(dtype)
+    if not training or p == 0.0:
+        return PackedTap(v, tap.rows, tap.batch, tap.length)
+    if v.device.type != "cpu":
+        return PackedTap(nn.functional.dropout(v, p, True), tap.rows, tap.batch, tap.length)
+    draws = torch.rand((tap.batch * tap.length, v.shape[-1]), dtype=v.dtype, device=v.device)
+    keep = draws.index_select(0, tap.rows) >= p
+    del draws
+    return PackedTap(torch.where(keep, v * (1.0 / (1.0 - p)), torch.zeros((), dtype=v.dtype)),
+                     tap.rows, tap.batch, tap.length)
