@@ -330,3 +330,13 @@ def test_train_config_picks_the_reader_plan(caches):
             TrainConfig(cache="x", out="y", shuffle_window=bad)
     with _pt.raises(TrainError, match="batch_order"):
         TrainConfig(cache="x", out="y", batch_order="sorted")
+
+
+def test_readers_of_any_taps_or_none_plan_the_same_batches(caches):
+    """Live LST and full fine-tuning read ids only, cached LST reads some taps: same plan, same batches."""
+    cache = caches["bf16"]
+    kw = dict(batch_size=6, seed=9, window_cap=1, by_length=True, memory_budget=BIG)
+    plans = [_flat(CacheReader(cache, "train", taps, load_acts=load, **kw).plan_epoch(1))
+             for taps, load in ((cache.taps, True), (cache.taps[:1], True), ([], False), (cache.taps, False))]
+    for p in plans[1:]:
+        assert [b.tolist() for b in p] == [b.tolist() for b in plans[0]]

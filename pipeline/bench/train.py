@@ -23,8 +23,7 @@ import torch
 from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache.store import ActivationCache
 from pipeline.extract.runner import ExtractConfig, run_extract
-from pipeline.train.reader import CacheReader
-from pipeline.train.trainer import TrainConfig, build_side, train
+from pipeline.train.trainer import TrainConfig, build_side, make_readers, train
 
 
 @dataclass
@@ -51,13 +50,14 @@ def floor_seconds(cache: ActivationCache, cfg: TrainConfig, n_batches: int) -> f
     from pipeline.devices import resolve_device
     from pipeline.train.loop import Variant, VariantRunner, cached_taps
     from pipeline.train.rundir import RunDir
-    from pipeline.train.trainer import make_readers, total_steps
+    from pipeline.train.trainer import total_steps
 
     device = resolve_device(cfg.device)
     model, _ = build_side(cache, cfg.side, cfg.seed)
     model.to(device).train()
     taps = model.required_taps()
-    reader, _ = make_readers(cache, cfg, taps, [], device, data_seed=cfg.seed)
+    reader, _ = make_readers(cache, cfg, taps, [], device, data_seed=cfg.seed,
+                             packed=getattr(model, "accepts_packed_taps", False))
     steps = reader.num_batches(0)
     every = max(1, steps // n_batches)
     batches = [b for i, b in enumerate(reader.iter_epoch(0)) if i % every == 0][:n_batches]
@@ -88,8 +88,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         cached = train(TrainConfig(out=str(work / "cached"), **common))
         live = train(TrainConfig(out=str(work / "live"), live=True, **common))
         model, _ = build_side(cache, {}, 0)
-        batch = next(iter(CacheReader(cache, "train", model.required_taps(), batch_size=cfg.batch_size,
-                                      load_acts=False).iter_epoch(0)))
+        ids_only, _ = make_readers(cache, TrainConfig(out=str(work / "limit"), **common), model.required_taps(), [],
+                                   torch.device("cpu"), data_seed=0, load_acts=False)
+        batch = next(iter(ids_only.iter_epoch(0)))  # a batch of the plan the runs above used
         targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
         limit = speedup_limit(cache.fingerprint["backbone"], [], batch, models=[model], targets=targets)
         speedup = live["epoch_s"] / cached["epoch_s"]

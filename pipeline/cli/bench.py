@@ -251,7 +251,8 @@ def _register_sweep(bsub) -> None:
         description="Train K side-network variants (one architecture: lr, weight decay, seed, dropout vary) for one "
                     "epoch fused on one read of the cache, then as K separate cached runs, and time one live-LST "
                     "run (x K). Prints the ratios, the FLOP-based speedup limit and whether the goals "
-                    "(fused/separate <= 0.5, fused speedup over live >= 0.8 x limit) are met.")
+                    "(CPU: fused/separate <= 0.8 and fused >= 8x live; GPU: fused/separate <= 0.5, fused "
+                    "speedup over live >= 0.8 x limit) are met.")
     p.add_argument("--cache", help="SST-2 cache to use (default: extract --examples examples into a temp dir)")
     p.add_argument("--k", "--variants", dest="variants", default="16",
                    help="variants K, or a list such as 4,16,64 (one result per K, under by_k)")

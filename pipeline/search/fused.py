@@ -158,7 +158,9 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    run_loop(runners, train_reader, eval_reader, cached_taps(taps, dec_taps), epochs=g.epochs,
+    # K variants share each batch: widen its taps once, not once per variant and tap
+    widen = next(variants[0].model.parameters()).dtype if len(variants) > 1 and train_reader.packed else None
+    run_loop(runners, train_reader, eval_reader, cached_taps(taps, dec_taps, widen), epochs=g.epochs,
              metric=task["metric"], max_steps=g.max_steps, on_epoch=on_epoch, progress=progress)
 
     backbone_params = int(cache.attrs["backbone"]["num_parameters"])

@@ -38,10 +38,14 @@ OnEpoch = Callable[[int, dict], bool]
 STATE_KEYS = ("epoch", "step", "best_score", "best_epoch", "bad_epochs", "history", "step_losses")
 
 
-def cached_taps(taps: list[int], dec_taps: list[int]) -> TapSource:
-    """The tap map of a cache batch (its taps are in the reader's ``taps`` order)."""
+def cached_taps(taps: list[int], dec_taps: list[int], widen: torch.dtype | None = None) -> TapSource:
+    """The tap map of a cache batch (its taps are in the reader's ``taps`` order). ``widen``: cast
+    each tap once per batch (fused variants then share one widened copy instead of each casting it)."""
     def source(b: Batch) -> TapMap:
-        out: TapMap = dict(zip(taps, b.taps or []))
+        got = b.taps or []
+        if widen is not None:
+            got = [t.to(widen) for t in got]
+        out: TapMap = dict(zip(taps, got))
         out.update({("dec", t): x for t, x in zip(dec_taps, b.dec_taps or [])})
         return out
     return source

@@ -402,8 +402,12 @@ class CacheReader:
         K = len(self.taps) if self.load_acts else 0
         Kd = len(self.decoder_taps) if self.load_acts else 0
         rb = self._tap_row_bytes()
-        self._row_bytes = K * rb  # per token row
-        self._ex_dec_bytes = Kd * self.dec_rows * rb  # per example
+        # Windows and pieces are planned in the cache's whole stored row (every tap, whatever this
+        # reader reads), so readers of different taps, or of none (live LST, full fine-tuning), plan
+        # the same batches; their reservations are then upper bounds of what they decode.
+        self._row_bytes = len(self.cache.taps) * rb  # per token row
+        plan_dec_rows = int(self.cache.label_targets["rows"]) if self.cache.decoder_taps else 0
+        self._ex_dec_bytes = len(self.cache.decoder_taps) * plan_dec_rows * rb  # per example
         lens = self.lengths
         max_len = int(lens.max()) if len(lens) else 1
         min_len = max(1, int(lens.min())) if len(lens) else 1
@@ -467,14 +471,21 @@ class CacheReader:
                 # (a 64 MB window decodes in ~30 ms against ~1 s of queued steps)
                 cap = max(limit, window_min)
                 window_bytes = min(window_bytes, cap)
-            chunk_min = 0
-            if self._acts:
-                chunk_min = MIN_PIECE_CHUNKS * min(self._chunk_rows(a, d, 0) for a, d in self._acts) * self._row_bytes
+            chunk_min = MIN_PIECE_CHUNKS * self._plan_chunk_rows() * self._row_bytes
             piece_cap = min(cap, max(cap // self.window_shards, chunk_min))
         return ReaderLayout(budget=M, mode=mode, workers=workers, transient_bytes=transient,
                             window_bytes=window_bytes, batch_bytes=batch_bytes, batch_bound=batch_bound,
                             window_cap=cap, piece_cap=piece_cap, row_bytes=self._row_bytes, min_budget=min_budget,
                             window_min=window_min)
+
+    def _plan_chunk_rows(self) -> int:
+        """Inner-chunk rows of the cache's taps (all taps of a store share one chunking)."""
+        if self._acts:
+            return min(self._chunk_rows(a, d, 0) for a, d in self._acts)
+        if not self.cache.taps:
+            return 1
+        arr = self.view.tap_array(self.cache.taps[0])
+        return self._chunk_rows(arr, DirectArray.for_array(arr) if self.cache.direct_reads else None, 0)
 
     def _ex_bytes(self, e0: int, e1: int) -> int:
         return int(self.offsets[e1] - self.offsets[e0]) * self._row_bytes + (e1 - e0) * self._ex_dec_bytes
