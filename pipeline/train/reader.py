@@ -216,7 +216,7 @@ class Piece:
     r0: int
     r1: int
     d0: int  # first decoder row within the unit's decoder block
-    nbytes: int  # stored bytes of the requested taps (and decoder taps) of these examples
+    nbytes: int  # stored bytes of every tap (and decoder tap) of the cache for these examples: plan units
 
 
 @dataclass
@@ -405,9 +405,11 @@ class CacheReader:
         # Windows and pieces are planned in the cache's whole stored row (every tap, whatever this
         # reader reads), so readers of different taps, or of none (live LST, full fine-tuning), plan
         # the same batches; their reservations are then upper bounds of what they decode.
-        self._row_bytes = len(self.cache.taps) * rb  # per token row
+        self._row_bytes = len(self.cache.taps) * rb  # plan units: per token row
         plan_dec_rows = int(self.cache.label_targets["rows"]) if self.cache.decoder_taps else 0
-        self._ex_dec_bytes = len(self.cache.decoder_taps) * plan_dec_rows * rb  # per example
+        self._ex_dec_bytes = len(self.cache.decoder_taps) * plan_dec_rows * rb  # plan units: per example
+        self._mem_row_bytes = K * rb  # what is really decoded: per token row
+        self._mem_ex_dec_bytes = Kd * self.dec_rows * rb  # ... per example
         lens = self.lengths
         max_len = int(lens.max()) if len(lens) else 1
         min_len = max(1, int(lens.min())) if len(lens) else 1
@@ -428,7 +430,8 @@ class CacheReader:
         else:
             batch_bound = (4 * self.hidden * (K * tokens_max + Kd * b_max * self.dec_rows)
                            + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
-        window_min = tokens_max * self._row_bytes + b_max * self._ex_dec_bytes
+        window_min = tokens_max * self._mem_row_bytes + b_max * self._mem_ex_dec_bytes  # memory
+        plan_min = tokens_max * self._row_bytes + b_max * self._ex_dec_bytes  # the same rows, plan units
         jobs = [self._job_bytes(a, d, 0) for a, d in self._acts + self._scales] + \
                [self._job_bytes(a, d, 1) for a, d in self._dec + self._dec_scales]
         job = max(jobs) if jobs else 0
@@ -450,12 +453,15 @@ class CacheReader:
         transient = workers * job
         avail = M - transient
         unit_bytes = self._unit_bytes()
-        w_full = int(sum(sorted(unit_bytes, reverse=True)[: self.window_shards])) if unit_bytes else 0
+        top = sorted(range(len(unit_bytes)), key=lambda u: -unit_bytes[u])[: self.window_shards]
+        w_full = int(sum(unit_bytes[u] for u in top))  # plan units
+        w_full_mem = int(sum(self._mem_bytes_of(self._unit_piece(u, int(self.units[u][0]), int(self.units[u][-1]) + 1))
+                             for u in top if len(self.units[u])))
         q_target = self.prefetch * batch_bound
         limit = self.window_limit
-        if avail >= w_full + batch_bound and (limit is None or w_full <= limit):
+        if avail >= w_full_mem + batch_bound and (limit is None or w_full <= limit):
             mode = "shards"
-            batch_bytes = min(q_target, avail - w_full)
+            batch_bytes = min(q_target, avail - w_full_mem)
             window_bytes = avail - batch_bytes
             cap, piece_cap = w_full, w_full
         else:
@@ -464,19 +470,35 @@ class CacheReader:
             if avail - batch_bytes < window_min:
                 batch_bytes = batch_bound
             window_bytes = avail - batch_bytes
-            cap = window_bytes // 2 if window_bytes // 2 >= window_min else window_bytes
-            if limit is not None and cap > max(limit, window_min):
+            cap_mem = window_bytes // 2 if window_bytes // 2 >= window_min else window_bytes
+            # the memory share in plan units (the same token rows of every tap of the cache)
+            cap = self._to_plan(cap_mem, default=max(w_full, plan_min))
+            if limit is not None and cap > max(limit, plan_min):
                 # a shuffle window smaller than the budget allows, and one at a time: the next window
                 # decodes as soon as the last batch of this one is queued, while the queue drains
                 # (a 64 MB window decodes in ~30 ms against ~1 s of queued steps)
-                cap = max(limit, window_min)
-                window_bytes = min(window_bytes, cap)
+                cap = max(limit, plan_min)
+                window_bytes = min(window_bytes, max(window_min, self._to_mem(cap)))
             chunk_min = MIN_PIECE_CHUNKS * self._plan_chunk_rows() * self._row_bytes
             piece_cap = min(cap, max(cap // self.window_shards, chunk_min))
         return ReaderLayout(budget=M, mode=mode, workers=workers, transient_bytes=transient,
                             window_bytes=window_bytes, batch_bytes=batch_bytes, batch_bound=batch_bound,
                             window_cap=cap, piece_cap=piece_cap, row_bytes=self._row_bytes, min_budget=min_budget,
                             window_min=window_min)
+
+    def _to_plan(self, mem: int, default: int) -> int:
+        """Memory bytes of requested rows as plan bytes of the same rows (``default`` if nothing is decoded)."""
+        return int(mem * self._row_bytes / self._mem_row_bytes) if self._mem_row_bytes else default
+
+    def _to_mem(self, plan: int) -> int:
+        return math.ceil(plan * self._mem_row_bytes / self._row_bytes) if self._row_bytes else 0
+
+    def _mem_bytes_of(self, p: Piece) -> int:
+        """Bytes a piece really decodes (the requested taps only)."""
+        return (p.r1 - p.r0) * self._mem_row_bytes + (p.e1 - p.e0) * self._mem_ex_dec_bytes
+
+    def window_mem_bytes(self, w: Window) -> int:
+        return sum(self._mem_bytes_of(p) for p in w.pieces)
 
     def _plan_chunk_rows(self) -> int:
         """Inner-chunk rows of the cache's taps (all taps of a store share one chunking)."""
@@ -687,7 +709,7 @@ class CacheReader:
         dw.nbytes = 0
         self.accounting.sub("window", n)
         with run.cond:
-            run.window_held -= dw.window.nbytes
+            run.window_held -= self.window_mem_bytes(dw.window)
             run.windows -= 1
             run.cond.notify_all()
 
@@ -816,7 +838,7 @@ class CacheReader:
     def _decode_loop(self, plan: list[Window], run: _Run, handoff: queue.Queue, pool) -> None:
         try:
             for w in plan:
-                if not self._reserve_window(run, w.nbytes):
+                if not self._reserve_window(run, self.window_mem_bytes(w)):
                     return
                 handoff.put(self._decode_window(w, pool, run))
             handoff.put(None)
