@@ -761,28 +761,38 @@ class CacheReader:
 
     def _assemble_packed(self, idx: np.ndarray, locs, window: _Decoded, ids: np.ndarray, valid: np.ndarray,
                          tt: torch.Tensor | None) -> Batch:
-        """The batch's real rows per tap, in the store's dtype (int8 scaled to fp32), one copy per
-        example and tap, plus their flat positions in the padded [B, L] grid."""
+        """The batch's real rows per tap, in the store's dtype (int8 scaled to fp32), plus their flat
+        positions in the padded [B, L] grid. Rows are grouped by the window piece they come from and
+        gathered with one ``index_select`` per piece and tap (a few per batch, instead of one copy per
+        example and tap): the assembler thread then holds the GIL for microseconds, not for the
+        hundreds of small copies that slowed the training loop's own Python beside it."""
         from pipeline.side.packed import PackedTap
 
         piece, row, _ = locs
-        lens = self.lengths[idx]
+        lens = self.lengths[idx].astype(np.int64)
         B, L = valid.shape
         N = int(lens.sum())
-        rows = torch.from_numpy(np.flatnonzero(valid.reshape(-1)).astype(np.int64))
-        spans = [(int(piece[b]), int(row[b]), int(lens[b])) for b in range(B)]
+        groups = []  # (piece, source rows in it, grid positions)
+        for j in np.unique(piece):
+            g = np.flatnonzero(piece == j)
+            ls = lens[g]
+            within = np.arange(int(ls.sum()), dtype=np.int64) - np.repeat(np.cumsum(ls) - ls, ls)
+            groups.append((int(j), torch.from_numpy(np.repeat(row[g].astype(np.int64), ls) + within),
+                           np.repeat(g.astype(np.int64) * L, ls) + within))
+        rows = torch.from_numpy(np.concatenate([gp for _, _, gp in groups]))
         taps = []
         for k in range(len(self.taps)):
-            if self._has_scale:
-                out = torch.empty((N, self.hidden), dtype=torch.float32)
-            else:
-                out = torch.empty((N, self.hidden), dtype=window.vals[spans[0][0]][k].dtype)
+            dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
+            out = torch.empty((N, self.hidden), dtype=dtype)
             o = 0
-            for j, r, n in spans:
+            for j, src, _ in groups:
+                n = len(src)
                 dst = out[o:o + n]
-                dst.copy_(window.vals[j][k][r:r + n])
                 if self._has_scale:
-                    dst.mul_(window.scales[j][k][r:r + n].unsqueeze(1))
+                    dst.copy_(window.vals[j][k].index_select(0, src))
+                    dst.mul_(window.scales[j][k].index_select(0, src).unsqueeze(1))
+                else:
+                    torch.index_select(window.vals[j][k], 0, src, out=dst)
                 o += n
             taps.append(PackedTap(out, rows, B, L))
         return Batch(
