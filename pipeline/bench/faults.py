@@ -436,6 +436,8 @@ class FaultBench:
         self.check(self.clean_error(r, ("disk full",)), f"ENOSPC in train: rc {r.rc}: {r.err.strip()[-300:]}")
         r = self.lst(self.train_args(run))
         want = self.root / "train-ref-cached"
+        if not want.exists():  # made by train_kills; this section may run alone (--sections)
+            self.lst(self.train_args(want))
         self.check(r.rc == 0 and want.exists() and self.metrics(run) == self.metrics(want),
                    f"ENOSPC in train: resume differs (rc {r.rc}) {r.err.strip()[-200:]}")
         # memory: a reader budget too small; an allocation failure in the side step
@@ -463,8 +465,10 @@ class FaultBench:
         out = self.root / "two.zarr"
         holder = {}
         th = threading.Thread(target=lambda: holder.setdefault("run", self.lst(
-            self.extract_args(out), env={"LST_FAULT_SLEEP_BEFORE_DONE": "3.0"},
-            kill_at=("before-done", 4, 0.0))))  # holds the lock for ~10 s: the second run meets it
+            self.extract_args(out), env={"LST_FAULT_SLEEP_BEFORE_DONE": "8.0"},
+            kill_at=("before-done", 4, 0.0))))  # holds the lock for ~30 s: the second run meets it even
+        # on a loaded box, where a fresh `lst` process can take 10+ s to import (at 3 s a shard the
+        # first run was killed before a slow second one started, which then found a free store)
         th.start()
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "zarr.json").exists():
