@@ -167,8 +167,13 @@ def test_absurd_offsets_are_refused_before_use(store, tmp_path):
 
 # -- subprocesses: kills, ENOSPC, locks, predict -----------------------------------------------------------
 
+# subprocesses compute with one thread, as this process does (conftest): BLAS kernels may block
+# differently with 2 threads on a busy box, and the resumed stores are compared bit for bit
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _lst(args, env=None, **kw):
-    e = {**os.environ, **(env or {})}
+    e = {**os.environ, **ONE_THREAD, **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
                           env=e, cwd=ROOT, timeout=300, **kw)
 
@@ -181,7 +186,7 @@ def _extract_args(backbone, out):
 @pytest.mark.integration
 def test_kill_between_data_and_done_flag_then_resume(store, tmp_path, tiny_backbones):
     out = tmp_path / "k.zarr"
-    env = {**os.environ, "LST_FAULT_TRACE": "1", "LST_FAULT_SLEEP_BEFORE_DONE": "2"}
+    env = {**os.environ, **ONE_THREAD, "LST_FAULT_TRACE": "1", "LST_FAULT_SLEEP_BEFORE_DONE": "2"}
     p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, _extract_args(tiny_backbones["bert"], out))],
                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     for line in p.stderr:
