@@ -78,6 +78,13 @@ def test_checkpoint_enospc_and_damage_are_clean_errors(tmp_path, monkeypatch):
     (tmp_path / info["files"]["optimizer"]).write_bytes(b"\x00" * 10)
     with pytest.raises(TrainError, match="unreadable"):
         ckpt.load_resume_point(tmp_path, *_tiny_opt())
+    # a tampered info.json may not point outside the checkpoint directory
+    outside = tmp_path.parent / "elsewhere.safetensors"
+    outside.write_bytes((tmp_path / info["files"]["model"]).read_bytes())
+    for bad in ("../elsewhere.safetensors", str(outside), "info.json"):
+        (tmp_path / "info.json").write_text(json.dumps({**info, "files": {**info["files"], "model": bad}}))
+        with pytest.raises(TrainError, match="not a .safetensors file of this directory"):
+            ckpt.load_resume_point(tmp_path, *_tiny_opt())
 
 
 def test_training_options_are_range_checked():

@@ -76,6 +76,9 @@ def load_resume_point(dirpath: Path, model, optimizer, scheduler) -> dict:
     try:
         meta = json.loads((dirpath / "info.json").read_text())
         files = meta.get("files") or {"model": "model.safetensors", "optimizer": "optimizer.safetensors"}
+        for name in (files["model"], files["optimizer"]):  # plain names inside the checkpoint dir only
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise ValueError(f"info.json names {name!r}, not a .safetensors file of this directory")
         load_model(model, dirpath / files["model"])
         tensors = safetensors.torch.load_file(str(dirpath / files["optimizer"]))
     except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as e:
