@@ -65,8 +65,8 @@ class TrainConfig:
     shuffle_window: str = opt(DEFAULT_SHUFFLE_WINDOW,
                               "stored bytes of cached rows shuffled together into batches (e.g. 64MB; 'shards' "
                               "for whole-shard windows, the batches of the earlier reader, when --reader-memory "
-                              "holds four shards); the reader keeps two such windows, so this and not the "
-                              "budget sets how much of it a run really uses")
+                              "holds four shards); the reader decodes one such window at a time, so this and not "
+                              "the budget sets how much of it a run really uses")
     batch_order: str = opt("by-length",
                            "by-length: each shuffle window's examples sorted by length (ties in random order), "
                            "cut into batches and the batches shuffled, so a batch is little padding; random: "

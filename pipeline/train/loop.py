@@ -234,7 +234,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                 v.step += 1
             step += 1
             seen += len(b.index)
-            real += int(b.attention_mask.sum())
+            real += b.num_tokens
             grid += b.attention_mask.numel()
             bar.update(1)
             if len(active) == 1:

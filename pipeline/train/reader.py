@@ -579,14 +579,13 @@ class CacheReader:
         ex = np.concatenate([np.arange(p.e0, p.e1) for p in pieces])
         if self.shuffle:
             ex = ex[rng.permutation(len(ex))]
-        if self.shuffle and self.by_length:
-            # a stable sort of the shuffled window: equal lengths stay in random order; then the
-            # batches are shuffled, so lengths do not come in order either
+        by_length = self.shuffle and self.by_length
+        if by_length:  # a stable sort of the shuffled window: equal lengths stay in random order
             ex = ex[np.argsort(self.lengths[ex], kind="stable")]
-            batches = self._cut(ex)
-            return Window(units, [batches[i] for i in rng.permutation(len(batches))], pieces,
-                          sum(p.nbytes for p in pieces))
-        return Window(units, self._cut(ex), pieces, sum(p.nbytes for p in pieces))
+        batches = self._cut(ex)
+        if by_length:  # then the batches are shuffled, so lengths do not come in order either
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return Window(units, batches, pieces, sum(p.nbytes for p in pieces))
 
     def _cut(self, ex: np.ndarray) -> list[np.ndarray]:
         if self.batch_tokens is None:
@@ -728,11 +727,11 @@ class CacheReader:
             tt = torch.from_numpy(np.where(valid, self.token_types[np.minimum(starts, len(self.token_types) - 1)], 0).astype(np.int64))
         taps = dec = None
         if window is not None and self.load_acts:
+            if self.packed:
+                return self._assemble_packed(idx, locs, window, ids, valid, tt)
             piece, row, drow = locs
             pin = self.device.type == "cuda" and torch.cuda.is_available()
             taps = []
-            if self.packed:
-                return self._assemble_packed(idx, locs, window, ids, valid, tt)
             for k in range(len(self.taps)):
                 out = torch.zeros((B, L, self.hidden), dtype=torch.float32, pin_memory=pin)
                 for b in range(B):
