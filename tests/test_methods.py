@@ -147,3 +147,19 @@ def test_bench_table_runs_every_method_on_every_task(tmp_path, tiny_backbones):
         assert (tmp_path / "res" / f"table-bert-cpu.{k}").exists()
     md = (tmp_path / "res" / "table-bert-cpu.md").read_text()
     assert "LoRA" in md and "STS-B" in md and "Avg" in md
+
+    # Rerun (an interrupted table resumed): finished processes are reused, a changed command reruns.
+    log = tmp_path / "work" / "sst2" / "cached.log"
+    stamp = log.stat().st_mtime_ns
+    again = run_table_bench(TableBenchConfig(tasks=("sst2",), backbone=tiny_backbones["bert"], max_train=48,
+                                             methods=("cached",), batch_size=16, max_steps=2, fisher_samples=8,
+                                             device="cpu", workdir=str(tmp_path / "work"),
+                                             results_dir=str(tmp_path / "res2"), train_args=["--r", "2"],
+                                             progress=False))
+    assert again["tasks"]["sst2"]["methods"]["cached"] == res["tasks"]["sst2"]["methods"]["cached"]
+    assert log.stat().st_mtime_ns == stamp
+    run_table_bench(TableBenchConfig(tasks=("sst2",), backbone=tiny_backbones["bert"], max_train=48,
+                                     methods=("cached",), batch_size=16, max_steps=1, fisher_samples=8, device="cpu",
+                                     workdir=str(tmp_path / "work"), results_dir=str(tmp_path / "res2"),
+                                     train_args=["--r", "2"], progress=False))
+    assert log.stat().st_mtime_ns != stamp

@@ -102,6 +102,19 @@ def ensure_fisher(cfg: TableBenchConfig, url: str, log: Path, device: str) -> fl
     return round(time.perf_counter() - t0, 3)
 
 
+def _finished(path: Path, cmd: list[str]) -> dict | None:
+    """A method's row from an earlier run of the same table, if that process ran the same command.
+
+    A table takes hours on CPU; resuming per method means an interrupted run loses at most one
+    process. The command (everything after the interpreter) must match, so a changed setting reruns.
+    """
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["row"] if saved.get("argv") == cmd[3:] else None
+
+
 def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     from pipeline.cache.store import ActivationCache
 
@@ -123,11 +136,16 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     out: dict = {"task": task, "metric": cache.attrs["task"]["metric"], "cache": url, "examples": splits,
                  "extract_s": extract_s, "fisher_s": fisher_s, "baseline_mb": round(base_mb, 1), "methods": {}}
     for m in cfg.methods:
-        _log(cfg, f"{task}: {m}")
         run = tw / "runs" / m
         cmd = train_command(m, mcfg, url, run, device)
         if m in LST_METHODS:
             cmd += ["--init", "fisher"]
+        done = _finished(tw / f"{m}.result.json", cmd)
+        if done is not None:  # a rerun of an interrupted table: this method's process already finished
+            out["methods"][m] = done
+            _log(cfg, f"{task}: {m} reused from {tw / f'{m}.result.json'}")
+            continue
+        _log(cfg, f"{task}: {m}")
         got = run_measured(cmd, stderr_to=str(tw / f"{m}.log"))
         s = got["result"]
         host = got["polled_peak_mb"] if device == "cuda" else max(got["polled_peak_mb"], s["peak_mem_mb"])
@@ -141,6 +159,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
         if device == "cuda":
             d["cuda_peak_mb"] = s["peak_mem_mb"]
         out["methods"][m] = d
+        (tw / f"{m}.result.json").write_text(json.dumps({"argv": cmd[3:], "row": d}, indent=2))
         _log(cfg, f"{task}: {m} score {d['score']} peak {d['abs_mb']} MB ({d['above_baseline_mb']} above baseline), "
                   f"{d['wall_s']} s")
     return out
