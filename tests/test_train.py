@@ -113,3 +113,35 @@ def test_train_json_line_and_predict(tmp_path, minilm_fp32, capsys):
     assert lst_main(["predict", "--run", out, "--text", "a wonderful , moving film", "--json"]) == 0
     p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"][0]
     assert p["label"] in ("negative", "positive", 0, 1) and abs(sum(p["probabilities"]) - 1) < 1e-5
+
+
+def test_side_init_reads_the_pack_lazily_and_equals_the_eager_state(minilm_fp32):
+    """Stage two opens the verified init pack lazily (a 7B state is 13.5 GB): same side network as
+    slicing the whole loaded state, and tensors the slicing does not use are never read."""
+    import torch
+
+    from pipeline.cache import initpack
+    from pipeline.side.init import initialise_side
+    from pipeline.train.trainer import build_side
+
+    cache = ActivationCache.open(minilm_fp32)
+    cache.require_complete()
+    side = {"init": "magnitude", "layers": [2, 4], "r": 8}
+    lazy, report = build_side(cache, side, seed=0)
+    eager, _ = build_side(cache, {**side, "init": "random"}, seed=0)
+    initialise_side(eager, "magnitude", initpack.read_weights(minilm_fp32))  # whole state, hashed
+    for (k, a), (_, b) in zip(lazy.state_dict().items(), eager.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert report["init"] == "magnitude"
+
+    pack = initpack.read_weights(minilm_fp32, verified=True)
+    assert isinstance(pack, initpack.LazyTensors) and "encoder.layer.0.attention.self.query.weight" in pack
+    got = []
+    get = pack._file.get_tensor
+    pack._file = type("Spy", (), {"get_tensor": lambda self, k: got.append(k) or get(k)})()
+    initialise_side(build_side(cache, {**side, "init": "random"}, seed=0)[0], "magnitude", pack)
+    # the index walks the blocks up to the last side layer (official slicing), one block at a time;
+    # blocks above it, the pooler and the other embeddings are never read
+    read_blocks = {int(k.split(".")[2]) for k in got if k.startswith("encoder.layer.")}
+    assert read_blocks == {0, 1, 2, 3}, read_blocks
+    assert not any(k.startswith(("pooler.", "embeddings.position", "embeddings.token_type")) for k in got), got

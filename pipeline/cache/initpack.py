@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import fsspec
@@ -122,7 +123,49 @@ def write_importance(url: str, importance: dict[str, torch.Tensor], meta: dict,
         f.write(safetensors.torch.save(importance, metadata={k: str(v) for k, v in meta.items()}))
 
 
-def read_weights(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A local safetensors file's tensors, each read (memory-mapped) when it is looked up.
+
+    A side network is sliced from a few of the backbone's blocks; loading the whole state (13.5 GB
+    for a 7B backbone, twice over with its bytes) would make stage two's start its peak.
+    """
+
+    def __init__(self, path: str):
+        self._file = safetensors.safe_open(path, framework="pt")
+        self._keys = list(self._file.keys())
+        self._known = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _local_path(url: str, storage_options: dict | None, name: str) -> str | None:
+    fs, root = _fs(url, storage_options)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return f"{root}/{INIT_DIR}/{name}" if {"file", "local"} & set(protocols) else None
+
+
+def read_weights(url: str, storage_options: dict | None = None, *,
+                 verified: bool = False) -> Mapping[str, torch.Tensor]:
+    """The packed backbone state. ``verified``: the caller has just checked the pack
+    (``ActivationCache.require_complete``), so a local file is not hashed again but opened lazily."""
+    path = _local_path(url, storage_options, "weights.safetensors") if verified else None
+    if path is not None:
+        try:
+            return LazyTensors(path)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise _damaged(url, f"init/weights.safetensors: {e}") from None
     data = read_checked(url, "weights.safetensors", storage_options)
     try:
         return safetensors.torch.load(data)
@@ -133,9 +176,8 @@ def read_weights(url: str, storage_options: dict | None = None) -> dict[str, tor
 def read_tensor(url: str, key: str, storage_options: dict | None = None) -> torch.Tensor:
     """One tensor of the packed weights (e.g. 'lm_head.weight'), without loading the rest where
     the pack is a local file."""
-    fs, root = _fs(url, storage_options)
-    path = f"{root}/{INIT_DIR}/weights.safetensors"
-    if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else ()):
+    path = _local_path(url, storage_options, "weights.safetensors")
+    if path is not None:
         with safetensors.safe_open(path, framework="pt") as f:
             if key not in f.keys():
                 raise KeyError(f"the init pack of {url} has no {key!r}; re-extract with this lst version")
@@ -146,11 +188,13 @@ def read_tensor(url: str, key: str, storage_options: dict | None = None) -> torc
     return state[key]
 
 
-def read_importance(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor] | None:
+def read_importance(url: str, storage_options: dict | None = None) -> Mapping[str, torch.Tensor] | None:
     fs, root = _fs(url, storage_options)
     path = f"{root}/{INIT_DIR}/importance.safetensors"
     if not fs.exists(path):
         return None
+    if _local_path(url, storage_options, "importance.safetensors") is not None:
+        return LazyTensors(path)  # as large as the weights: read per tensor, as the slicing needs them
     with fs.open(path, "rb") as f:
         return safetensors.torch.load(f.read())
 

@@ -211,7 +211,7 @@ def find_root(state: Mapping[str, Tensor], stack: str, layer_template: str, plan
 
 def _block_state(src: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     n = len(prefix)
-    return {k[n:]: v for k, v in src.items() if k.startswith(prefix)}
+    return {k[n:]: src[k] for k in src if k.startswith(prefix)}  # keys first: a lazy pack loads only these
 
 
 def initial_index(

@@ -70,7 +70,10 @@ def _install_label_head(model: LadderSideNetwork, cache: ActivationCache) -> Non
 
 
 def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel, dict]:
-    """Side network shaped for the cache's backbone and task, initialised from the init pack."""
+    """Side network shaped for the cache's backbone and task, initialised from the init pack.
+
+    The pack is read lazily, only the blocks the side network is sliced from, and not hashed
+    again: stage two's entry points verify it first (``ActivationCache.require_complete``)."""
     side = side_defaults(cache, side)
     unknown = sorted(set(side) - SIDE_KEYS)
     if unknown:
@@ -99,7 +102,7 @@ def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel
         )
     report = {"init": "random"}
     if config.init != "random":
-        state = initpack.read_weights(cache.url, cache.storage_options)
+        state = initpack.read_weights(cache.url, cache.storage_options, verified=True)
         importance = initpack.read_importance(cache.url, cache.storage_options) if config.init == "fisher" else None
         if config.init == "fisher" and importance is None:
             raise TrainError(f"init=fisher needs Fisher importance in {cache.url}/init; run `lst fisher --cache {cache.url}` first")
