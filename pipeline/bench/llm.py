@@ -190,7 +190,6 @@ def _last_token_features(cache, split: str, tap: int):
 
 def child_probe(cache_url: str, train_split: str = "train", eval_split: str = "validation") -> dict:
     """Zero-shot label-word scoring and a logistic-regression probe on the last cached tap, last token."""
-    import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline

@@ -170,7 +170,7 @@ def child_forward(cache_url: str, batch_size: int, epochs: int, max_steps: int |
     from pipeline.backbones import load_backbone, resolve_backbone
     from pipeline.memory import peak_rss_bytes
     from pipeline.train.config import TrainConfig
-    from pipeline.train.trainer import make_readers
+    from pipeline.train.trainer import planned_batches
 
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -178,7 +178,7 @@ def child_forward(cache_url: str, batch_size: int, epochs: int, max_steps: int |
     bb = load_backbone(str(resolve_backbone(cache.fingerprint["backbone"])), device=device)
     # the batches `lst train` plans (its defaults: shuffle window, batch order), ids only
     cfg = TrainConfig(cache=cache_url, out="unused", batch_size=batch_size, seed=seed, train_split=split)
-    reader, _ = make_readers(cache, cfg, [], [], dev, data_seed=seed, load_acts=False)
+    reader = planned_batches(cache, cfg, data_seed=seed, device=dev)
     stack = bb.tap_stack()
     steps = tokens = 0
     t0 = time.perf_counter()
@@ -241,13 +241,11 @@ def _train_tokens(cache_url: str, batch_size: int, epochs: int, max_steps: int |
     v = cache.split("train")
     if max_steps is None:
         return v.num_tokens * epochs, v.num_examples * epochs
-    import torch
-
     from pipeline.train.config import TrainConfig
-    from pipeline.train.trainer import make_readers
+    from pipeline.train.trainer import planned_batches
 
     cfg = TrainConfig(cache=cache_url, out="unused", batch_size=batch_size)
-    reader, _ = make_readers(cache, cfg, [], [], torch.device("cpu"), data_seed=0, load_acts=False)
+    reader = planned_batches(cache, cfg, data_seed=0)
     tokens = examples = steps = 0
     for epoch in range(epochs):
         for b in reader.iter_epoch(epoch):

@@ -64,7 +64,7 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
     from pipeline.search.flops import speedup_limit
     from pipeline.search.fused import resolve_fuse, train_many
     from pipeline.devices import resolve_device
-    from pipeline.train.trainer import TrainConfig, build_side, make_readers, train
+    from pipeline.train.trainer import TrainConfig, planned_batches, train
 
     torch.set_num_threads(1)
     load_start = os.getloadavg()
@@ -108,10 +108,7 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         live = train(TrainConfig(**{**cfgs[0].to_dict(), "out": str(work / "live"), "live": True}))
         live_s = time.perf_counter() - t0
 
-        model, _ = build_side(c, cfgs[0].side, 0)
-        ids_only, _ = make_readers(c, cfgs[0], model.required_taps(), [], torch.device("cpu"), data_seed=0,
-                                   load_acts=False)
-        batch = next(iter(ids_only.iter_epoch(0)))  # a batch of the plan the runs above used
+        batch = next(iter(planned_batches(c, cfgs[0], data_seed=0).iter_epoch(0)))  # a batch of the plan the runs above used
         limit = speedup_limit(c.fingerprint["backbone"], [cf.side for cf in cfgs], batch)
         lim = limit["speedup_limit"]
         # a fused variant equals its separate run when its seed is the fused batch-order seed (0)

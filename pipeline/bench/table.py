@@ -196,7 +196,7 @@ def render_markdown(res: dict) -> str:
              f"{cfg['epochs']} epoch(s), max length {cfg['max_length']}, the paper's learning rates "
              "(3e-4 full FT / LoRA / Adapter / BitFit, 3e-3 LST and the linear probe); LST: defaults with "
              "`--init fisher`.",
-             f"Training examples per task: " + ", ".join(
+             "Training examples per task: " + ", ".join(
                  f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('train')}" for t in tasks)
              + "; dev: " + ", ".join(f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('validation')}"
                                        for t in tasks) + ".",
@@ -217,7 +217,7 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| {r['label']} | {r['trainable_pct']:.3f} | {f(r['peak_abs_mb'], 0)} | "
                      f"{f(r['peak_above_baseline_mb'], 0)} | {f(r['train_epoch_s'], 0)} ({f(r['wall_s'], 0)}) | "
                      + " | ".join(f(r["scores"][t]) for t in tasks) + f" | {f(r['average'])} |")
-    lines += ["", f"Baseline process peak RSS: " + ", ".join(
+    lines += ["", "Baseline process peak RSS: " + ", ".join(
         f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['baseline_mb']:.0f} MB" for t in tasks) + ".",
         f"Command: `{res['command']}`", ""]
     return "\n".join(lines)

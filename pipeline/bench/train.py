@@ -23,7 +23,7 @@ import torch
 from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache.store import ActivationCache
 from pipeline.extract.runner import ExtractConfig, run_extract
-from pipeline.train.trainer import TrainConfig, build_side, make_readers, train
+from pipeline.train.trainer import TrainConfig, build_side, make_readers, planned_batches, train
 
 
 @dataclass
@@ -88,9 +88,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         cached = train(TrainConfig(out=str(work / "cached"), **common))
         live = train(TrainConfig(out=str(work / "live"), live=True, **common))
         model, _ = build_side(cache, {}, 0)
-        ids_only, _ = make_readers(cache, TrainConfig(out=str(work / "limit"), **common), model.required_taps(), [],
-                                   torch.device("cpu"), data_seed=0, load_acts=False)
-        batch = next(iter(ids_only.iter_epoch(0)))  # a batch of the plan the runs above used
+        batch = next(iter(planned_batches(cache, TrainConfig(out=str(work / "limit"), **common),
+                                          data_seed=0).iter_epoch(0)))  # a batch of the plan the runs above used
         targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
         limit = speedup_limit(cache.fingerprint["backbone"], [], batch, models=[model], targets=targets)
         speedup = live["epoch_s"] / cached["epoch_s"]
@@ -111,7 +110,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "cached_stall_fraction": cached["stall_fraction"],
             "floor_s": round(floor, 3), "cached_over_floor": round(cached["epoch_s"] / floor, 3),
             "side_flops_per_s": round(side_flops / cached["epoch_s"]),
-            "backbone_flops_per_s": round(bb_flops / max(1e-9, live["epoch_s"] - cached["epoch_s"])),
+            # the backbone's share of the live epoch; None where it is lost in the noise (tiny runs)
+            "backbone_flops_per_s": (round(bb_flops / (live["epoch_s"] - cached["epoch_s"]))
+                                     if live["epoch_s"] - cached["epoch_s"] > 0.05 * live["epoch_s"] else None),
             "cached_dev_score": cached["dev_score"], "live_dev_score": live["dev_score"],
             "flops": limit,
             "goals_met": {"cached_over_live_speedup>=0.8*speedup_limit": speedup >= 0.8 * lim,

@@ -61,7 +61,6 @@ __all__ = [
     "fisher_importance",
     "compute_fisher",
     "maybe_compute_fisher",
-    "register",
 ]
 
 

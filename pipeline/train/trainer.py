@@ -211,6 +211,16 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return total if cfg.max_steps is None else min(cfg.max_steps, total)
 
 
+def planned_batches(cache: ActivationCache, cfg: TrainConfig, *, data_seed: int,
+                    device: torch.device | None = None) -> CacheReader:
+    """The training batches `lst train` plans for ``cfg``, as ids and masks only (no tap decoded).
+
+    Plans do not depend on the taps read, so this is the stream every method trains on: the
+    benchmarks run their backbone forwards and FLOP counts on it."""
+    reader, _ = make_readers(cache, cfg, [], [], device or torch.device("cpu"), data_seed=data_seed, load_acts=False)
+    return reader
+
+
 def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_taps: list[int],
                  device: torch.device, *, data_seed: int, load_acts: bool = True,
                  packed: bool = False) -> tuple[CacheReader, CacheReader]:
