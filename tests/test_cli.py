@@ -72,6 +72,7 @@ def test_every_command_has_help(cmd, capsys):
     (["extract", "--backbone", "minilm", "--dataset", "/nonexistent.csv", "--out", "e.zarr"], "unknown dataset"),
     (["params", "--backbone", "nope"], "'nope'"),
     (["train"], "give --cache CACHE and --out"),  # may come from --config, so checked after parsing
+    (["train", "--cache", "c.zarr", "--out", "r", "--method", "full-ft", "--recompute"], "drop --recompute"),
 ])
 def test_user_error_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative --out paths land here, if anything is written at all

@@ -78,8 +78,8 @@ def _register_memory(bsub) -> None:
     m.add_argument("--attention-dropout", type=float, help="side attention dropout for the LST methods")
     m.add_argument("--label-words", help="T5 backbones: cache label-word targets; full fine-tuning then trains "
                                          "T5's LM loss on them, LST the side encoder-decoder (the paper's T5 setting)")
-    m.add_argument("--methods", help="comma-separated methods (default full,live,cached; also lora, adapter, bitfit, "
-                                     "linear-probe)")
+    m.add_argument("--methods", help="comma-separated methods (default full,live,cached,cached-recompute: the "
+                                     "last is `lst train --recompute`; also lora, adapter, bitfit, linear-probe)")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.add_argument("--workdir", help="keep the cache and runs here (default: a temp dir, removed); reused on re-runs")
     m.add_argument("--no-progress", action="store_true")

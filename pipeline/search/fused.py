@@ -33,7 +33,7 @@ from pipeline.side.model import LadderSideNetwork
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import OnEpoch, Variant, VariantRunner, cached_taps, run_loop, summary
 from pipeline.train.rundir import RunDir
-from pipeline.train.trainer import build_side, label_meta, make_readers, total_steps
+from pipeline.train.trainer import build_side, label_meta, make_readers, set_recompute, total_steps
 
 __all__ = ["train_many", "train_group", "group_key", "side_train_memory_mb", "OnEpoch", "FUSE_MODES", "resolve_fuse"]
 
@@ -134,6 +134,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
         run.prepare(c, fp, resumable=False)
         model, report = build_side(cache, c.side, c.seed)
         model.to(device)
+        set_recompute(model, c.recompute)
         torch.manual_seed(c.seed + 1)  # train()'s dropout stream
         variants.append(Variant(index=i, cfg=c, model=model, run=run, init_report=report, rng=torch.get_rng_state()))
         run.start({"train": c.to_dict(), "side": model.config.to_dict(), "init_report": report,

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import build_block, make_context
 from .blocks.dropout import Dropout
@@ -54,6 +55,10 @@ class LadderSideNetwork(nn.Module):
     network's dtype), and a [B, L] mask
     (1 = real token, right padding); it returns logits [B, num_labels] (regression: [B, 1]).
     """
+
+    #: recompute each block in the backward (``TrainConfig.recompute``): a training setting, not
+    #: part of the architecture, so it is not in ``SideConfig``
+    recompute: bool = False
 
     def __init__(self, config: SideConfig, backbone_config: Any) -> None:
         super().__init__()
@@ -136,8 +141,18 @@ class LadderSideNetwork(nn.Module):
             if self.config.gate != "none":
                 ladder = apply_ladder(self.ladders[str(b)], taps[j + 1], dtype)
                 h = gates[j] * h + (1 - gates[j]) * ladder if gates is not None else h + ladder
-            h = self.blocks[str(b)](h, ctx)
+            h = self._block(self.blocks[str(b)], h, ctx)
         return self.dropout(self.final_norm(h))
+
+    def _block(self, block: nn.Module, h: Tensor, ctx: Any) -> Tensor:
+        """One side block; with ``recompute`` only its input is kept for the backward, which reruns it.
+
+        A side block's saved activations (q/k/v, attention output, norms, the 4x-wide FFN) are ~19
+        widths per token against the one width kept here, and they set a cached run's peak memory.
+        The rerun restores the RNG state, so its dropout draws, and the gradients, are the same."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, ctx, use_reentrant=False, preserve_rng_state=True)
+        return block(h, ctx)
 
     def set_label_head(self, rows: Tensor) -> None:
         """Install the frozen LM-head rows [num_labels, d] of the label words (head='lm')."""

@@ -113,6 +113,16 @@ def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel
     return model, report
 
 
+def set_recompute(model: SideModel, on: bool) -> None:
+    """``TrainConfig.recompute`` on a side network (a training setting, not part of its config)."""
+    if not on:
+        return
+    if not hasattr(model, "recompute"):
+        raise TrainError("--recompute is for encoder and decoder-only side networks; the T5 side "
+                         "encoder-decoder does not support it yet: drop --recompute")
+    model.recompute = True
+
+
 class LiveTaps:
     """The paper's setting: taps from the live frozen backbone for each batch (no cache reads).
 
@@ -173,6 +183,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model, init_report = build_side(cache, cfg.side, cfg.seed)
         model.to(device)
+        set_recompute(model, cfg.recompute)
         runner_cls, weights_file = VariantRunner, "side.safetensors"
         described = {"side": model.config.to_dict(), "init_report": init_report, **label_meta(model, cache)}
     taps, dec_taps = model.required_taps(), model.required_decoder_taps()
