@@ -57,6 +57,7 @@ class TableBenchConfig:
     results_dir: str = "benchmarks/results"
     tag: str | None = None  # appended to the output file names
     train_args: list[str] = field(default_factory=list)  # extra `lst train` arguments for every method
+    lst_init: str = "fisher"  # `lst train --init` of the LST rows (the paper's table: Fisher)
     progress: bool = True
 
 
@@ -137,18 +138,20 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
     out: dict = {"task": task, "metric": cache.attrs["task"]["metric"], "cache": url, "examples": splits,
                  "extract_s": extract_s, "fisher_s": fisher_s, "baseline_mb": round(base_mb, 1), "methods": {}}
+    own = tw / cfg.tag if cfg.tag else tw  # tagged tables (ablations) share the caches, not the runs
     for m in cfg.methods:
-        run = tw / "runs" / m
+        run = own / "runs" / m
         cmd = train_command(m, mcfg, url, run, device)
         if m in LST_METHODS:
-            cmd += ["--init", "fisher"]
-        done = _finished(tw / f"{m}.result.json", cmd)
+            cmd += ["--init", cfg.lst_init]
+        done = _finished(own / f"{m}.result.json", cmd)
         if done is not None:  # a rerun of an interrupted table: this method's process already finished
             out["methods"][m] = done
-            _log(cfg, f"{task}: {m} reused from {tw / f'{m}.result.json'}")
+            _log(cfg, f"{task}: {m} reused from {own / f'{m}.result.json'}")
             continue
         _log(cfg, f"{task}: {m}")
-        got = run_measured(cmd, stderr_to=str(tw / f"{m}.log"))
+        own.mkdir(parents=True, exist_ok=True)
+        got = run_measured(cmd, stderr_to=str(own / f"{m}.log"))
         s = got["result"]
         host = got["polled_peak_mb"] if device == "cuda" else max(got["polled_peak_mb"], s["peak_mem_mb"])
         row = best_row(run, s.get("best_epoch"))
@@ -161,7 +164,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
         if device == "cuda":
             d["cuda_peak_mb"] = s["peak_mem_mb"]
         out["methods"][m] = d
-        (tw / f"{m}.result.json").write_text(json.dumps({"argv": cmd[3:], "row": d}, indent=2))
+        (own / f"{m}.result.json").write_text(json.dumps({"argv": cmd[3:], "row": d}, indent=2))
         _log(cfg, f"{task}: {m} score {d['score']} peak {d['abs_mb']} MB ({d['above_baseline_mb']} above baseline), "
                   f"{d['wall_s']} s")
     return out
@@ -174,7 +177,8 @@ def aggregate(cfg: TableBenchConfig, tasks: dict[str, dict], device: str) -> dic
         scores = {k: t["methods"][m]["score"] for k, t in tasks.items()}
         ok = [v for v in scores.values() if v is not None]
         rows[m] = {
-            "label": LABELS.get(m, m), "args": " ".join(METHODS[m]) + (" --init fisher" if m in LST_METHODS else ""),
+            "label": LABELS.get(m, m),
+            "args": " ".join(METHODS[m]) + (f" --init {cfg.lst_init}" if m in LST_METHODS else ""),
             "trainable_params": max(p["trainable_params"] for p in per),
             "trainable_pct": round(max(p["trainable_pct"] for p in per), 3),
             "peak_abs_mb": max(p["abs_mb"] for p in per),
@@ -197,7 +201,8 @@ def render_markdown(res: dict) -> str:
              f"Each method is a fresh `lst train` process on the same cache, batch size {cfg['batch_size']}, "
              f"{cfg['epochs']} epoch(s), max length {cfg['max_length']}, the paper's learning rates "
              "(3e-4 full FT / LoRA / Adapter / BitFit, 3e-3 LST and the linear probe); LST: defaults with "
-             "`--init fisher` (`--recompute`: the same run with each side block recomputed in the backward, "
+             f"`--init {cfg.get('lst_init', 'fisher')}`" + (f", extra `lst train` flags `{' '.join(cfg['train_args'])}`"
+                                                       if cfg.get("train_args") else "") + " (`--recompute`: the same run with each side block recomputed in the backward, "
              "so the same scores at less memory).",
              "Training examples per task: " + ", ".join(
                  f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('train')}" for t in tasks)

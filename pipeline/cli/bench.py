@@ -278,7 +278,8 @@ def _table(a: argparse.Namespace) -> int:
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else TABLE_METHODS,
         max_train=a.max_train, epochs=a.epochs, batch_size=a.batch_size, max_length=a.max_length,
         max_steps=a.max_steps, fisher_samples=a.fisher_samples, device=a.device, workdir=a.workdir,
-        results_dir=a.results_dir, tag=a.tag, progress=not a.no_progress)
+        results_dir=a.results_dir, tag=a.tag, progress=not a.no_progress, lst_init=a.lst_init,
+        train_args=shlex.split(a.train_args or ""))
     res = run_table_bench(cfg, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
     if a.json:
         emit(res, True)
@@ -299,7 +300,11 @@ def _register_table(bsub) -> None:
                     "(absolute and above baseline), train time, the paper's dev metric per task and the average.")
     p.add_argument("--tasks", default="sst2,cola,mrpc,stsb")
     p.add_argument("--backbone", default="minilm")
-    p.add_argument("--methods", help="comma-separated (default: full,lora,adapter,bitfit,linear-probe,live,cached)")
+    p.add_argument("--methods", help="comma-separated (default: full,lora,adapter,bitfit,linear-probe,live,cached,"
+                                     "cached-recompute)")
+    p.add_argument("--lst-init", default="fisher", choices=["random", "magnitude", "fisher"],
+                   help="`lst train --init` of the LST rows (default fisher, as the paper's table)")
+    p.add_argument("--train-args", help="extra `lst train` flags for every method, quoted, e.g. \"--lr 1e-3\"")
     p.add_argument("--max-train", type=int, help="`lst extract --max-examples`: caps every split (dev sets are "
                                                  "<= 1500 examples, so N >= 1500 caps training only)")
     p.add_argument("--epochs", type=int, default=1)
@@ -310,7 +315,8 @@ def _register_table(bsub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workdir", help="caches, runs and logs (default: a new temp dir, kept); caches there are reused")
     p.add_argument("--results-dir", default="benchmarks/results")
-    p.add_argument("--tag", help="appended to the output file names, e.g. train2000")
+    p.add_argument("--tag", help="appended to the output file names, e.g. train2000; a tagged table keeps its runs "
+                                 "in WORKDIR/<task>/<tag>/, so ablations share the untagged table's caches")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_table)
