@@ -145,3 +145,16 @@ def test_side_init_reads_the_pack_lazily_and_equals_the_eager_state(minilm_fp32)
     read_blocks = {int(k.split(".")[2]) for k in got if k.startswith("encoder.layer.")}
     assert read_blocks == {0, 1, 2, 3}, read_blocks
     assert not any(k.startswith(("pooler.", "embeddings.position", "embeddings.token_type")) for k in got), got
+
+
+def test_live_dropout_draws_backbone_dropout_reproducibly(tmp_path, minilm_fp32):
+    """--live-dropout (the paper's live backbone in train mode) changes the taps from the cache's
+    eval-mode ones, and is still a pure function of the seed."""
+    common = dict(cache=minilm_fp32, epochs=1, max_steps=3, batch_size=8, live=True, progress=False)
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **common))
+    a = train(TrainConfig(out=str(tmp_path / "a"), live_dropout=True, **common))
+    b = train(TrainConfig(out=str(tmp_path / "b"), live_dropout=True, **common))
+    assert a["first_losses"] == b["first_losses"]
+    assert a["first_losses"] != plain["first_losses"]
+    with pytest.raises(TrainError, match="add --live"):
+        TrainConfig(cache=minilm_fp32, out=str(tmp_path / "c"), live_dropout=True)

@@ -35,6 +35,7 @@ METHODS: dict[str, list[str]] = {
     "live": ["--method", "lst-live"],
     "cached": ["--method", "lst"],
     "cached-recompute": ["--method", "lst", "--recompute"],
+    "live-dropout": ["--method", "lst-live", "--live-dropout"],  # the paper's live backbone, dropout on
     "lora": ["--method", "lora"],
     "adapter": ["--method", "adapter"],
     "bitfit": ["--method", "bitfit"],

@@ -30,14 +30,16 @@ from pipeline.bench.memory import (CHILD_ENV, METHODS, MemoryBenchConfig, _lst, 
 TABLE_METHODS = ("full", "lora", "adapter", "bitfit", "linear-probe", "live", "cached", "cached-recompute")
 LABELS = {"full": "Full fine-tuning", "lora": "LoRA (r 32, q/v)", "adapter": "Adapter (dim 64)", "bitfit": "BitFit",
           "linear-probe": "Linear probe (cached last layer)", "live": "LST, live backbone",
-          "cached": "LST, cached (this project)", "cached-recompute": "LST, cached, --recompute"}
+          "cached": "LST, cached (this project)", "cached-recompute": "LST, cached, --recompute",
+          "live-dropout": "LST, live backbone with its dropout on"}
 SHORT = {"full": "Full FT", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit", "linear-probe": "Linear probe",
-         "live": "LST live", "cached": "LST cached", "cached-recompute": "LST cached --recompute"}
+         "live": "LST live", "cached": "LST cached", "cached-recompute": "LST cached --recompute",
+         "live-dropout": "LST live, dropout"}
 # label positions in the plot
 OFFSETS = {"lora": (5, -12), "adapter": (-48, -12), "cached": (-62, -12), "cached-recompute": (5, 5)}
 TASK_LABELS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "qnli": "QNLI", "rte": "RTE",
                "mnli": "MNLI", "qqp": "QQP"}
-LST_METHODS = ("live", "cached", "cached-recompute")
+LST_METHODS = ("live", "cached", "cached-recompute", "live-dropout")
 CACHED = ("cached", "cached-recompute", "linear-probe")  # read the cache: compared with the methods that do not
 
 

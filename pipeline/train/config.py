@@ -58,6 +58,9 @@ class TrainConfig:
     train_split: str = opt("train", "split to train on")
     eval_split: str = opt("validation", "split the dev score is computed on")
     live: bool = opt(False, "compute taps with the live backbone (the paper's setting) instead of reading the cache")
+    live_dropout: bool = opt(False, "with --live: the backbone's own dropout stays on while it computes the taps, "
+                                    "as in the paper's live LST (a cache holds one deterministic eval-mode pass; "
+                                    "this measures what that costs)")
     device: str = opt("auto", "auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
     recompute: bool = opt(False, "keep only each side block's input for the backward and recompute the block "
                                  "there (activation checkpointing, same dropout draws: the same losses); LST "
@@ -88,6 +91,8 @@ class TrainConfig:
             self.live = True
         if self.live and self.method not in ("lst", "lst-live"):
             raise TrainError(f"--method {self.method} does not read taps from the live backbone; drop --live")
+        if self.live_dropout and not self.live:
+            raise TrainError("--live-dropout turns on the live backbone's dropout; add --live (or --method lst-live)")
         if self.recompute and self.method not in ("lst", "lst-live"):
             raise TrainError(f"--recompute checkpoints the LST side network's blocks; --method {self.method} has "
                              "none: drop --recompute")

@@ -129,7 +129,7 @@ class LiveTaps:
     Called on a batch it returns the batch's tap map, as ``loop.cached_taps`` does for a cache batch."""
 
     def __init__(self, cache: ActivationCache, taps: list[int], device: torch.device,
-                 decoder_taps: list[int] | None = None):
+                 decoder_taps: list[int] | None = None, dropout: bool = False):
         from pipeline.backbones import load_backbone, resolve_backbone, weights_sha256
 
         fp = cache.fingerprint
@@ -137,6 +137,8 @@ class LiveTaps:
         if weights_sha256(path) != fp["weights_sha256"]:
             raise TrainError(f"backbone {fp['backbone']!r} at {path} is not the one cache {cache.url} was built from")
         self.backbone = load_backbone(str(path), device=str(device))
+        if dropout:  # the paper's live backbone: frozen, but in train mode (its dropout draws per step)
+            self.backbone.model.train()
         self.taps = taps
         self.decoder_taps = list(decoder_taps or [])
         self.targets = LabelTargets.from_dict(cache.label_targets) if self.decoder_taps else None
@@ -187,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
         runner_cls, weights_file = VariantRunner, "side.safetensors"
         described = {"side": model.config.to_dict(), "init_report": init_report, **label_meta(model, cache)}
     taps, dec_taps = model.required_taps(), model.required_decoder_taps()
-    source = LiveTaps(cache, taps, device, dec_taps) if cfg.live else cached_taps(taps, dec_taps)
+    source = LiveTaps(cache, taps, device, dec_taps, cfg.live_dropout) if cfg.live else cached_taps(taps, dec_taps)
     train_reader, eval_reader = make_readers(cache, cfg, taps, dec_taps, device, data_seed=cfg.seed,
                                              load_acts=not cfg.live and bool(taps),
                                              packed=getattr(model, "accepts_packed_taps", False))
