@@ -33,10 +33,11 @@ LABELS = {"full": "Full fine-tuning", "lora": "LoRA (r 32, q/v)", "adapter": "Ad
           "cached": "LST, cached (this project)", "cached-recompute": "LST, cached, --recompute",
           "live-dropout": "LST, live backbone with its dropout on"}
 SHORT = {"full": "Full FT", "lora": "LoRA", "adapter": "Adapter", "bitfit": "BitFit", "linear-probe": "Linear probe",
-         "live": "LST live", "cached": "LST cached", "cached-recompute": "LST cached --recompute",
+         "live": "LST live", "cached": "LST cached", "cached-recompute": "LST cached, recompute",
          "live-dropout": "LST live, dropout"}
 # label positions in the plot
-OFFSETS = {"lora": (5, -12), "adapter": (-48, -12), "cached": (-62, -12), "cached-recompute": (5, 5)}
+OFFSETS = {"lora": (5, -12), "adapter": (-48, -12), "cached": (-20, 8), "cached-recompute": (-50, -16),
+           "live": (8, -4)}
 TASK_LABELS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "qnli": "QNLI", "rte": "RTE",
                "mnli": "MNLI", "qqp": "QQP"}
 LST_METHODS = ("live", "cached", "cached-recompute", "live-dropout")
