@@ -64,8 +64,8 @@ class TrainConfig:
     device: str = opt("auto", "auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
     recompute: bool = opt(False, "keep only each side block's input for the backward and recompute the block "
                                  "there (activation checkpointing, same dropout draws: the same losses); LST "
-                                 "methods only. On MiniLM the peak fell by 100-130 MB and epochs took 23-63% "
-                                 "longer (longer sequences cost more)", group="optimisation")
+                                 "methods only. On MiniLM the peak fell by 100-130 MB and epochs took 1.23-1.63x as "
+                                 "long (longer sequences cost more)", group="optimisation")
     reader_memory: str = opt(DEFAULT_READER_MEMORY,
                              "host memory the cache reader may hold: shards in flight, decoded values, the "
                              "shuffle pool and queued batches (e.g. 512MB, 2GB)")
