@@ -158,3 +158,16 @@ def test_live_dropout_draws_backbone_dropout_reproducibly(tmp_path, minilm_fp32)
     assert a["first_losses"] != plain["first_losses"]
     with pytest.raises(TrainError, match="add --live"):
         TrainConfig(cache=minilm_fp32, out=str(tmp_path / "c"), live_dropout=True)
+
+    # dropout on for training steps (grad enabled), off for evaluation (the loop evaluates without grad)
+    import torch
+
+    from pipeline.train.trainer import LiveTaps, planned_batches
+
+    cache = ActivationCache.open(minilm_fp32)
+    live = LiveTaps(cache, [0, 3], torch.device("cpu"), dropout=True)
+    b = next(iter(planned_batches(cache, TrainConfig(cache=minilm_fp32, out="unused", batch_size=4),
+                                  data_seed=0).iter_epoch(0)))
+    with torch.no_grad():
+        assert torch.equal(live(b)[3], live(b)[3])
+    assert not torch.equal(live(b)[3], live(b)[3])

@@ -108,7 +108,8 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         live = train(TrainConfig(**{**cfgs[0].to_dict(), "out": str(work / "live"), "live": True}))
         live_s = time.perf_counter() - t0
 
-        batch = next(iter(planned_batches(c, cfgs[0], data_seed=0).iter_epoch(0)))  # a batch of the plan the runs above used
+        # a batch of the plan the runs above used
+        batch = next(iter(planned_batches(c, cfgs[0], data_seed=0).iter_epoch(0)))
         limit = speedup_limit(c.fingerprint["backbone"], [cf.side for cf in cfgs], batch)
         lim = limit["speedup_limit"]
         # a fused variant equals its separate run when its seed is the fused batch-order seed (0)

@@ -204,9 +204,10 @@ def render_markdown(res: dict) -> str:
              f"Each method is a fresh `lst train` process on the same cache, batch size {cfg['batch_size']}, "
              f"{cfg['epochs']} epoch(s), max length {cfg['max_length']}, the paper's learning rates "
              "(3e-4 full FT / LoRA / Adapter / BitFit, 3e-3 LST and the linear probe); LST: defaults with "
-             f"`--init {cfg.get('lst_init', 'fisher')}`" + (f", extra `lst train` flags `{' '.join(cfg['train_args'])}`"
-                                                       if cfg.get("train_args") else "") + " (`--recompute`: the same run with each side block recomputed in the backward, "
-             "so the same scores at less memory).",
+             f"`--init {cfg.get('lst_init', 'fisher')}`"
+             + (f", extra `lst train` flags `{' '.join(cfg['train_args'])}`" if cfg.get("train_args") else "")
+             + (" (`--recompute`: the same run with each side block recomputed in the backward, so the same "
+                "scores at less memory)" if "cached-recompute" in res["methods"] else "") + ".",
              "Training examples per task: " + ", ".join(
                  f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('train')}" for t in tasks)
              + "; dev: " + ", ".join(f"{TASK_LABELS.get(t, t)} {res['tasks'][t]['examples'].get('validation')}"

@@ -137,8 +137,7 @@ class LiveTaps:
         if weights_sha256(path) != fp["weights_sha256"]:
             raise TrainError(f"backbone {fp['backbone']!r} at {path} is not the one cache {cache.url} was built from")
         self.backbone = load_backbone(str(path), device=str(device))
-        if dropout:  # the paper's live backbone: frozen, but in train mode (its dropout draws per step)
-            self.backbone.model.train()
+        self.dropout = dropout
         self.taps = taps
         self.decoder_taps = list(decoder_taps or [])
         self.targets = LabelTargets.from_dict(cache.label_targets) if self.decoder_taps else None
@@ -148,6 +147,9 @@ class LiveTaps:
         from pipeline.backbones import forward_taps
         from pipeline.backbones.seq2seq import forward_label_taps
 
+        # the paper's live backbone is frozen but in train mode for training steps (its dropout draws
+        # per step) and in eval mode for evaluation, which the loop runs without grad
+        self.backbone.model.train(self.dropout and torch.is_grad_enabled())
         with torch.no_grad():
             if self.targets is not None:
                 enc, dec = forward_label_taps(self.backbone, b.input_ids, b.attention_mask, self.taps,
