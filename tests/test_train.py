@@ -166,8 +166,8 @@ def test_live_dropout_draws_backbone_dropout_reproducibly(tmp_path, minilm_fp32)
 
     cache = ActivationCache.open(minilm_fp32)
     live = LiveTaps(cache, [0, 3], torch.device("cpu"), dropout=True)
-    b = next(iter(planned_batches(cache, TrainConfig(cache=minilm_fp32, out="unused", batch_size=4),
-                                  data_seed=0).iter_epoch(0)))
+    batch = next(iter(planned_batches(cache, TrainConfig(cache=minilm_fp32, out="unused", batch_size=4),
+                                      data_seed=0).iter_epoch(0)))
     with torch.no_grad():
-        assert torch.equal(live(b)[3], live(b)[3])
-    assert not torch.equal(live(b)[3], live(b)[3])
+        assert torch.equal(live(batch)[3], live(batch)[3])
+    assert not torch.equal(live(batch)[3], live(batch)[3])

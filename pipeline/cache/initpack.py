@@ -150,10 +150,14 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
 
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
 def _local_path(url: str, storage_options: dict | None, name: str) -> str | None:
     fs, root = _fs(url, storage_options)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return f"{root}/{INIT_DIR}/{name}" if {"file", "local"} & set(protocols) else None
+    return f"{root}/{INIT_DIR}/{name}" if _is_local(fs) else None
 
 
 def read_weights(url: str, storage_options: dict | None = None, *,
@@ -193,7 +197,7 @@ def read_importance(url: str, storage_options: dict | None = None) -> Mapping[st
     path = f"{root}/{INIT_DIR}/importance.safetensors"
     if not fs.exists(path):
         return None
-    if _local_path(url, storage_options, "importance.safetensors") is not None:
+    if _is_local(fs):
         return LazyTensors(path)  # as large as the weights: read per tensor, as the slicing needs them
     with fs.open(path, "rb") as f:
         return safetensors.torch.load(f.read())

@@ -147,9 +147,9 @@ class LiveTaps:
         from pipeline.backbones import forward_taps
         from pipeline.backbones.seq2seq import forward_label_taps
 
-        # the paper's live backbone is frozen but in train mode for training steps (its dropout draws
-        # per step) and in eval mode for evaluation, which the loop runs without grad
-        self.backbone.model.train(self.dropout and torch.is_grad_enabled())
+        if self.dropout:  # the paper's live backbone: frozen, in train mode for training steps (its
+            # dropout draws per step) and in eval mode for evaluation, which the loop runs without grad
+            self.backbone.model.train(torch.is_grad_enabled())
         with torch.no_grad():
             if self.targets is not None:
                 enc, dec = forward_label_taps(self.backbone, b.input_ids, b.attention_mask, self.taps,
