@@ -110,3 +110,19 @@ def test_scale_bench_writes_an_llm_shaped_cache_and_accounts_for_it(tmp_path):
     for k in ("side_params", "side_state_gb", "batch_taps_fp32_gb", "batch_taps_bf16_gb", "activations_est_gb",
               "backbone_weights_bf16_gb", "cached_over_backbone_weights"):
         assert k in g, k
+
+
+def test_llm_bench_goals_use_peaks_above_the_baseline():
+    """`lst bench llm` compares memory as `lst bench memory` does: above the post-import baseline,
+    with the absolute ratio kept beside it."""
+    from pipeline.bench.llm import goals
+
+    rows = {"probe": {"dev_score": 0.83}, "lst-lm": {"dev_score": 0.87, "peak_mb": 700.0, "above_baseline_mb": 250.0},
+            "lst-live": {"dev_score": 0.86, "peak_mb": 1500.0, "above_baseline_mb": 1050.0},
+            "lora": {"dev_score": 0.88, "peak_mb": 3450.0, "above_baseline_mb": 3000.0}}
+    g = goals(rows)
+    assert g["lst-lm_peak_over_lora<=0.1"] == {"value": round(250 / 3000, 4), "met": True,
+                                              "absolute": round(700 / 3450, 4)}
+    assert g["lst-live_peak_over_lora<=0.5"]["value"] == 0.35 and g["lst-live_peak_over_lora<=0.5"]["met"]
+    assert g["lora_minus_cached_lst<=0.015"] == {"value": 0.01, "met": True}
+    assert g["cached_lst_minus_probe>=0.02"]["met"]

@@ -109,3 +109,23 @@ def test_subprocess_user_error_has_no_traceback(how, tmp_path):
         f"lst inspect: error: no activation cache at {tmp_path / 'missing.zarr'}: "
         f"run `lst extract ... --out {tmp_path / 'missing.zarr'}` first"]
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("argv,want", [([], "ffn"), (["--recompute"], "blocks"), (["--recompute", "none"], "none"),
+                                       (["--recompute", "ffn"], "ffn")])
+def test_recompute_flag_keeps_its_bare_spelling(argv, want):
+    """A bare --recompute (its first spelling) still means whole blocks; a value picks the mode."""
+    from pipeline.cli.options import given
+    from pipeline.train.config import TrainConfig
+
+    a = build_parser().parse_args(["train", "--cache", "c.zarr", "--out", "r", *argv])
+    assert TrainConfig(**given(a, TrainConfig)).recompute == want
+
+
+def test_recompute_from_an_earlier_config_yaml():
+    """config.yaml of earlier versions stored a bool."""
+    from pipeline.train.config import TrainConfig
+
+    assert TrainConfig(recompute=True).recompute == "blocks"
+    assert TrainConfig(recompute=False).recompute == "none"
+    assert TrainConfig(method="full-ft").recompute == "ffn"  # no side network: ffn changes nothing

@@ -103,6 +103,36 @@ def test_recompute_gives_the_same_loss_gradients_and_dropout_stream(family, atte
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_ffn_recompute_gives_the_same_loss_gradients_and_dropout_stream(family):
+    """--recompute ffn (the default) reruns each block's feed-forward sublayer in the backward: the
+    same numbers bit for bit, the RNG left where a plain step leaves it, and less kept for the backward."""
+    from pipeline.train.trainer import set_recompute
+
+    c = tiny_configs()[family]
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    labels = torch.tensor([0, 1, 1])
+    got = []
+    for mode in ("none", "ffn"):
+        torch.manual_seed(0)
+        m = LadderSideNetwork(SideConfig(r=4 if family != "bert" else 8, dropout=0.1), c)
+        set_recompute(m, mode)
+        assert all(getattr(b, "recompute_ffn") == (mode == "ffn") for b in m.blocks.values())
+        m.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = m.training_loss(random_taps(m, 3, 9), mask, labels)
+        loss.backward()
+        got.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, torch.rand(4), sum(saved)))
+    (l0, g0, r0, s0), (l1, g1, r1, s1) = got
+    assert torch.equal(l0, l1) and torch.equal(r0, r1)
+    assert s1 < 0.85 * s0, (s0, s1)  # the FFN's inner activations were not kept
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_padding_invariance(family):
     """Padded positions (filled with garbage) change neither real-token states nor logits."""
     c = tiny_configs()[family]
@@ -568,3 +598,27 @@ def test_side_heads_must_divide_the_width():
     bc = BertConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=12, intermediate_size=1536)
     with pytest.raises(ValueError, match="side_heads=5 must divide"):
         LadderSideNetwork(SideConfig(r=8, side_heads=5), bc)
+
+
+@pytest.mark.parametrize("shared_bias", [False, True])
+def test_dropout_attention_in_batch_slices_equals_the_whole_batch(monkeypatch, shared_bias):
+    """The CPU attention-dropout path runs over slices of the batch to bound its temporaries; every
+    output and gradient (the bias's too, summed over slices when it is shared) equals the one-slice run."""
+    from pipeline.side.blocks import attention as A
+
+    torch.manual_seed(0)
+    B, H, L, D = 7, 3, 11, 4
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1 if shared_bias else B, H, L, L, requires_grad=True)
+    keep = torch.rand(B, H, L, L) >= 0.1
+    got = []
+    for chunk in (1 << 30, H * L * L * 2):
+        monkeypatch.setattr(A, "CHUNK_SCORES", chunk)
+        assert len(A._batch_chunks(q, k)) == (1 if chunk > 1e6 else 4)
+        out = A._DropoutAttention.apply(q, k, v, bias, 0.5, 1 / 0.9, keep)
+        got.append((out, torch.autograd.grad(out.pow(2).sum(), (q, k, v, bias))))
+    (o0, g0), (o1, g1) = got
+    assert torch.equal(o0, o1)
+    for a, b in zip(g0[:3], g1[:3]):
+        assert torch.equal(a, b)
+    assert torch.allclose(g0[3], g1[3], rtol=1e-5, atol=1e-6)  # a shared bias sums its slices in another order

@@ -147,6 +147,18 @@ def test_side_init_reads_the_pack_lazily_and_equals_the_eager_state(minilm_fp32)
     assert not any(k.startswith(("pooler.", "embeddings.position", "embeddings.token_type")) for k in got), got
 
 
+def test_read_tensor_reads_only_the_rows_asked_for(minilm_fp32):
+    """`--head lm` needs the label words' rows of the LM head, not the whole head (113 MB on SmolLM2)."""
+    import torch
+
+    from pipeline.cache import initpack
+
+    key = "embeddings.word_embeddings.weight"
+    whole = initpack.read_tensor(minilm_fp32, key)
+    rows = [7, 3, 2000]
+    assert torch.equal(initpack.read_tensor(minilm_fp32, key, rows=rows), whole[rows])
+
+
 def test_live_dropout_draws_backbone_dropout_reproducibly(tmp_path, minilm_fp32):
     """--live-dropout (the paper's live backbone in train mode) changes the taps from the cache's
     eval-mode ones, and is still a pure function of the seed."""

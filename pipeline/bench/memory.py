@@ -34,7 +34,8 @@ METHODS: dict[str, list[str]] = {
     "full": ["--method", "full-ft"],
     "live": ["--method", "lst-live"],
     "cached": ["--method", "lst"],
-    "cached-recompute": ["--method", "lst", "--recompute"],
+    "cached-recompute": ["--method", "lst", "--recompute"],  # bare --recompute: whole blocks
+    "cached-keep": ["--method", "lst", "--recompute", "none"],  # every activation kept: the fastest
     "live-dropout": ["--method", "lst-live", "--live-dropout"],  # the paper's live backbone, dropout on
     "lora": ["--method", "lora"],
     "adapter": ["--method", "adapter"],
@@ -164,6 +165,13 @@ def child_baseline(cache_url: str) -> dict:
     return {"mode": "baseline", "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
+def measure_baseline(cache_url: str) -> float:
+    """Peak RSS (MB) of a fresh process that imports what training imports and opens the cache: the
+    yardstick every whole-process peak is reported above."""
+    got = run_measured(_self("baseline", "--cache", cache_url))
+    return max(got["polled_peak_mb"], got["result"]["peak_rss_mb"])
+
+
 def child_forward(cache_url: str, batch_size: int, epochs: int, max_steps: int | None, device: str,
                   split: str = "train", seed: int = 0) -> dict:
     """Load the backbone and run it (no grad) over the training batches `lst train` sees."""
@@ -287,8 +295,7 @@ def run_memory_bench(cache_url: str | None = None, batch_size: int = 100, steps:
 
         cache = ActivationCache.open(url)
         side_args = [a for k, v in (side or {}).items() for a in (f"--{k.replace('_', '-')}", str(v))]
-        baseline = run_measured(_self("baseline", "--cache", url))
-        base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
+        base_mb = measure_baseline(url)
         fw = run_measured(_self("forward", "--cache", url, "--batch-size", str(cfg.batch_size), "--epochs",
                                 str(cfg.epochs), "--device", device,
                                 *(["--max-steps", str(cfg.max_steps)] if cfg.max_steps is not None else [])))

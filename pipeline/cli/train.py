@@ -98,7 +98,7 @@ def register(sub) -> None:
     g.add_argument("--layers-base", type=int, choices=[0, 1], default=1,
                    help="numbering of --layers/--decoder-layers: 1 (default; block b = tap b) or 0 to paste the "
                         "official LST lists as they are (T5-base dropping: --layers 1,2,3,5,6,7,9,10,11 --layers-base 0)")
-    add_options(p, TrainConfig, exclude=("cache", "out"))
+    add_options(p, TrainConfig, exclude=("cache", "out"), overrides={"recompute": {"nargs": "?", "const": "blocks"}})
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)

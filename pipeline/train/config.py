@@ -25,6 +25,7 @@ def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any
 DEFAULT_READER_MEMORY = "512MB"
 DEFAULT_SHUFFLE_WINDOW = "64MB"
 BATCH_ORDERS = ("by-length", "random")
+RECOMPUTE_MODES = ("none", "ffn", "blocks")
 METHODS = ("lst", "lst-live", "full-ft", "lora", "adapter", "bitfit", "linear-probe")
 # the paper's learning rates (the linear probe, not in the paper, trains a head only: LST's rate)
 METHOD_LR = {"lst": 3e-3, "lst-live": 3e-3, "full-ft": 3e-4, "lora": 3e-4, "adapter": 3e-4, "bitfit": 3e-4,
@@ -62,10 +63,13 @@ class TrainConfig:
                                     "as in the paper's live LST (a cache holds one deterministic eval-mode pass; "
                                     "this measures what that costs)")
     device: str = opt("auto", "auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    recompute: bool = opt(False, "keep only each side block's input for the backward and recompute the block "
-                                 "there (activation checkpointing, same dropout draws: the same losses); LST "
-                                 "methods only. On MiniLM the peak fell by 100-130 MB and epochs took 1.23-1.63x as "
-                                 "long (longer sequences cost more)", group="optimisation")
+    recompute: str = opt("ffn", "what the LST side network reruns in the backward instead of keeping (the same "
+                                "dropout draws: the same losses and gradients bit for bit); ffn: each block's "
+                                "feed-forward sublayer (on MiniLM the cached peak fell 44 MB and epochs took ~1.1x "
+                                "as long); blocks: whole blocks, only each block's input kept (the peak fell a further "
+                                "~90 MB, epochs 1.2-1.6x, longer sequences cost more); none: keep everything, the "
+                                "fastest. A bare --recompute means blocks. Methods without a side network ignore ffn "
+                                "and none", group="optimisation", choices=RECOMPUTE_MODES, metavar="{none,ffn,blocks}")
     reader_memory: str = opt(DEFAULT_READER_MEMORY,
                              "host memory the cache reader may hold: shards in flight, decoded values, the "
                              "shuffle pool and queued batches (e.g. 512MB, 2GB)")
@@ -93,7 +97,12 @@ class TrainConfig:
             raise TrainError(f"--method {self.method} does not read taps from the live backbone; drop --live")
         if self.live_dropout and not self.live:
             raise TrainError("--live-dropout turns on the live backbone's dropout; add --live (or --method lst-live)")
-        if self.recompute and self.method not in ("lst", "lst-live"):
+        # config.yaml files of earlier versions hold a bool: True was whole blocks, False nothing
+        if isinstance(self.recompute, bool) or self.recompute is None:
+            self.recompute = "blocks" if self.recompute else "none"
+        if self.recompute not in RECOMPUTE_MODES:
+            raise TrainError(f"recompute {self.recompute!r}: use one of {', '.join(RECOMPUTE_MODES)}")
+        if self.recompute == "blocks" and self.method not in ("lst", "lst-live"):
             raise TrainError(f"--recompute checkpoints the LST side network's blocks; --method {self.method} has "
                              "none: drop --recompute")
         if self.lr is None:

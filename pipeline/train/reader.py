@@ -272,7 +272,7 @@ class CacheReader:
         window_shards: int = 4,
         seed: int = 0,
         workers: int = 2,
-        prefetch: int = 2,
+        prefetch: int = 1,
         device: str | torch.device = "cpu",
         load_acts: bool = True,
         decoder_taps: list[int] | None = None,

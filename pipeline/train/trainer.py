@@ -17,6 +17,7 @@ from pipeline.cache import initpack
 from pipeline.cache.store import ActivationCache
 from pipeline.devices import resolve_device
 from pipeline.errors import CacheError, TrainError
+from pipeline.side.blocks import SideBlock
 from pipeline.side.config import SideConfig
 from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
@@ -63,10 +64,10 @@ def _install_label_head(model: LadderSideNetwork, cache: ActivationCache) -> Non
         raise TrainError(f"head='lm' scores label words, but cache {cache.url} records none; re-extract with "
                          "--label-words auto (or one word per class)")
     try:
-        weight = initpack.read_tensor(cache.url, "lm_head.weight", cache.storage_options)
+        rows = initpack.read_tensor(cache.url, "lm_head.weight", cache.storage_options, rows=words["token_ids"])
     except KeyError as e:
         raise TrainError(str(e)) from None
-    model.set_label_head(weight[torch.as_tensor(words["token_ids"], dtype=torch.long)])
+    model.set_label_head(rows)
 
 
 def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel, dict]:
@@ -113,14 +114,18 @@ def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel
     return model, report
 
 
-def set_recompute(model: SideModel, on: bool) -> None:
-    """``TrainConfig.recompute`` on a side network (a training setting, not part of its config)."""
-    if not on:
-        return
-    if not hasattr(model, "recompute"):
-        raise TrainError("--recompute is for encoder and decoder-only side networks; the T5 side "
-                         "encoder-decoder does not support it yet: drop --recompute")
-    model.recompute = True
+def set_recompute(model: SideModel, mode: str | bool) -> None:
+    """``TrainConfig.recompute`` on a side network (a training setting, not part of its config):
+    'ffn' marks every side block's feed-forward sublayer, 'blocks' the network's whole blocks."""
+    if mode is True or mode == "blocks":
+        if not hasattr(model, "recompute"):
+            raise TrainError("--recompute blocks is for encoder and decoder-only side networks; the T5 side "
+                             "encoder-decoder recomputes its feed-forward sublayers only: use --recompute ffn")
+        model.recompute = True
+    elif mode == "ffn":
+        for m in model.modules():
+            if isinstance(m, SideBlock):
+                m.recompute_ffn = True
 
 
 class LiveTaps:

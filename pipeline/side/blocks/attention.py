@@ -63,6 +63,22 @@ def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
     return ((bits.unsqueeze(1) >> _BIT_SHIFTS.to(bits.device)) & 1).view(-1)[:n].view(shape).bool()
 
 
+#: scores one step of ``_DropoutAttention`` computes at a time (fp32: 4 MB per [b, H, L, L] tensor)
+CHUNK_SCORES = 1 << 20
+
+
+def _batch_chunks(q: Tensor, k: Tensor) -> list[slice]:
+    """Slices of the batch dimension holding about ``CHUNK_SCORES`` attention scores each."""
+    per_example = math.prod(q.shape[1:-1]) * k.shape[-2]
+    step = max(1, CHUNK_SCORES // max(1, per_example))
+    return [slice(i, min(q.shape[0], i + step)) for i in range(0, q.shape[0], step)]
+
+
+def _rows(bias: Tensor | None, s: slice) -> Tensor | None:
+    """The bias rows of batch slice ``s`` (a bias shared by the batch, e.g. a position bias, as is)."""
+    return bias[s] if bias is not None and bias.shape[0] > 1 else bias
+
+
 class _DropoutAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias), dropped out with ``keep`` and scaled by ``c``, times v.
 
@@ -73,6 +89,11 @@ class _DropoutAttention(torch.autograd.Function):
     tokens), and the probabilities are recomputed in the backward, the way fused attention kernels do;
     the forward arithmetic is the same, and the backward is the same formulas (torch's own softmax
     backward), so values match the written-out version.
+
+    Both passes run over slices of the batch of about ``CHUNK_SCORES`` scores each, so their
+    temporaries (scores, probabilities, dropped probabilities and their gradients: four to five
+    [B, H, L, L] tensors at once, ~75 MB at 100 x 62 tokens) are bounded by the slice, not the batch;
+    every example's arithmetic is unchanged (the mask is still drawn for the whole batch, in one call).
     """
 
     @staticmethod
@@ -85,29 +106,35 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float,
                 keep: Tensor) -> Tensor:
-        probs = _DropoutAttention._probs(q, k, bias, scale)
-        dropped = torch.where(keep, probs * c, torch.zeros((), dtype=probs.dtype))
+        zero = torch.zeros((), dtype=q.dtype)
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        for s in _batch_chunks(q, k):
+            probs = _DropoutAttention._probs(q[s], k[s], _rows(bias, s), scale)
+            out[s] = torch.matmul(torch.where(keep[s], probs * c, zero), v[s])
         ctx.save_for_backward(q, k, v, bias, _pack_bits(keep))
         ctx.scale, ctx.c, ctx.keep_shape = scale, c, keep.shape
-        return torch.matmul(dropped, v)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, bias, bits = ctx.saved_tensors
         keep = _unpack_bits(bits, ctx.keep_shape)
         zero = torch.zeros((), dtype=q.dtype)
-        probs = _DropoutAttention._probs(q, k, bias, ctx.scale)
-        dropped = torch.where(keep, probs * ctx.c, zero)
-        grad_v = torch.matmul(dropped.transpose(-1, -2), grad_out)
-        del dropped
-        grad_probs = torch.where(keep, torch.matmul(grad_out, v.transpose(-1, -2)), zero) * ctx.c
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs, probs
-        grad_q = torch.matmul(grad_scores, k) * ctx.scale
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q) * ctx.scale
-        grad_bias = None
-        if bias is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad_scores.sum_to_size(bias.shape)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        want_bias = bias is not None and ctx.needs_input_grad[3]
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        for s in _batch_chunks(q, k):
+            qs, ks, vs, go, kp = q[s], k[s], v[s], grad_out[s], keep[s]
+            probs = _DropoutAttention._probs(qs, ks, _rows(bias, s), ctx.scale)
+            grad_v[s] = torch.matmul(torch.where(kp, probs * ctx.c, zero).transpose(-1, -2), go)
+            grad_probs = torch.where(kp, torch.matmul(go, vs.transpose(-1, -2)), zero) * ctx.c
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            del grad_probs, probs
+            grad_q[s] = torch.matmul(grad_scores, ks) * ctx.scale
+            grad_k[s] = torch.matmul(grad_scores.transpose(-1, -2), qs) * ctx.scale
+            if want_bias:
+                rows = _rows(grad_bias, s)
+                rows += grad_scores.sum_to_size(rows.shape)
         return grad_q, grad_k, grad_v, grad_bias, None, None, None
 
 

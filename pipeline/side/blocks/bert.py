@@ -42,7 +42,11 @@ class _DenseNorm(nn.Module):
         self.dropout = Dropout(p)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return self.finish(self.dense(x), residual)
+
+    def finish(self, y: Tensor, residual: Tensor) -> Tensor:
+        """LayerNorm(dropout(y) + residual), for a ``y`` computed elsewhere (the recomputed FFN)."""
+        return self.LayerNorm(self.dropout(y) + residual)
 
 
 class _Attention(nn.Module):
@@ -91,7 +95,7 @@ class BertBlock(SideBlock):
         q, k, v = (split_heads(p(hidden), self.heads, self.head_dim) for p in (sa.query, sa.key, sa.value))
         a = attend(q, k, v, ctx.bias, 1.0 / math.sqrt(self.head_dim), self.attn_dropout, self.training)
         a = self.attention.output(merge_heads(a), hidden)
-        return self.output(self.intermediate(a), a)
+        return self.output.finish(self.feed_forward(lambda x: self.output.dense(self.intermediate(x)), a), a)
 
     def pruning_plan(self) -> list[Step]:
         return [

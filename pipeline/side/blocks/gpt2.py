@@ -50,7 +50,10 @@ class _MLP(nn.Module):
         self.dropout = Dropout(c.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        return self.dropout(self.core(x))
+
+    def core(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class GPT2Block(SideBlock):
@@ -82,7 +85,7 @@ class GPT2Block(SideBlock):
         q, k, v = (split_heads(t, self.heads, self.head_dim) for t in (q, k, v))
         a = attend(q, k, v, ctx.bias, self.scale, self.attn_dropout, self.training)
         hidden = hidden + self.attn.resid_dropout(self.attn.c_proj(merge_heads(a)))
-        return hidden + self.mlp(self.ln_2(hidden))
+        return hidden + self.mlp.dropout(self.feed_forward(lambda x: self.mlp.core(self.ln_2(x)), hidden))
 
     def pruning_plan(self) -> list[Step]:
         return [

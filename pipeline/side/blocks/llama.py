@@ -88,7 +88,7 @@ class LlamaBlock(SideBlock):
         v = split_heads(sa.v_proj(h), self.kv_heads, self.head_dim)
         a = attend(q, k, v, ctx.bias, 1.0 / math.sqrt(self.head_dim), self.attn_dropout, self.training)
         hidden = hidden + self.dropout(sa.o_proj(merge_heads(a)))
-        return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
+        return hidden + self.dropout(self.feed_forward(lambda x: self.mlp(self.post_attention_layernorm(x)), hidden))
 
     def pruning_plan(self) -> list[Step]:
         return [

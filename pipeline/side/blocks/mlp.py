@@ -36,7 +36,7 @@ class MLPBlock(SideBlock):
             nn.init.zeros_(lin.bias)
 
     def forward(self, hidden: Tensor, ctx: BlockContext) -> Tensor:
-        return hidden + self.dropout(self.fc2(self.act(self.fc1(self.norm(hidden)))))
+        return hidden + self.dropout(self.feed_forward(lambda x: self.fc2(self.act(self.fc1(self.norm(x)))), hidden))
 
 
 @register_block("mlp")

@@ -72,7 +72,7 @@ class MPNetBlock(SideBlock):
         bias = ctx.bias if pb is None else ctx.bias + pb
         a = attend(q, k, v, bias, 1.0 / math.sqrt(self.head_dim), self.attn_dropout, self.training)
         a = self.attention.LayerNorm(self.attention.dropout(at.o(merge_heads(a))) + hidden)
-        return self.output(self.intermediate(a), a)
+        return self.output.finish(self.feed_forward(lambda x: self.output.dense(self.intermediate(x)), a), a)
 
     def pruning_plan(self) -> list[Step]:
         return [

@@ -158,7 +158,8 @@ class T5Block(SideBlock):
         h = self.layer[0](hidden, ctx)
         if self.is_decoder:
             h = self.layer[1](h, ctx)
-        return self.layer[-1](h)
+        ff = self.layer[-1]
+        return h + ff.dropout(self.feed_forward(lambda x: ff.DenseReluDense(ff.layer_norm(x)), h))
 
     def pruning_plan(self) -> list[Step]:
         ff = len(self.layer) - 1
