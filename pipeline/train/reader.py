@@ -84,6 +84,7 @@ zero-padded [B, L, d] fp32 tensor (int8 scaled in place), with no concatenated c
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -280,6 +281,7 @@ class CacheReader:
         packed: bool = False,
         window_cap: int | None = None,
         by_length: bool = False,
+        nice: int = 0,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -318,6 +320,8 @@ class CacheReader:
         self.window_limit = int(window_cap) if window_cap else None
         # batches of similar lengths: each window sorted by length (ties at random), cut, batches shuffled
         self.by_length = bool(by_length)
+        # the reader's threads run at this nice value (0: as the training thread), see _lower_priority
+        self.nice = int(nice)
         self.offsets = self.view.offsets
         self.lengths = np.diff(self.offsets)
         self.labels = self.view.labels
@@ -845,6 +849,7 @@ class CacheReader:
             run.cond.notify_all()
 
     def _decode_loop(self, plan: list[Window], run: _Run, handoff: queue.Queue, pool) -> None:
+        _lower_priority(self.nice)
         try:
             for w in plan:
                 if not self._reserve_window(run, self.window_mem_bytes(w)):
@@ -855,6 +860,7 @@ class CacheReader:
             handoff.put(e)
 
     def _assemble_loop(self, run: _Run, handoff: queue.Queue, out: queue.Queue) -> None:
+        _lower_priority(self.nice)
         try:
             while not run.stopped:
                 dw = handoff.get()
@@ -889,7 +895,8 @@ class CacheReader:
         run = _Run()
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()
-        pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
+        pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read", initializer=_lower_priority,
+                                  initargs=(self.nice,))
         td = threading.Thread(target=self._decode_loop, args=(plan, run, handoff, pool), daemon=True)
         ta = threading.Thread(target=self._assemble_loop, args=(run, handoff, out), daemon=True)
         t0 = time.perf_counter()
@@ -935,6 +942,18 @@ class CacheReader:
                     self._free_window(run, dw)
             pool.shutdown(wait=True, cancel_futures=True)
             self.stats.total_s += time.perf_counter() - t0
+
+
+def _lower_priority(nice: int) -> None:
+    """Run the calling thread at ``nice`` (Linux: per thread) so it takes the CPU from torch's compute
+    threads less often: on a box with as many cores as torch threads, a reader thread that preempts
+    one of them stalls the whole OpenMP team at its next barrier."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError):  # not Linux, or not allowed: the default priority
+        pass
 
 
 def _to_device(b: Batch, device: torch.device) -> Batch:
