@@ -126,3 +126,13 @@ def test_llm_bench_goals_use_peaks_above_the_baseline():
     assert g["lst-live_peak_over_lora<=0.5"]["value"] == 0.35 and g["lst-live_peak_over_lora<=0.5"]["met"]
     assert g["lora_minus_cached_lst<=0.015"] == {"value": 0.01, "met": True}
     assert g["cached_lst_minus_probe>=0.02"]["met"]
+
+
+def test_benchmark_rows_are_reused_only_for_the_same_command(tmp_path):
+    from pipeline.bench.resume import finished_row, save_row
+
+    cmd = ["python", "-m", "pipeline.cli", "train", "--cache", "c.zarr", "--epochs", "3"]
+    save_row(tmp_path / "m.result.json", cmd, {"dev_score": 0.86})
+    assert finished_row(tmp_path / "m.result.json", cmd) == {"dev_score": 0.86}
+    assert finished_row(tmp_path / "m.result.json", [*cmd[:-1], "1"]) is None  # another setting: rerun
+    assert finished_row(tmp_path / "missing.result.json", cmd) is None

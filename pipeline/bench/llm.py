@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.bench.memory import CHILD_ENV, measure_baseline, run_measured
+from pipeline.bench.resume import finished_row, save_row
 
 DEFAULT_PROMPT = "Review: {text}\\nSentiment:"
 DEFAULT_TAPS = "0,3,6,9,12,15,18,21,24,27,30"
@@ -293,6 +294,11 @@ def run_llm_bench(cfg: LlmBenchConfig) -> dict:
                                   f"(available: {', '.join(sorted(available))})"}
             continue
         cmd = train_command(cfg, cache, work / "runs" / m, m)
+        saved = work / "runs" / f"{m}.result.json"  # resumed per method (pipeline.bench.resume)
+        done = finished_row(saved, cmd)
+        if done is not None:
+            rows[m] = done
+            continue
         try:
             got = run_measured(cmd, stderr_to=str(work / f"{m}.log"))
         except RuntimeError as e:
@@ -305,6 +311,7 @@ def run_llm_bench(cfg: LlmBenchConfig) -> dict:
                    "peak_mb": round(max(got["polled_peak_mb"], s.get("peak_mem_mb") or 0), 1),
                    "first_loss": (s.get("first_losses") or [None])[0],
                    "final_train_loss": (s.get("final") or {}).get("train_loss")}
+        save_row(saved, cmd, rows[m])
     for r in rows.values():
         if r.get("peak_mb") is not None:
             r["above_baseline_mb"] = round(r["peak_mb"] - base_mb, 1)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.bench.memory import (CHILD_ENV, METHODS, MemoryBenchConfig, _lst, _self, extract_cache,
                                    resolve_bench_device, run_measured, train_command)
+from pipeline.bench.resume import finished_row, save_row
 
 TABLE_METHODS = ("full", "lora", "adapter", "bitfit", "linear-probe", "live", "cached", "cached-recompute")
 LABELS = {"full": "Full fine-tuning", "lora": "LoRA (r 32, q/v)", "adapter": "Adapter (dim 64)", "bitfit": "BitFit",
@@ -108,19 +109,6 @@ def ensure_fisher(cfg: TableBenchConfig, url: str, log: Path, device: str) -> fl
     return round(time.perf_counter() - t0, 3)
 
 
-def _finished(path: Path, cmd: list[str]) -> dict | None:
-    """A method's row from an earlier run of the same table, if that process ran the same command.
-
-    A table takes hours on CPU; resuming per method means an interrupted run loses at most one
-    process. The command (everything after the interpreter) must match, so a changed setting reruns.
-    """
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return saved["row"] if saved.get("argv") == cmd[3:] else None
-
-
 def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     from pipeline.cache.store import ActivationCache
 
@@ -147,7 +135,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
         cmd = train_command(m, mcfg, url, run, device)
         if m in LST_METHODS:
             cmd += ["--init", cfg.lst_init]
-        done = _finished(own / f"{m}.result.json", cmd)
+        done = finished_row(own / f"{m}.result.json", cmd)
         if done is not None:  # a rerun of an interrupted table: this method's process already finished
             out["methods"][m] = done
             _log(cfg, f"{task}: {m} reused from {own / f'{m}.result.json'}")
@@ -167,7 +155,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
         if device == "cuda":
             d["cuda_peak_mb"] = s["peak_mem_mb"]
         out["methods"][m] = d
-        (own / f"{m}.result.json").write_text(json.dumps({"argv": cmd[3:], "row": d}, indent=2))
+        save_row(own / f"{m}.result.json", cmd, d)
         _log(cfg, f"{task}: {m} score {d['score']} peak {d['abs_mb']} MB ({d['above_baseline_mb']} above baseline), "
                   f"{d['wall_s']} s")
     return out
