@@ -73,39 +73,14 @@ def test_forward_shapes(family):
     assert reg(random_taps(reg, 2, 7), mask).shape == (2, 1)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "t5"])
-@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
-def test_recompute_gives_the_same_loss_gradients_and_dropout_stream(family, attention_dropout):
-    """--recompute reruns each block in the backward: the same dropout draws, so the same gradients
-    bit for bit, and the RNG left where a plain step leaves it (later steps draw the same masks)."""
-    c = tiny_configs()[family]
-    mask = torch.ones(3, 9, dtype=torch.long)
-    mask[1, 6:] = 0
-    labels = torch.tensor([0, 1, 1])
-    got = []
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        m = LadderSideNetwork(SideConfig(r=4 if family != "bert" else 8, dropout=0.1,
-                                         attention_dropout=attention_dropout), c)
-        m.recompute = recompute
-        m.train()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            loss = m.training_loss(random_taps(m, 3, 9), mask, labels)
-        loss.backward()
-        got.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, torch.rand(4), sum(saved)))
-    (l0, g0, r0, s0), (l1, g1, r1, s1) = got
-    assert torch.equal(l0, l1) and torch.equal(r0, r1)
-    assert s1 < 0.6 * s0, (s0, s1)  # the blocks' activations were not kept
-    for k in g0:
-        assert torch.equal(g0[k], g1[k]), k
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_ffn_recompute_gives_the_same_loss_gradients_and_dropout_stream(family):
-    """--recompute ffn (the default) reruns each block's feed-forward sublayer in the backward: the
-    same numbers bit for bit, the RNG left where a plain step leaves it, and less kept for the backward."""
+@pytest.mark.parametrize("family,mode,attention_dropout,kept", [
+    *[(f, "blocks", p, 0.6) for f in FAMILIES if f != "t5" for p in (0.0, 0.1)],
+    *[(f, "ffn", 0.1, 0.85) for f in FAMILIES],
+])
+def test_recompute_gives_the_same_loss_gradients_and_dropout_stream(family, mode, attention_dropout, kept):
+    """--recompute blocks reruns each block in the backward, --recompute ffn (the default) each block's
+    feed-forward sublayer: the same dropout draws, so the same gradients bit for bit, the RNG left
+    where a plain step leaves it (later steps draw the same masks), and less kept for the backward."""
     from pipeline.train.trainer import set_recompute
 
     c = tiny_configs()[family]
@@ -113,11 +88,13 @@ def test_ffn_recompute_gives_the_same_loss_gradients_and_dropout_stream(family):
     mask[1, 6:] = 0
     labels = torch.tensor([0, 1, 1])
     got = []
-    for mode in ("none", "ffn"):
+    for m_mode in ("none", mode):
         torch.manual_seed(0)
-        m = LadderSideNetwork(SideConfig(r=4 if family != "bert" else 8, dropout=0.1), c)
-        set_recompute(m, mode)
-        assert all(getattr(b, "recompute_ffn") == (mode == "ffn") for b in m.blocks.values())
+        m = LadderSideNetwork(SideConfig(r=4 if family != "bert" else 8, dropout=0.1,
+                                         attention_dropout=attention_dropout), c)
+        set_recompute(m, m_mode)
+        assert m.recompute == (m_mode == "blocks")
+        assert all(b.recompute_ffn == (m_mode == "ffn") for b in m.blocks.values())
         m.train()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
@@ -127,7 +104,7 @@ def test_ffn_recompute_gives_the_same_loss_gradients_and_dropout_stream(family):
         got.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, torch.rand(4), sum(saved)))
     (l0, g0, r0, s0), (l1, g1, r1, s1) = got
     assert torch.equal(l0, l1) and torch.equal(r0, r1)
-    assert s1 < 0.85 * s0, (s0, s1)  # the FFN's inner activations were not kept
+    assert s1 < kept * s0, (s0, s1)  # the recomputed activations were not kept
     for k in g0:
         assert torch.equal(g0[k], g1[k]), k
 
