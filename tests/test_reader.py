@@ -119,11 +119,12 @@ def test_a_budget_that_holds_whole_windows_keeps_the_old_plan(caches, shuffle):
                    [b.tolist() for b in _legacy_plan(r, epoch)]
 
 
+@pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("size", ["tiny", "big"])
-def test_accounting_stays_within_the_budget(caches, size):
+def test_accounting_stays_within_the_budget(caches, size, inline):
     cache = caches["int8"]
-    r = _tiny(cache, batch_size=4) if size == "tiny" else CacheReader(cache, "train", cache.taps, batch_size=4,
-                                                                      memory_budget=BIG)
+    r = _tiny(cache, batch_size=4, inline=inline) if size == "tiny" else CacheReader(
+        cache, "train", cache.taps, batch_size=4, memory_budget=BIG, inline=inline)
     lay = r.layout
     assert lay.transient_bytes + lay.window_bytes + lay.batch_bytes <= r.memory_budget
     for epoch in (0, 1):
@@ -142,12 +143,13 @@ def test_accounting_stays_within_the_budget(caches, size):
     assert all(v == 0 for v in r.accounting.as_dict()["current"].values())
 
 
+@pytest.mark.parametrize("inline", [False, True])  # gathered on an assembler thread, or when asked for
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
-def test_batches_at_a_tiny_budget_equal_direct_reads(caches, codec):
+def test_batches_at_a_tiny_budget_equal_direct_reads(caches, codec, inline):
     cache = caches[codec]
     v = cache.split("train")
     taps = [cache.taps[0], cache.taps[-1]]
-    r = _tiny(cache, taps=taps, batch_size=None, batch_tokens=120, seed=1)
+    r = _tiny(cache, taps=taps, batch_size=None, batch_tokens=120, seed=1, inline=inline)
     seen = 0
     for b in r.iter_epoch(0):
         assert b.taps is not None and len(b.taps) == len(taps)

@@ -85,6 +85,8 @@ class TrainConfig:
                            choices=BATCH_ORDERS)
     reader_workers: int = opt(2, "threads that read and decode the cache", cli=False)
     reader_nice: int = opt(0, "nice value of the reader's threads (0: the training thread's priority)", cli=False)
+    reader_inline: bool = opt(False, "gather each batch on the training thread when it is asked for, instead of "
+                                     "on an assembler thread", cli=False)
     window_shards: int = opt(4, "shards shuffled together (upper bound; the memory budget may shrink it)", cli=False)
     overwrite: bool = opt(False, "replace an existing run directory")
     progress: bool = opt(True, "progress bars on stderr", cli=False)
@@ -154,7 +156,8 @@ def check_values(cfg: "TrainConfig") -> None:
 
 
 # Keys that may differ between a run and its resume without changing its results.
-RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_nice", "device", "cache", "recompute"}
+RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_nice", "reader_inline", "device", "cache",
+               "recompute"}
 
 
 def parse_shuffle_window(size: str | int | None) -> int | None:

@@ -282,6 +282,7 @@ class CacheReader:
         window_cap: int | None = None,
         by_length: bool = False,
         nice: int = 0,
+        inline: bool = False,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -322,6 +323,8 @@ class CacheReader:
         self.by_length = bool(by_length)
         # the reader's threads run at this nice value (0: as the training thread), see _lower_priority
         self.nice = int(nice)
+        # batches gathered on the consumer's thread, when asked for, instead of by an assembler thread
+        self.inline = bool(inline)
         self.offsets = self.view.offsets
         self.lengths = np.diff(self.offsets)
         self.labels = self.view.labels
@@ -859,32 +862,41 @@ class CacheReader:
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             handoff.put(e)
 
+    def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int]]:
+        """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
+        (released by the consumer); every window is freed once its last batch is gathered."""
+        while not run.stopped:
+            dw = handoff.get()
+            if dw is None:
+                return
+            if isinstance(dw, BaseException):
+                raise dw
+            try:
+                locate = self._locator(dw.window, self.offsets, self.dec_rows)
+                for idx in dw.window.batches:
+                    lens = self.lengths[idx]
+                    n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
+                    if not self._reserve_batch(run, n):
+                        return
+                    try:
+                        b = self._assemble(idx, locate(idx), dw)
+                    except BaseException:
+                        self._release_batch(run, n)
+                        raise
+                    yield b, n
+                    del b
+            finally:
+                self._free_window(run, dw)
+                del dw
+
     def _assemble_loop(self, run: _Run, handoff: queue.Queue, out: queue.Queue) -> None:
+        """The assembler thread: ``_batches`` into the queue the consumer reads (``inline`` runs
+        ``_batches`` on the consumer's thread instead, gathering a batch when it is asked for)."""
         _lower_priority(self.nice)
         try:
-            while not run.stopped:
-                dw = handoff.get()
-                if dw is None:
-                    break
-                if isinstance(dw, BaseException):
-                    raise dw
-                try:
-                    locate = self._locator(dw.window, self.offsets, self.dec_rows)
-                    for idx in dw.window.batches:
-                        lens = self.lengths[idx]
-                        n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
-                        if not self._reserve_batch(run, n):
-                            return
-                        try:
-                            b = self._assemble(idx, locate(idx), dw)
-                        except BaseException:
-                            self._release_batch(run, n)
-                            raise
-                        out.put((b, n))
-                        del b
-                finally:
-                    self._free_window(run, dw)
-                    del dw
+            for item in self._batches(run, handoff):
+                out.put(item)
+                del item
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             out.put(e)
         finally:
@@ -898,10 +910,13 @@ class CacheReader:
         pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read", initializer=_lower_priority,
                                   initargs=(self.nice,))
         td = threading.Thread(target=self._decode_loop, args=(plan, run, handoff, pool), daemon=True)
-        ta = threading.Thread(target=self._assemble_loop, args=(run, handoff, out), daemon=True)
+        ta = None if self.inline else threading.Thread(target=self._assemble_loop, args=(run, handoff, out),
+                                                       daemon=True)
+        inline = self._batches(run, handoff) if self.inline else None
         t0 = time.perf_counter()
         td.start()
-        ta.start()
+        if ta is not None:
+            ta.start()
         held = 0  # bytes of the batch last handed out
         try:
             while True:
@@ -909,7 +924,7 @@ class CacheReader:
                     self._release_batch(run, held)
                     held = 0
                 w0 = time.perf_counter()
-                item = out.get()
+                item = next(inline, None) if inline is not None else out.get()
                 self.stats.wait_s += time.perf_counter() - w0
                 if item is None:
                     break
@@ -924,18 +939,21 @@ class CacheReader:
         finally:
             if held:
                 self._release_batch(run, held)
+            if inline is not None:
+                inline.close()  # frees the window it holds
             run.stop()
             td.join()
             # the assembler may wait on the handoff queue: hand it an end, then drain what is left
             handoff.put(None)
-            while ta.is_alive() or not out.empty():
+            while ta is not None and (ta.is_alive() or not out.empty()):
                 try:
                     item = out.get(timeout=0.05)
                 except queue.Empty:
                     continue
                 if isinstance(item, tuple):
                     self._release_batch(run, item[1])
-            ta.join()
+            if ta is not None:
+                ta.join()
             while not handoff.empty():
                 dw = handoff.get_nowait()
                 if isinstance(dw, _Decoded):

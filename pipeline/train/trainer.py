@@ -249,7 +249,7 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
     its epoch ends). ``packed``: every consumer takes ``PackedTap`` (the real rows, no padding)."""
     budget = parse_reader_memory(cfg.reader_memory)
     kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=data_seed, workers=cfg.reader_workers,
-              nice=cfg.reader_nice,
+              nice=cfg.reader_nice, inline=cfg.reader_inline,
               window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps,
               packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window))
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget,
