@@ -85,8 +85,9 @@ class TrainConfig:
                            choices=BATCH_ORDERS)
     reader_workers: int = opt(2, "threads that read and decode the cache", cli=False)
     reader_nice: int = opt(0, "nice value of the reader's threads (0: the training thread's priority)", cli=False)
-    reader_inline: bool = opt(False, "gather each batch on the training thread when it is asked for, instead of "
-                                     "on an assembler thread", cli=False)
+    reader_inline: bool = opt(True, "gather each batch on the training thread when it is asked for (False: on an "
+                                    "assembler thread, which on 2 CPU cores made cached epochs 1.6x as long)",
+                              cli=False)
     window_shards: int = opt(4, "shards shuffled together (upper bound; the memory budget may shrink it)", cli=False)
     overwrite: bool = opt(False, "replace an existing run directory")
     progress: bool = opt(True, "progress bars on stderr", cli=False)
