@@ -84,7 +84,6 @@ class TrainConfig:
                            "batches drawn uniformly from the window (the earlier reader's plan)",
                            choices=BATCH_ORDERS)
     reader_workers: int = opt(2, "threads that read and decode the cache", cli=False)
-    reader_nice: int = opt(0, "nice value of the reader's threads (0: the training thread's priority)", cli=False)
     reader_inline: bool = opt(True, "gather each batch on the training thread when it is asked for (False: on an "
                                     "assembler thread, which on 2 CPU cores made cached epochs 1.6x as long)",
                               cli=False)
@@ -157,8 +156,7 @@ def check_values(cfg: "TrainConfig") -> None:
 
 
 # Keys that may differ between a run and its resume without changing its results.
-RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_nice", "reader_inline", "device", "cache",
-               "recompute"}
+RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_inline", "device", "cache", "recompute"}
 
 
 def parse_shuffle_window(size: str | int | None) -> int | None:

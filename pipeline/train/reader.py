@@ -87,7 +87,6 @@ thread into a queue of ``prefetch`` batches instead.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -284,7 +283,6 @@ class CacheReader:
         packed: bool = False,
         window_cap: int | None = None,
         by_length: bool = False,
-        nice: int = 0,
         inline: bool = True,
     ):
         missing = [t for t in taps if t not in cache.taps]
@@ -324,8 +322,6 @@ class CacheReader:
         self.window_limit = int(window_cap) if window_cap else None
         # batches of similar lengths: each window sorted by length (ties at random), cut, batches shuffled
         self.by_length = bool(by_length)
-        # the reader's threads run at this nice value (0: as the training thread), see _lower_priority
-        self.nice = int(nice)
         # batches gathered on the consumer's thread, when asked for, instead of by an assembler thread:
         # measured on 2 cores (MiniLM SST-2 20k, one cached epoch against 15 s of bare side steps),
         # 16-19 s inline against 29-31 s with the assembler thread, whose Python (index arithmetic,
@@ -858,7 +854,6 @@ class CacheReader:
             run.cond.notify_all()
 
     def _decode_loop(self, plan: list[Window], run: _Run, handoff: queue.Queue, pool) -> None:
-        _lower_priority(self.nice)
         try:
             for w in plan:
                 if not self._reserve_window(run, self.window_mem_bytes(w)):
@@ -898,7 +893,6 @@ class CacheReader:
     def _assemble_loop(self, run: _Run, handoff: queue.Queue, out: queue.Queue) -> None:
         """The assembler thread: ``_batches`` into the queue the consumer reads (``inline`` runs
         ``_batches`` on the consumer's thread instead, gathering a batch when it is asked for)."""
-        _lower_priority(self.nice)
         try:
             for item in self._batches(run, handoff):
                 out.put(item)
@@ -913,8 +907,7 @@ class CacheReader:
         run = _Run()
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()
-        pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read", initializer=_lower_priority,
-                                  initargs=(self.nice,))
+        pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
         td = threading.Thread(target=self._decode_loop, args=(plan, run, handoff, pool), daemon=True)
         ta = None if self.inline else threading.Thread(target=self._assemble_loop, args=(run, handoff, out),
                                                        daemon=True)
@@ -966,18 +959,6 @@ class CacheReader:
                     self._free_window(run, dw)
             pool.shutdown(wait=True, cancel_futures=True)
             self.stats.total_s += time.perf_counter() - t0
-
-
-def _lower_priority(nice: int) -> None:
-    """Run the calling thread at ``nice`` (Linux: per thread) so it takes the CPU from torch's compute
-    threads less often: on a box with as many cores as torch threads, a reader thread that preempts
-    one of them stalls the whole OpenMP team at its next barrier."""
-    if nice <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (OSError, AttributeError):  # not Linux, or not allowed: the default priority
-        pass
 
 
 def _to_device(b: Batch, device: torch.device) -> Batch:

@@ -114,10 +114,10 @@ def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel
     return model, report
 
 
-def set_recompute(model: SideModel, mode: str | bool) -> None:
+def set_recompute(model: SideModel, mode: str) -> None:
     """``TrainConfig.recompute`` on a side network (a training setting, not part of its config):
     'ffn' marks every side block's feed-forward sublayer, 'blocks' the network's whole blocks."""
-    if mode is True or mode == "blocks":
+    if mode == "blocks":
         if not hasattr(model, "recompute"):
             raise TrainError("--recompute blocks is for encoder and decoder-only side networks; the T5 side "
                              "encoder-decoder recomputes its feed-forward sublayers only: use --recompute ffn")
@@ -245,11 +245,11 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
                  device: torch.device, *, data_seed: int, load_acts: bool = True,
                  packed: bool = False) -> tuple[CacheReader, CacheReader]:
     """The shuffled train stream and the ordered eval stream, in the same batch size. Each may use the
-    whole memory budget: they never run at once (evaluation runs between epochs, and a reader releases every buffer when
-    its epoch ends). ``packed``: every consumer takes ``PackedTap`` (the real rows, no padding)."""
+    whole memory budget: they never run at once (evaluation runs between epochs, and a reader releases
+    every buffer when its epoch ends). ``packed``: every consumer takes ``PackedTap`` (the real rows, no padding)."""
     budget = parse_reader_memory(cfg.reader_memory)
     kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=data_seed, workers=cfg.reader_workers,
-              nice=cfg.reader_nice, inline=cfg.reader_inline,
+              inline=cfg.reader_inline,
               window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps,
               packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window))
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget,

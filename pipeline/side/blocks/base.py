@@ -36,8 +36,9 @@ class SideBlock(nn.Module):
 
         Its activations are the widest a side block keeps for the backward (two or three tensors
         4 widths wide per token, against ~9 widths for the rest of the block), and rerunning it costs
-        its forward once more (two small GEMMs and an activation: ~5-15% of a MiniLM side epoch). The rerun restores the RNG state (T5 drops out inside the
-        sublayer), so the values, dropout draws and gradients are the same bit for bit."""
+        its forward once more (two small GEMMs and an activation: ~5-15% of a MiniLM side epoch). The
+        rerun restores the RNG state (T5 drops out inside the sublayer), so the values, dropout draws
+        and gradients are the same bit for bit."""
         if self.recompute_ffn and self.training and torch.is_grad_enabled():
             return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True)
         return fn(x)
