@@ -183,3 +183,15 @@ def test_live_dropout_draws_backbone_dropout_reproducibly(tmp_path, minilm_fp32)
     with torch.no_grad():
         assert torch.equal(live(batch)[3], live(batch)[3])
     assert not torch.equal(live(batch)[3], live(batch)[3])
+
+
+def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_path, minilm_fp32):
+    from pipeline.bench.train import TrainBenchConfig, run_train_bench
+
+    res = run_train_bench(TrainBenchConfig(cache=minilm_fp32, batch_size=8, repeats=2, workdir=str(tmp_path),
+                                           progress=False))
+    assert len(res["cached_epoch_s_samples"]) == 2 and len(res["floor_s_samples"]) == 2
+    assert res["cached_epoch_s_min"] == min(res["cached_epoch_s_samples"])
+    assert res["floor_s"] == min(res["floor_s_samples"]) > 0
+    assert res["cached_over_floor"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
+    assert res["floor_batches"] == "all" and res["cached_dev_score"] is not None

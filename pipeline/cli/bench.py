@@ -24,7 +24,8 @@ def _train(a: argparse.Namespace) -> int:
 
     res = run_train_bench(TrainBenchConfig(backbone=a.backbone, dataset=a.dataset, examples=a.examples, cache=a.cache,
                                            batch_size=a.batch_size, workdir=a.workdir, device=a.device,
-                                           progress=not a.no_progress, label_words=a.label_words))
+                                           progress=not a.no_progress, label_words=a.label_words,
+                                           repeats=a.repeats, floor_batches=a.floor_batches))
     emit(res, a.json)
     return 0
 
@@ -142,6 +143,12 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--label-words", help="T5 backbones: cache label-word targets and time the side encoder-decoder")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--repeats", type=int, default=1,
+                   help="time the cached epoch and the reader-free floor this many times, alternately, and "
+                        "compare their minima (a shared machine's speed drifts; default 1)")
+    t.add_argument("--floor-batches", type=int, default=0,
+                   help="time the floor on this many batches spread over the epoch and scale (default 0: "
+                        "every batch of the epoch, held decoded in memory)")
     t.add_argument("--workdir")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true")
