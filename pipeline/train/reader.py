@@ -865,16 +865,21 @@ class CacheReader:
 
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
-        (released by the consumer); every window is freed once its last batch is gathered."""
+        (released by the consumer). A batch is a copy, so every window is freed as soon as its last
+        batch is gathered, before that batch is handed out: the decode thread then decodes the next
+        window while the step on that batch runs (freeing it only when the next batch was asked for
+        left the loop waiting for each window's whole decode: ~7% of an inline epoch)."""
         while not run.stopped:
             dw = handoff.get()
             if dw is None:
                 return
             if isinstance(dw, BaseException):
                 raise dw
+            held = True
             try:
                 locate = self._locator(dw.window, self.offsets, self.dec_rows)
-                for idx in dw.window.batches:
+                last = len(dw.window.batches) - 1
+                for i, idx in enumerate(dw.window.batches):
                     lens = self.lengths[idx]
                     n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
                     if not self._reserve_batch(run, n):
@@ -884,10 +889,14 @@ class CacheReader:
                     except BaseException:
                         self._release_batch(run, n)
                         raise
+                    if i == last:
+                        held = False
+                        self._free_window(run, dw)
                     yield b, n
                     del b
             finally:
-                self._free_window(run, dw)
+                if held:
+                    self._free_window(run, dw)
                 del dw
 
     def _assemble_loop(self, run: _Run, handoff: queue.Queue, out: queue.Queue) -> None:
