@@ -60,6 +60,22 @@ def test_every_command_has_help(cmd, capsys):
     assert "-h, --help" in out and err == ""
 
 
+def _parser_for(cmd: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in cmd:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_option_explains_itself(cmd):
+    """A flag without help text is a flag the user has to read the source for."""
+    bare = [a.option_strings[0] for a in _parser_for(cmd)._actions
+            if a.option_strings and not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert bare == [], f"`lst {' '.join(cmd)}` options without help: {bare}"
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--cache", "/nonexistent", "--out", "x"], "no activation cache at /nonexistent"),
     (["inspect", "/nonexistent"], "no activation cache at /nonexistent"),

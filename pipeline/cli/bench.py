@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pipeline.cli.output import emit
+from pipeline.cli.output import add_output_flags, emit
+
+
+def _shared(p: argparse.ArgumentParser, *, workdir: str, workdir_default: str | None = None,
+            backbone: str | None = "minilm", dataset: bool = True,
+            device: tuple[str, ...] | None = ("auto", "cpu", "cuda")) -> None:
+    """The flags most benchmarks share, declared once with their help (defaults differ per benchmark)."""
+    if backbone is not None:
+        p.add_argument("--backbone", default=backbone,
+                       help=f"backbone name (minilm, mpnet, smollm2, ...) or a local model directory "
+                            f"(default {backbone})")
+    if dataset:
+        p.add_argument("--dataset", default="sst2", help="dataset name, as `lst extract --dataset` (default sst2)")
+    if device:
+        p.add_argument("--device", default=device[0], choices=list(device),
+                       help=f"where to run (default {device[0]}; auto: CUDA when there is one)")
+    p.add_argument("--workdir", default=workdir_default, help=workdir)
+    add_output_flags(p)
 
 
 def _extract(a: argparse.Namespace) -> int:
@@ -66,13 +83,12 @@ def _register_memory(bsub) -> None:
                     "process (imports only) and a bare backbone forward over the same batches are measured too. "
                     "CPU: whole-process peak RSS (absolute and above the baseline); CUDA: max_memory_allocated "
                     "plus the host peak. Goals: cached/full <= 0.15, live/full <= 0.40, cached < bare forward.")
-    m.add_argument("--backbone", default="minilm")
-    m.add_argument("--dataset", default="sst2")
+    _shared(m, workdir="keep the cache and runs here (default: a temp dir, removed); reused on re-runs")
     m.add_argument("--max-examples", "--examples", dest="max_examples", type=int, default=20000,
                    help="training examples to extract when no --cache (every split is capped at this; default 20000)")
-    m.add_argument("--batch-size", type=int, default=100)
+    m.add_argument("--batch-size", type=int, default=100, help="examples per batch, every method (default 100)")
     m.add_argument("--max-length", type=int, default=128, help="extraction max length (default 128)")
-    m.add_argument("--epochs", type=int, default=1)
+    m.add_argument("--epochs", type=int, default=1, help="epochs of every method (default 1)")
     m.add_argument("--max-steps", type=int, help="cap each run (quick checks; the benchmark runs whole epochs)")
     m.add_argument("--cache", help="use this cache (with train and validation splits) instead of extracting one")
     m.add_argument("--reader-memory", help="passed to `lst train --reader-memory` (default: its own default)")
@@ -81,10 +97,6 @@ def _register_memory(bsub) -> None:
                                          "T5's LM loss on them, LST the side encoder-decoder (the paper's T5 setting)")
     m.add_argument("--methods", help="comma-separated methods (default full,live,cached,cached-recompute: the "
                                      "last is `lst train --recompute`; also lora, adapter, bitfit, linear-probe)")
-    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    m.add_argument("--workdir", help="keep the cache and runs here (default: a temp dir, removed); reused on re-runs")
-    m.add_argument("--no-progress", action="store_true")
-    m.add_argument("--json", action="store_true")
     m.set_defaults(func=_memory)
 
 
@@ -96,22 +108,21 @@ def _register_scale(bsub) -> None:
                     "--max-steps N` in a fresh process per --reader-memory budget. Reports peak RSS vs budget "
                     "(absolute and above the post-import baseline), read+decode MB/s, stall fraction, side step "
                     "time, and what the run needs on a GPU counted from shapes vs the backbone's own weights.")
-    s.add_argument("--hidden", type=int, default=4096)
+    s.add_argument("--hidden", type=int, default=4096, help="hidden size d of the simulated backbone (default 4096)")
     s.add_argument("--layers", type=int, default=32, help="backbone blocks (default 32)")
     s.add_argument("--heads", type=int, help="attention heads (default hidden/128: 32 at 4096)")
     s.add_argument("--intermediate", type=int, help="FFN width (default 11008 at 4096, else hidden*2.6875)")
-    s.add_argument("--vocab", type=int, default=32000)
+    s.add_argument("--vocab", type=int, default=32000, help="vocabulary size, for the GPU byte count (default 32000)")
     s.add_argument("--taps", type=int, default=9, help="cached taps: embeddings + (taps-1) evenly spaced blocks")
     s.add_argument("--tokens", type=int, default=200_000, help="training tokens (default 200,000)")
     s.add_argument("--steps", type=int, default=20, help="`lst train --max-steps` per budget")
     s.add_argument("--budgets", default="default,128MB",
                    help="comma-separated --reader-memory values; 'default' runs without the flag")
     s.add_argument("--batch-tokens", type=int, default=512, help="`lst train --batch-tokens` (default 512)")
-    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--batch-size", type=int, default=100, help="`lst train --batch-size` (default 100)")
     s.add_argument("--r", type=int, default=8, help="side reduction factor (default 8)")
-    s.add_argument("--workdir", help="keep the synthetic cache and runs here (default: a temp dir, removed)")
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--json", action="store_true")
+    _shared(s, workdir="keep the synthetic cache and runs here (default: a temp dir, removed)", backbone=None,
+            dataset=False, device=None)
     s.set_defaults(func=_scale)
 
 
@@ -121,37 +132,33 @@ def register(sub) -> None:
     e = bsub.add_parser("extract", help="forward vs extraction speed, codec sizes, read-back speed, int8 error",
                         description="Bare backbone forward vs full extraction over the same batches, then for each "
                                     "codec: bytes per value, compression vs raw fp16, read+decode MB/s, int8 error.")
-    e.add_argument("--backbone", default="minilm")
-    e.add_argument("--dataset", default="sst2")
-    e.add_argument("--split", default="train")
-    e.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000)
-    e.add_argument("--codecs", default="bf16,fp16,fp32,int8")
-    e.add_argument("--batch-tokens", type=int, default=8192)
-    e.add_argument("--shard-tokens", type=int, default=16384)
-    e.add_argument("--workdir", help="keep the stores here (default: a temp dir, removed)")
-    e.add_argument("--no-progress", action="store_true")
-    e.add_argument("--json", action="store_true")
+    _shared(e, workdir="keep the stores here (default: a temp dir, removed)", device=None)
+    e.add_argument("--split", default="train", help="split to extract (default train)")
+    e.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000,
+                   help="examples of the split (default 20000)")
+    e.add_argument("--codecs", default="bf16,fp16,fp32,int8",
+                   help="comma-separated codecs to store and read back (default bf16,fp16,fp32,int8)")
+    e.add_argument("--batch-tokens", type=int, default=8192,
+                   help="`lst extract --batch-tokens`: padded tokens per forward batch (default 8192)")
+    e.add_argument("--shard-tokens", type=int, default=16384,
+                   help="`lst extract --shard-tokens`: tokens per stored shard (default 16384)")
     e.set_defaults(func=_extract)
 
     t = bsub.add_parser("train", help="one epoch cached vs live, and the FLOP-based speedup limit",
                         description="Train the same side network for one epoch from the cache and with the live "
                                     "backbone; report epoch times, cached_over_live_speedup and speedup_limit.")
-    t.add_argument("--backbone", default="minilm", help="minilm (default), mpnet, or a local model directory")
-    t.add_argument("--dataset", default="sst2")
-    t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000, help="SST-2 train examples to extract (if no --cache)")
+    _shared(t, workdir="keep the extracted cache and runs here (default: a temp dir, removed)")
+    t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000,
+                   help="training examples to extract when no --cache (default 20000)")
     t.add_argument("--cache", help="use this cache instead of extracting one")
-    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=100, help="examples per batch (default 100)")
     t.add_argument("--label-words", help="T5 backbones: cache label-word targets and time the side encoder-decoder")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--repeats", type=int, default=1,
                    help="time the cached epoch and the reader-free floor this many times, alternately, and "
                         "compare their minima (a shared machine's speed drifts; default 1)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")
-    t.add_argument("--workdir")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--json", action="store_true")
     t.set_defaults(func=_train)
 
     _register_memory(bsub)
@@ -203,36 +210,36 @@ def _register_llm(bsub) -> None:
                     "`lst train` process (peak RSS and wall time measured): zero-shot label words, a linear probe on "
                     "the last cached tap, cached LST --head task and --head lm, live LST, LoRA and full fine-tuning "
                     "(those this `lst train` offers). Also stored bytes per token for bf16/int8 x all taps/subset.")
-    p.add_argument("--backbone", default="smollm2")
-    p.add_argument("--dataset", default="sst2")
+    _shared(p, workdir="caches and runs (default data/bench-llm); finished methods are reused on re-runs",
+            workdir_default="data/bench-llm", backbone="smollm2", device=("cpu", "cuda"))
     p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=5000, help="training examples (default 5000)")
-    p.add_argument("--prompt-template", default=DEFAULT_PROMPT)
-    p.add_argument("--label-words", default="negative,positive")
+    p.add_argument("--prompt-template", default=DEFAULT_PROMPT,
+                   help="`lst extract --prompt-template`: {text} (and {text_pair} for pairs) is replaced by the "
+                        "input (default: the SST-2 review prompt)")
+    p.add_argument("--label-words", default="negative,positive",
+                   help="one word per class, in label order, scored at the last prompt token (default "
+                        "negative,positive)")
     p.add_argument("--taps", default=DEFAULT_TAPS, help=f"cached taps (default {DEFAULT_TAPS})")
-    p.add_argument("--codec", default="int8")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--codec", default="int8", help="cache codec (default int8)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per prompted input (default 128)")
     p.add_argument("--cache", help="reuse this cache (made with the same prompt and label words)")
-    p.add_argument("--workdir", default="data/bench-llm", help="caches and runs (default data/bench-llm)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {','.join(ALL_METHODS)}")
     p.add_argument("--epochs", type=int, default=3, help="epochs of cached LST and the probe")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per batch, every method (default 32)")
     p.add_argument("--lr", type=float, default=3e-3, help="LST learning rate")
     p.add_argument("--r", type=int, default=8, help="LST reduction factor")
-    p.add_argument("--gate", choices=["learnable", "sum", "none"])
+    p.add_argument("--gate", choices=["learnable", "sum", "none"], help="LST ladder gate (default: lst train's)")
     p.add_argument("--side-args", help="extra `lst train` flags for the LST methods, quoted")
-    p.add_argument("--live-epochs", type=int, default=1)
-    p.add_argument("--live-max-steps", type=int)
-    p.add_argument("--lora-epochs", type=int, default=1)
-    p.add_argument("--lora-lr", type=float, default=5e-4)
-    p.add_argument("--lora-max-steps", type=int)
-    p.add_argument("--full-epochs", type=int, default=1)
-    p.add_argument("--full-lr", type=float, default=3e-5)
+    p.add_argument("--live-epochs", type=int, default=1, help="epochs of live LST (default 1)")
+    p.add_argument("--live-max-steps", type=int, help="cap live LST (a subset of its epochs)")
+    p.add_argument("--lora-epochs", type=int, default=1, help="epochs of LoRA (default 1)")
+    p.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA learning rate (default 5e-4)")
+    p.add_argument("--lora-max-steps", type=int, help="cap LoRA (a subset of its epochs)")
+    p.add_argument("--full-epochs", type=int, default=1, help="epochs of full fine-tuning (default 1)")
+    p.add_argument("--full-lr", type=float, default=3e-5, help="full fine-tuning learning rate (default 3e-5)")
     p.add_argument("--full-max-steps", type=int, help="cap full fine-tuning (a subset of the epoch)")
     p.add_argument("--storage-examples", type=int, default=200, help="validation examples per storage variant (0: skip)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--results", help="write <path>.json and <path>.md, e.g. benchmarks/results/smollm2-sst2-cpu")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_llm)
     _register_table(bsub)
 
@@ -264,13 +271,11 @@ def _register_sweep(bsub) -> None:
     p.add_argument("--k", "--variants", dest="variants", default="16",
                    help="variants K, or a list such as 4,16,64 (one result per K, under by_k)")
     p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=2000, help="examples per split to extract when no --cache")
-    p.add_argument("--backbone", default="minilm")
     p.add_argument("--workers", type=int, default=0, help="also time a Dask sweep with 1 and with N worker processes")
     p.add_argument("--sweep-trials", type=int, default=8, help="trials of the Dask sweeps (default 8)")
-    p.add_argument("--fuse", choices=["auto", "vmap", "loop"], default="auto")
-    p.add_argument("--workdir", help="keep the runs here (default: a temp dir, removed)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--fuse", choices=["auto", "vmap", "loop"], default="auto",
+                   help="`lst sweep --fuse`: how fused variants run (default auto: timed per stack at start)")
+    _shared(p, workdir="keep the runs here (default: a temp dir, removed)", dataset=False, device=None)
     p.set_defaults(func=_sweep)
 
 
@@ -305,8 +310,10 @@ def _register_table(bsub) -> None:
                     "fresh `lst train` process through the peak-memory harness of `lst bench memory`. Writes "
                     "benchmarks/results/table-<backbone>-<device>[-<tag>].md/.json/.png: params %, peak memory "
                     "(absolute and above baseline), train time, the paper's dev metric per task and the average.")
-    p.add_argument("--tasks", default="sst2,cola,mrpc,stsb")
-    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--tasks", default="sst2,cola,mrpc,stsb", help="comma-separated datasets (default "
+                                                                   "sst2,cola,mrpc,stsb)")
+    _shared(p, workdir="caches, runs and logs (default: a new temp dir, kept); caches there are reused",
+            dataset=False)
     p.add_argument("--methods", help="comma-separated (default: full,lora,adapter,bitfit,linear-probe,live,cached,"
                                      "cached-recompute)")
     p.add_argument("--lst-init", default="fisher", choices=["random", "magnitude", "fisher"],
@@ -314,18 +321,15 @@ def _register_table(bsub) -> None:
     p.add_argument("--train-args", help="extra `lst train` flags for every method, quoted, e.g. \"--lr 1e-3\"")
     p.add_argument("--max-train", type=int, help="`lst extract --max-examples`: caps every split (dev sets are "
                                                  "<= 1500 examples, so N >= 1500 caps training only)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=1, help="epochs of every method (default 1)")
+    p.add_argument("--batch-size", type=int, default=100, help="examples per batch, every method (default 100)")
+    p.add_argument("--max-length", type=int, default=128, help="extraction max length (default 128)")
     p.add_argument("--max-steps", type=int, help="cap each run (quick checks)")
     p.add_argument("--fisher-samples", type=int, help="`lst fisher --samples` (default: its own, 1024)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workdir", help="caches, runs and logs (default: a new temp dir, kept); caches there are reused")
-    p.add_argument("--results-dir", default="benchmarks/results")
+    p.add_argument("--results-dir", default="benchmarks/results",
+                   help="where the table's .md/.json/.png go (default benchmarks/results)")
     p.add_argument("--tag", help="appended to the output file names, e.g. train2000; a tagged table keeps its runs "
                                  "in WORKDIR/<task>/<tag>/, so ablations share the untagged table's caches")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_table)
 
 
@@ -354,7 +358,6 @@ def _register_faults(bsub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     p.add_argument("--sections", metavar="A,B", help="run only these sections, comma-separated: extract_kills, "
                    "train_kills, sweep_kills, damage, disk_memory_concurrency, bad_inputs (default: all)")
-    p.add_argument("--workdir", help="keep everything here (default: a temp dir, removed)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    _shared(p, workdir="keep everything here (default: a temp dir, removed)", backbone=None, dataset=False,
+            device=None)
     p.set_defaults(func=_faults)

@@ -8,15 +8,14 @@ import os
 import sys
 
 from pipeline.cli.options import add_options, given
-from pipeline.cli.output import emit
+from pipeline.cli.output import add_output_flags, emit
 from pipeline.extract.config import ExtractConfig
 
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     add_options(p, ExtractConfig, exclusive={"dask"},
                 overrides={"splits": {"type": lambda v: v.split(",")}})
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
+    add_output_flags(p)
 
 
 def extract_config_from_args(a: argparse.Namespace) -> ExtractConfig:
@@ -108,11 +107,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("inspect", help="what a cache holds: splits, sizes, taps, codec, compression, fingerprint")
     p.add_argument("cache", help="store path or URL")
-    p.add_argument("--json", action="store_true")
+    add_output_flags(p, progress=False)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="read every chunk, check checksums and done flags; exit 1 if anything is wrong")
     p.add_argument("cache", help="store path or URL")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p)
     p.set_defaults(func=cmd_verify)

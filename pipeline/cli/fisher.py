@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.output import emit
+from pipeline.cli.output import add_output_flags, emit
 
 from pipeline.cli.options import add_options, given
 from pipeline.importance.config import FisherConfig
@@ -50,6 +50,6 @@ def register(sub) -> None:
                     "fitted: T5's own LM loss on the gold label word is the task loss, as in the official code.",
     )
     add_options(p, FisherConfig, overrides={"cache": {"required": True}})
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p, as_json=False)
     p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     p.set_defaults(func=cmd_fisher)

@@ -57,7 +57,8 @@ def register(sub) -> None:
                    help="resize the backbone's embeddings before counting it (default: 32100 for the T5 built-ins, "
                         "len(tokenizer), as the official code resizes; otherwise the config's vocab)")
     p.add_argument("--num-labels", type=int, default=2, help="task-head outputs for non-T5 backbones (default 2)")
-    p.add_argument("--gate", default="learnable", choices=["learnable", "sum", "none"])
+    p.add_argument("--gate", default="learnable", choices=["learnable", "sum", "none"],
+                   help="ladder gate, as `lst train --gate` (default learnable)")
     p.add_argument("--block", default="backbone", help="side-block type for non-T5 backbones (default 'backbone')")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=cmd_params)

@@ -7,6 +7,7 @@ import json
 import sys
 
 from pipeline.cli.options import add_options, given
+from pipeline.cli.output import add_output_flags
 from pipeline.search.space import KNOBS
 from pipeline.search.sweep import SweepConfig
 from pipeline.train.config import TrainConfig
@@ -73,8 +74,7 @@ def register(sub) -> None:
     add_options(p, SweepConfig, exclusive={"dask"},
                 overrides={n: {"required": True} for n in ("cache", "space", "out")})
     add_options(p, TrainConfig, TRIAL_OPTIONS, title="every trial")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
+    add_output_flags(p)
     p.set_defaults(func=_sweep)
 
     r = sub.add_parser(

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli.options import add_options, given
+from pipeline.cli.output import add_output_flags
 from pipeline.errors import TrainError
 from pipeline.side.config import SideConfig
 from pipeline.train.config import TrainConfig
@@ -99,8 +100,7 @@ def register(sub) -> None:
                    help="numbering of --layers/--decoder-layers: 1 (default; block b = tap b) or 0 to paste the "
                         "official LST lists as they are (T5-base dropping: --layers 1,2,3,5,6,7,9,10,11 --layers-base 0)")
     add_options(p, TrainConfig, exclude=("cache", "out"), overrides={"recompute": {"nargs": "?", "const": "blocks"}})
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    add_output_flags(p)
     p.set_defaults(func=cmd_train)
 
     q = sub.add_parser("predict", help="predict new text with a trained run (loads backbone + side network)")
@@ -108,8 +108,9 @@ def register(sub) -> None:
     q.add_argument("--text", help="one input text")
     q.add_argument("--text-pair", help="second segment for pair tasks")
     q.add_argument("--input", help=".txt (one per line) or CSV/TSV/JSONL/Parquet with a text column")
-    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the backbone and side network run (default cpu)")
     q.add_argument("--max-new-tokens", type=int,
                    help="T5 label-scoring runs: greedy generation length cap (default: longest label + 4)")
-    q.add_argument("--json", action="store_true")
+    add_output_flags(q, progress=False)
     q.set_defaults(func=cmd_predict)
