@@ -10,8 +10,9 @@ loop's own ``VariantRunner``) on the epoch's own batches, all decoded up front a
 differ in size, so a sample of 20 missed the full floor by up to 7% in session 7's runs).
 ``cached_over_floor`` near 1 means the reader is hidden. On a shared VM whose speed drifts by
 tens of percent within minutes, ``repeats`` > 1 times the cached epoch and the floor alternately
-that many times and compares their minima (every sample is reported). ``side_flops_per_s`` and ``backbone_flops_per_s`` are the FLOP
-rates each part really reaches, against which the FLOP limit can be read.
+that many times and compares their minima (every sample is reported). ``side_flops_per_s`` and
+``backbone_flops_per_s`` are the FLOP rates each part really reaches, against which the FLOP limit
+can be read.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "trainable_params": cached["trainable_params"], "backbone_params": cached["backbone_params"],
             "train_examples": cache.split("train").num_examples, "train_tokens": cache.split("train").num_tokens,
             "device": cached["device"], "torch_threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
-            "cached_epoch_s": cached["epoch_s"], "cached_epoch_s_min": cached_s, "cached_epoch_s_samples": epochs, "floor_s_samples": [round(f, 3) for f in floors],
+            "cached_epoch_s": cached["epoch_s"], "cached_epoch_s_min": cached_s, "cached_epoch_s_samples": epochs,
+            "floor_s_samples": [round(f, 3) for f in floors],
             "repeats": cfg.repeats, "floor_batches": cfg.floor_batches or "all", "live_epoch_s": live["epoch_s"],
             "cached_over_live_speedup": round(speedup, 3), "speedup_limit": round(lim, 3),
             "speedup_over_limit": round(speedup / lim, 4),
