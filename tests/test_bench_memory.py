@@ -136,3 +136,16 @@ def test_benchmark_rows_are_reused_only_for_the_same_command(tmp_path):
     assert finished_row(tmp_path / "m.result.json", cmd) == {"dev_score": 0.86}
     assert finished_row(tmp_path / "m.result.json", [*cmd[:-1], "1"]) is None  # another setting: rerun
     assert finished_row(tmp_path / "missing.result.json", cmd) is None
+
+
+def test_llm_bench_markdown_names_the_tasks_metric():
+    """CoLA's rows are MCC, not accuracy: the table says which metric every row uses."""
+    from pipeline.bench.llm import to_markdown
+
+    res = {"config": {"backbone": "smollm2", "dataset": "cola"}, "device": "cpu", "backbone_params": 1,
+           "cache_info": {"splits": {}, "taps": [0], "codec": "int8", "fingerprint_prompt_template": "{text}",
+                          "dev_metric": "matthews"},
+           "methods": {"probe": {"dev_score": 0.1274, "trainable_params": 2, "trainable_pct": 0.001}},
+           "storage": {}, "goals": {}}
+    md = to_markdown(res, "lst bench llm --dataset cola")
+    assert "the task's metric (matthews)" in md and "| dev score |" in md and "| probe | 0.1274 |" in md

@@ -199,9 +199,11 @@ def child_probe(cache_url: str, train_split: str = "train", eval_split: str = "v
     from pipeline.cache import initpack
     from pipeline.cache.store import ActivationCache
     from pipeline.memory import peak_rss_bytes
+    from pipeline.metrics import compute_metrics
 
     t0 = time.perf_counter()
     cache = ActivationCache.open(cache_url)
+    metric = cache.attrs["task"]["metric"]  # the task's own dev metric, as `lst train` reports it
     tap = max(cache.taps)
     xtr, ytr = _last_token_features(cache, train_split, tap)
     xev, yev = _last_token_features(cache, eval_split, tap)
@@ -215,14 +217,15 @@ def child_probe(cache_url: str, train_split: str = "train", eval_split: str = "v
         h = torch.from_numpy(xev)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm
         logits = h @ w["lm_head.weight"][list(words["token_ids"])].T
-        out["zero_shot_dev_score"] = float((logits.argmax(-1).numpy() == yev).mean())
+        out["zero_shot_dev_score"] = compute_metrics(metric, logits.numpy(), yev)["score"]
         out["label_words"] = words["words"]
     t1 = time.perf_counter()
     clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, max_iter=3000))
     clf.fit(xtr, ytr)
     lr = clf[-1]
     out.update({
-        "dev_score": float((clf.predict(xev) == yev).mean()),
+        "dev_score": compute_metrics(metric, clf.predict_proba(xev), yev)["score"],
+        "dev_metric": metric,
         "C": float(lr.C_[0]),
         "trainable_params": int(lr.coef_.size + lr.intercept_.size),
         "train_s": round(time.perf_counter() - t1, 3),
@@ -256,7 +259,8 @@ def run_llm_bench(cfg: LlmBenchConfig) -> dict:
     res["cache_info"] = {"taps": info["taps"], "codec": info["codec"], "stored_bytes": info["stored_bytes"],
                          "splits": {k: {"examples": v["examples"], "tokens": v["tokens"], "truncated": v["truncated"]}
                                     for k, v in info["splits"].items()},
-                         "fingerprint_prompt_template": info["fingerprint"].get("prompt_template")}
+                         "fingerprint_prompt_template": info["fingerprint"].get("prompt_template"),
+                         "dev_metric": (info.get("task") or {}).get("metric", "accuracy")}
     total = _num_params(cache)
     res["backbone_params"] = total
     # the memory harness's yardstick: a process that imports what training imports and opens the cache
@@ -351,7 +355,8 @@ def to_markdown(res: dict, command: str) -> str:
              f"Cache: {res['cache_info']['splits']}, taps {res['cache_info']['taps']}, codec {res['cache_info']['codec']}, "
              f"prompt {res['cache_info']['fingerprint_prompt_template']!r}. Backbone parameters: {res['backbone_params']:,}. "
              f"Peaks: whole-process RSS; the goals use them above a {res.get('baseline_mb')} MB post-import baseline.",
-             "", "| method | dev acc | trainable params | share % | peak RSS MB | above baseline MB | train wall s | notes |",
+             f"Dev score: the task's metric ({res['cache_info'].get('dev_metric', 'accuracy')}), every row.",
+             "", "| method | dev score | trainable params | share % | peak RSS MB | above baseline MB | train wall s | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for m, r in res["methods"].items():
         if "skipped" in r or "failed" in r:
