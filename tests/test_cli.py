@@ -14,17 +14,20 @@ import pytest
 from pipeline.cli import build_parser, main
 
 
-def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
+def _commands(parser: argparse.ArgumentParser,
+              prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command of the tree, with its parser."""
+    out = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                out.append((*prefix, name))
-                out += _commands(sub, (*prefix, name))
+                out[(*prefix, name)] = sub
+                out.update(_commands(sub, (*prefix, name)))
     return out
 
 
-COMMANDS = _commands(build_parser())
+PARSERS = _commands(build_parser())
+COMMANDS = list(PARSERS)
 
 
 def test_the_command_tree_is_complete():
@@ -60,18 +63,10 @@ def test_every_command_has_help(cmd, capsys):
     assert "-h, --help" in out and err == ""
 
 
-def _parser_for(cmd: tuple[str, ...]) -> argparse.ArgumentParser:
-    parser = build_parser()
-    for name in cmd:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[name]
-    return parser
-
-
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
 def test_every_option_explains_itself(cmd):
     """A flag without help text is a flag the user has to read the source for."""
-    bare = [a.option_strings[0] for a in _parser_for(cmd)._actions
+    bare = [a.option_strings[0] for a in PARSERS[cmd]._actions
             if a.option_strings and not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
     assert bare == [], f"`lst {' '.join(cmd)}` options without help: {bare}"
 

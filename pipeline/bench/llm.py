@@ -225,7 +225,6 @@ def child_probe(cache_url: str, train_split: str = "train", eval_split: str = "v
     lr = clf[-1]
     out.update({
         "dev_score": compute_metrics(metric, clf.predict_proba(xev), yev)["score"],
-        "dev_metric": metric,
         "C": float(lr.C_[0]),
         "trainable_params": int(lr.coef_.size + lr.intercept_.size),
         "train_s": round(time.perf_counter() - t1, 3),
