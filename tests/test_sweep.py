@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.cli import main as lst_main
@@ -74,6 +75,31 @@ def test_fused_variants_equal_separate_runs(tmp_path, cache):
             assert (tmp_path / f"fused{i}" / name).exists()
     assert fused[3]["first_losses"] == train(TrainConfig(**{**cfgs[3].to_dict(), "out": str(tmp_path / "again")}))[
         "first_losses"]  # the solo path reproduces train() exactly, dropout stream included
+
+
+def test_variants_on_threads_equal_variants_in_turn(tmp_path, cache):
+    """Variant threads each draw dropout from their own generator (tap, hidden and attention dropout,
+    a block rerun in the backward): the numbers equal the variants trained in turn, and train()."""
+    common = dict(cache=cache, epochs=1, batch_size=8, seed=3, progress=False)
+    variants = [
+        dict(side={"dropout": 0.1}, lr=1e-3),
+        dict(side={"dropout": 0.1, "attention_dropout": 0.2}, lr=3e-3, recompute="blocks"),
+        dict(side={"dropout": 0.2, "r": 16}, lr=2e-3, grad_clip=0.5),
+    ]
+    before = torch.get_num_threads()
+    threaded = train_many([TrainConfig(out=str(tmp_path / f"t{i}"), **common, **v) for i, v in enumerate(variants)],
+                          variant_threads=2)
+    assert torch.get_num_threads() == before
+    in_turn = train_many([TrainConfig(out=str(tmp_path / f"s{i}"), **common, **v) for i, v in enumerate(variants)],
+                         variant_threads=1)
+    assert [s["variant_threads"] for s in threaded] == [2, 2, 2] and in_turn[0]["variant_threads"] == 1
+    for i, (a, b) in enumerate(zip(threaded, in_turn)):
+        assert a["first_losses"] == b["first_losses"], i
+        assert a["final"]["dev_loss"] == b["final"]["dev_loss"] and a["dev_score"] == b["dev_score"], i
+    solo = train(TrainConfig(out=str(tmp_path / "solo1"), **common, **variants[1]))
+    assert solo["first_losses"] == threaded[1]["first_losses"]
+    with pytest.raises(TrainError, match="variant_threads"):
+        train_many([TrainConfig(out=str(tmp_path / "bad"), **common)], variant_threads=-1)
 
 
 def _env() -> dict:

@@ -52,6 +52,7 @@ class ScaleBenchConfig:
     batch_size: int = 100
     r: int = 8
     seed: int = 0
+    train_args: tuple[str, ...] = ()  # extra `lst train` flags for every budget's run, e.g. ("--recompute", "blocks")
     workdir: str | None = None
     progress: bool = True
 
@@ -258,6 +259,7 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
                 args += ["--batch-tokens", str(cfg.batch_tokens)]
             if b != "default":
                 args += ["--reader-memory", b]
+            args += list(cfg.train_args)
             got = run_measured(_lst(*args), stderr_to=str(work / f"run-{b}.log"))
             s = got["result"]
             first = first or s
@@ -293,6 +295,7 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
             "cache": {**written, **read, "shard_tokens": cfg.shard_tokens},
             "baseline_mb": round(base_mb, 1), "reader_memory_flag": flag,
             "batch_tokens": cfg.batch_tokens, "batch_size": cfg.batch_size, "r": cfg.r,
+            "train_args": list(cfg.train_args),
             "runs": runs,
             "gpu": gpu_account(shape, first["trainable_params"], cfg.r, bt, mean_len, attn_math=True),
         }

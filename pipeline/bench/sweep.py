@@ -1,10 +1,13 @@
 """`lst bench sweep`: K variants fused on one read vs K separate cached runs vs K live-LST runs.
 
-All in one process, one torch thread (the goal is a ratio on the same machine):
+All in one process, every arm with the same torch intra-op threads (default: torch's own, one
+per core; ``threads=1`` gives the single-thread numbers of earlier sessions):
 
 * ``fused_s``: ``train_many`` of the K variants (one architecture, the default r=8 MiniLM side;
-  lr, weight decay, seed and dropout vary), one epoch, one read of every batch;
-* ``separate_s``: the same K configs as K ``train()`` runs from the cache;
+  lr, weight decay, seed and dropout vary), one epoch, one read of every batch, the variants of
+  each batch on ``variant_threads`` threads at once (each on one intra-op thread);
+* ``separate_s``: the same K configs as K ``train()`` runs from the cache, one after another, each
+  with all the intra-op threads;
 * ``live_x16_s``: one ``train(live=True)`` run (backbone forward every step), times K;
 * ``speedup_limit``: per token (backbone forward + side training FLOPs) / side training FLOPs,
   counted on a real batch (``pipeline.search.flops``).
@@ -56,7 +59,7 @@ def _sweep_time(cache: str, work: Path, workers: int, trials: int, parallel: int
 
 def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int = 2000, workers: int = 0,
                     backbone: str = "minilm", fuse: str = "auto", sweep_trials: int = 8, workdir: str | None = None,
-                    progress: bool = True) -> dict:
+                    threads: int | None = None, variant_threads: int = 0, progress: bool = True) -> dict:
     import torch
 
     from pipeline.cache.store import ActivationCache
@@ -66,7 +69,8 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
     from pipeline.devices import resolve_device
     from pipeline.train.trainer import TrainConfig, planned_batches, train
 
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     load_start = os.getloadavg()
     work = Path(workdir or tempfile.mkdtemp(prefix="lst-bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,7 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         train(TrainConfig(**{**cfgs[0].to_dict(), "out": str(work / "warmup"), "max_steps": 2}))
         log(f"fused: {variants} variants, one read ({mode})")
         t0 = time.perf_counter()
-        fused = train_many(cfgs, data_seed=0, fuse=fuse)
+        fused = train_many(cfgs, data_seed=0, fuse=fuse, variant_threads=variant_threads)
         fused_s = time.perf_counter() - t0
 
         log(f"separate: {variants} train() runs from the cache")
@@ -118,6 +122,7 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         res = {
             "benchmark": "sweep", "backbone": c.fingerprint["backbone"], "device": str(device),
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "variant_threads": fused[0].get("variant_threads", 1),
             "train_examples": c.split("train").num_examples, "train_tokens": c.split("train").num_tokens,
             "dev_examples": c.split("validation").num_examples, "extract_s": extract_s,
             "variants": variants, "epochs": 1, "batch_size": cfgs[0].batch_size, "fuse": mode,

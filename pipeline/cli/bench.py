@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pipeline.cli.output import add_output_flags, emit
 
 
@@ -69,7 +70,7 @@ def _scale(a: argparse.Namespace) -> int:
                            budgets=tuple(x.strip() for x in a.budgets.split(",") if x.strip()),
                            batch_tokens=a.batch_tokens, batch_size=a.batch_size, layers=a.layers, heads=a.heads,
                            intermediate=a.intermediate, vocab=a.vocab, r=a.r, workdir=a.workdir,
-                           progress=not a.no_progress)
+                           train_args=tuple(shlex.split(a.train_args or "")), progress=not a.no_progress)
     res = run_scale_bench(cfg)
     emit(res, a.json)
     return 0
@@ -121,6 +122,8 @@ def _register_scale(bsub) -> None:
     s.add_argument("--batch-tokens", type=int, default=512, help="`lst train --batch-tokens` (default 512)")
     s.add_argument("--batch-size", type=int, default=100, help="`lst train --batch-size` (default 100)")
     s.add_argument("--r", type=int, default=8, help="side reduction factor (default 8)")
+    s.add_argument("--train-args", help="extra `lst train` flags for every budget's run, quoted, e.g. "
+                                        "\"--recompute blocks\"")
     _shared(s, workdir="keep the synthetic cache and runs here (default: a temp dir, removed)", backbone=None,
             dataset=False, device=None)
     s.set_defaults(func=_scale)
@@ -170,7 +173,6 @@ def register(sub) -> None:
 
 def _llm(a: argparse.Namespace) -> int:
     import json
-    import shlex
     import sys
     from pathlib import Path
 
@@ -254,6 +256,7 @@ def _sweep(a: argparse.Namespace) -> int:
         raise UserError(f"--k {a.variants!r}: give a number of variants or a list such as 4,16,64") from None
     by_k = {k: run_sweep_bench(cache=a.cache, variants=k, examples=a.examples, workers=a.workers,
                                backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
+                               threads=a.threads, variant_threads=a.variant_threads,
                                progress=not a.no_progress) for k in ks}
     emit(by_k[ks[0]] if len(ks) == 1 else {"benchmark": "sweep", "k": ks, "by_k": by_k}, a.json)
     return 0
@@ -274,13 +277,18 @@ def _register_sweep(bsub) -> None:
     p.add_argument("--workers", type=int, default=0, help="also time a Dask sweep with 1 and with N worker processes")
     p.add_argument("--sweep-trials", type=int, default=8, help="trials of the Dask sweeps (default 8)")
     p.add_argument("--fuse", choices=["auto", "vmap", "loop"], default="auto",
-                   help="`lst sweep --fuse`: how fused variants run (default auto: timed per stack at start)")
+                   help="`lst sweep --fuse`, kept for old scripts (every mode trains the variants of a batch in turn "
+                        "or on --variant-threads)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads of every arm (default: torch's own, one per core); 1 reproduces "
+                        "the single-thread results of earlier sessions")
+    p.add_argument("--variant-threads", type=int, default=0,
+                   help="`lst sweep --variant-threads` for the fused arm (default 0: one per intra-op thread)")
     _shared(p, workdir="keep the runs here (default: a temp dir, removed)", dataset=False, device=None)
     p.set_defaults(func=_sweep)
 
 
 def _table(a: argparse.Namespace) -> int:
-    import shlex
     import sys
 
     from pipeline.bench.table import TABLE_METHODS, TableBenchConfig, run_table_bench

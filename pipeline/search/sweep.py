@@ -72,6 +72,10 @@ class SweepConfig:
         "metavar": "tcp://host:port", "group": "dask"})
     seed: int = field(default=0, metadata={
         "help": "sampler seed, batch order and (unless searched) init seed"})
+    variant_threads: int = field(default=0, metadata={
+        "help": "threads that train the fused trials at once, each on one intra-op thread (0: as many as torch's "
+                "intra-op threads, i.e. the cores, on CPU; 1 on CUDA). Same numbers as training them in turn",
+        "metavar": "N"})
     fuse: str = field(default="auto", metadata={
         "help": "kept for old scripts: every mode trains the variants in turn on each shared batch",
         "choices": ("auto", "loop", "vmap")})
@@ -311,7 +315,8 @@ def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> lis
         return use_asha and t.should_prune()
 
     try:
-        summaries = train_many(cfgs, data_seed=cfg.seed, on_epoch=on_epoch, progress=False, fuse=cfg.fuse)
+        summaries = train_many(cfgs, data_seed=cfg.seed, on_epoch=on_epoch, progress=False, fuse=cfg.fuse,
+                               variant_threads=cfg.variant_threads)
     except (TrainError, ValueError, RuntimeError) as e:
         for t in ok:
             t.set_user_attr("error", f"{type(e).__name__}: {e}")
@@ -396,8 +401,8 @@ def _validate(cfg: SweepConfig):
         raise TrainError(f"--pruner {cfg.pruner!r}: use one of {', '.join(PRUNERS)}")
     if cfg.fuse not in FUSE_MODES:
         raise TrainError(f"fuse={cfg.fuse!r}: use one of {', '.join(FUSE_MODES)}")
-    if cfg.trials < 1 or cfg.parallel < 1 or cfg.workers < 0:
-        raise TrainError("--trials and --parallel must be >= 1 and --workers >= 0")
+    if cfg.trials < 1 or cfg.parallel < 1 or cfg.workers < 0 or cfg.variant_threads < 0:
+        raise TrainError("--trials and --parallel must be >= 1, --workers and --variant-threads >= 0")
     if cfg.workers and cfg.scheduler:
         raise TrainError("give --workers N (a local Dask cluster) or --scheduler ADDRESS (an existing one), not both")
     bad = sorted(set(cfg.train) - _TRAIN_EXTRAS)

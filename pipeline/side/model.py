@@ -25,10 +25,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .blocks import build_block, make_context
-from .blocks.dropout import Dropout
+from .blocks.dropout import Dropout, checkpoint
 from .blocks.norms import make_norm
 from .config import SideConfig
 from .families import backbone_dims, family_for, reduced_config
@@ -151,7 +150,7 @@ class LadderSideNetwork(nn.Module):
         widths per token against the one width kept here, and they set a cached run's peak memory.
         The rerun restores the RNG state, so its dropout draws, and the gradients, are the same."""
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, ctx, use_reentrant=False, preserve_rng_state=True)
+            return checkpoint(block, h, ctx)
         return block(h, ctx)
 
     def set_label_head(self, rows: Tensor) -> None:

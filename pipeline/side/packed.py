@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .blocks.dropout import uniform
+
 __all__ = ["PackedTap", "apply_ladder", "packed_dropout"]
 
 
@@ -89,7 +91,7 @@ def packed_dropout(tap: PackedTap, p: float, training: bool, dtype: torch.dtype)
         return PackedTap(v, tap.rows, tap.batch, tap.length)
     if v.device.type != "cpu":
         return PackedTap(nn.functional.dropout(v, p, True), tap.rows, tap.batch, tap.length)
-    draws = torch.rand((tap.batch * tap.length, v.shape[-1]), dtype=v.dtype, device=v.device)
+    draws = uniform((tap.batch * tap.length, v.shape[-1]), v)
     keep = draws.index_select(0, tap.rows) >= p
     del draws
     return PackedTap(torch.where(keep, v * (1.0 / (1.0 - p)), torch.zeros((), dtype=v.dtype)),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import TrainError
 from pipeline.memory import peak_rss_bytes
 from pipeline.metrics import compute_metrics
+from pipeline.side.blocks.dropout import dropout_stream
 from pipeline.train.config import TrainConfig
 from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
@@ -131,10 +133,13 @@ class VariantRunner:
     """One variant as a plain module with torch's AdamW, LambdaLR and clip_grad_norm_.
 
     The runner swaps its own RNG state in around each step, so K variants trained on one batch
-    stream each see exactly the dropout draws a run of their own would."""
+    stream each see exactly the dropout draws a run of their own would. A step on a thread of its
+    own (``own_stream``) leaves torch's global generator alone: it draws from the runner's own
+    generator, set to the same state, so its masks are the same."""
 
     def __init__(self, v: Variant, total_steps: int):
         self.variant = v
+        self.stream = torch.Generator()
         self.taps = v.model.required_taps()
         self.dec_taps = v.model.required_decoder_taps()
         self.optimizer = make_optimizer(v.model, v.cfg.lr, v.cfg.weight_decay)
@@ -147,12 +152,15 @@ class VariantRunner:
             out["dec_taps"] = [taps[("dec", t)] for t in self.dec_taps]
         return out
 
-    def train_step(self, taps: TapMap, b: Batch) -> float:
+    def train_step(self, taps: TapMap, b: Batch, own_stream: bool = False) -> float:
         v = self.variant
-        torch.set_rng_state(v.rng)
-        with out_of_memory_is_a_user_error(b):
+        if own_stream:
+            self.stream.set_state(v.rng)
+        else:
+            torch.set_rng_state(v.rng)
+        with dropout_stream(self.stream) if own_stream else nullcontext(), out_of_memory_is_a_user_error(b):
             loss = v.model.training_loss(labels=b.labels, **self.inputs(taps, b))
-            v.rng = torch.get_rng_state()
+            v.rng = self.stream.get_state() if own_stream else torch.get_rng_state()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if v.cfg.grad_clip:
@@ -179,17 +187,39 @@ class VariantRunner:
         v.run.rewrite_metrics(v.history)
 
 
+def _each(pool: ThreadPoolExecutor | None, fn: Callable[[VariantRunner], Any], runners: list[VariantRunner]) -> list:
+    """``fn`` of every runner, in order: in turn, or spread over the pool's threads."""
+    return [fn(r) for r in runners] if pool is None or len(runners) < 2 else list(pool.map(fn, runners))
+
+
+def variant_pool(threads: int, runners: list[VariantRunner]) -> ThreadPoolExecutor | None:
+    """Threads that step different variants at once (None: one after another). Worth it on CPU,
+    where a side network's small ops leave intra-op threads idle: K variants on 2 threads with one
+    intra-op thread each beat the same K in turn with 2 intra-op threads (see ``search.fused``)."""
+    if threads < 2 or len(runners) < 2:
+        return None
+    return ThreadPoolExecutor(min(threads, len(runners)), thread_name_prefix="lst-variant")
+
+
 @torch.no_grad()
-def evaluate(runners: list[VariantRunner], reader: CacheReader, source: TapSource, metric: str) -> list[dict]:
+def evaluate(runners: list[VariantRunner], reader: CacheReader, source: TapSource, metric: str,
+             pool: ThreadPoolExecutor | None = None) -> list[dict]:
     """Dev metrics of every runner's variant from one pass over the eval split."""
     for r in runners:
         r.variant.model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in runners]
     gold = []
+
+    def eval_on(taps: TapMap, b: Batch) -> Callable[[VariantRunner], torch.Tensor]:
+        def run(r: VariantRunner) -> torch.Tensor:
+            with torch.no_grad():  # grad mode is per thread
+                return r.eval_logits(taps, b)
+        return run
+
     for b in reader.iter_epoch(0):
         taps = source(b)
-        for out, r in zip(outs, runners):
-            out.append(r.eval_logits(taps, b))
+        for out, got in zip(outs, _each(pool, eval_on(taps, b), runners)):
+            out.append(got)
         gold.append(b.labels.cpu())
     for r in runners:
         r.variant.model.train()
@@ -204,8 +234,10 @@ def evaluate(runners: list[VariantRunner], reader: CacheReader, source: TapSourc
 
 def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reader: CacheReader,
              source: TapSource, *, epochs: int, metric: str, max_steps: int | None = None,
-             on_epoch: OnEpoch | None = None, resumable: bool = False, progress: bool = False) -> None:
-    """Train every runner's variant on one batch stream until each is done (see module doc)."""
+             on_epoch: OnEpoch | None = None, resumable: bool = False, progress: bool = False,
+             pool: ThreadPoolExecutor | None = None) -> None:
+    """Train every runner's variant on one batch stream until each is done (see module doc).
+    With a ``pool`` (``variant_pool``) the variants of each batch step on its threads at once."""
     steps_per_epoch = train_reader.num_batches(0)
     for r in runners:
         r.variant.model.train()
@@ -225,9 +257,11 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         seen = real = grid = 0
         for b in train_reader.iter_epoch(epoch):
             taps = source(b)
-            for r in active:
+            threaded = pool is not None and len(active) > 1
+            step_losses = _each(pool if threaded else None,
+                                lambda r: r.train_step(taps, b, own_stream=threaded), active)
+            for r, lv in zip(active, step_losses):
                 v = r.variant
-                lv = r.train_step(taps, b)
                 v.epoch_losses.append(lv)
                 if len(v.step_losses) < 200:
                     v.step_losses.append(lv)
@@ -244,7 +278,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         bar.close()
         epoch_s = time.perf_counter() - t0
         wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
-        evals = evaluate(active, eval_reader, source, metric)
+        evals = evaluate(active, eval_reader, source, metric, pool)
         for r, ev in zip(active, evals):
             v = r.variant
             v.seen += seen

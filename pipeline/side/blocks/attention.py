@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dropout import dropout as _dropout
+from .dropout import dropout as _dropout, uniform
 
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
 
@@ -39,7 +39,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
         bias = bias.to(q.dtype)
     if training and dropout > 0 and q.device.type == "cpu":
         # the mask is drawn as blocks.dropout draws it (same generator calls, same values)
-        keep = torch.rand(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype, device=q.device) >= dropout
+        keep = uniform(q.shape[:-1] + (k.shape[-2],), q) >= dropout
         return _DropoutAttention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout), keep)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale

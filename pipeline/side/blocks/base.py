@@ -6,9 +6,9 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .context import BlockContext
+from .dropout import checkpoint
 from .plan import Step
 
 __all__ = ["SideBlock"]
@@ -40,7 +40,7 @@ class SideBlock(nn.Module):
         rerun restores the RNG state (T5 drops out inside the sublayer), so the values, dropout draws
         and gradients are the same bit for bit."""
         if self.recompute_ffn and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True)
+            return checkpoint(fn, x)
         return fn(x)
 
     def forward(self, hidden: Tensor, ctx: BlockContext) -> Tensor:  # pragma: no cover
