@@ -102,6 +102,21 @@ def test_variants_on_threads_equal_variants_in_turn(tmp_path, cache):
         train_many([TrainConfig(out=str(tmp_path / "bad"), **common)], variant_threads=-1)
 
 
+@pytest.mark.integration
+def test_sweep_bench_times_the_real_commands_in_fresh_processes(tmp_path, cache):
+    from pipeline.bench.sweep import run_sweep_bench
+
+    r = run_sweep_bench(cache=cache, variants=2, workdir=str(tmp_path / "bench"), threads=1, progress=False)
+    assert r["fresh_processes"] and r["variants"] == 2 and r["torch_threads"] == 1
+    assert r["commands"]["fused"].startswith("lst sweep ") and "--parallel 2" in r["commands"]["fused"]
+    assert len(list((tmp_path / "bench" / "fused-k2" / "trials").glob("*/summary.json"))) == 2
+    assert len(list((tmp_path / "bench" / "separate-k2").glob("*/summary.json"))) == 2
+    assert r["max_dev_diff_fused_vs_separate_same_seed"] == 0.0  # same trials, same numbers
+    assert r["fused_s"] > r["fused_train_s"] > 0 and r["separate_s"] > r["separate_train_s"] > 0 and r["live_s"] > 0
+    assert r["fused_over_separate"] == pytest.approx(r["fused_s"] / r["separate_s"], abs=1e-3)
+    assert r["speedup_limit"] > 1 and set(r["goals"]) >= {"fused_over_separate<=0.8", "fused_speedup_over_live>=8"}
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 

@@ -264,13 +264,15 @@ def _sweep(a: argparse.Namespace) -> int:
 
 def _register_sweep(bsub) -> None:
     p = bsub.add_parser(
-        "sweep", help="K variants fused on one read vs K separate cached runs vs K live runs",
-        description="Train K side-network variants (one architecture: lr, weight decay, seed, dropout vary) for one "
-                    "epoch fused on one read of the cache, then as K separate cached runs, and time one live-LST "
-                    "run (x K). Prints the ratios, the FLOP-based speedup limit and whether the goals "
+        "sweep", help="`lst sweep` of K variants vs K separate `lst train` runs vs K live runs",
+        description="Each arm runs the real command in a fresh process: `lst sweep --parallel K` trains K "
+                    "side-network variants (one architecture: lr, weight decay, dropout and past 16 the seed vary) "
+                    "for one epoch fused on one read of the cache; the same K trials then run as K `lst train` "
+                    "commands; one `lst train --live` run is timed (x K). Prints the wall-time ratios, the same "
+                    "ratios inside the processes (*_train_s), the FLOP-based speedup limit and whether the goals "
                     "(CPU: fused/separate <= 0.8 and fused >= 8x live; GPU: fused/separate <= 0.5, fused "
                     "speedup over live >= 0.8 x limit) are met.")
-    p.add_argument("--cache", help="SST-2 cache to use (default: extract --examples examples into a temp dir)")
+    p.add_argument("--cache", help="SST-2 cache to use (default: `lst extract` --examples examples into the workdir)")
     p.add_argument("--k", "--variants", dest="variants", default="16",
                    help="variants K, or a list such as 4,16,64 (one result per K, under by_k)")
     p.add_argument("--max-examples", "--examples", dest="examples", type=int, default=2000, help="examples per split to extract when no --cache")
