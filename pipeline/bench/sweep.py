@@ -16,7 +16,7 @@ each process's start-up counts where a user pays it), all with the same torch in
 ``*_train_s`` gives the same comparison inside the processes (the fused loop's epoch against the sum
 of the separate runs' epochs, evaluation excluded), so start-up and evaluation can be told apart.
 Goals (CPU): ``fused_over_separate <= 0.8`` and ``fused_speedup_over_live >= 8``; and the GPU ones,
-``fused_over_separate <= 0.5`` (0.25 at K = 16) and ``fused_speedup_over_live >= 0.8 * speedup_limit``.
+``fused_over_separate <= 0.25`` at K = 16 (0.5, an earlier goal, is kept as a key) and ``fused_speedup_over_live >= 0.8 * speedup_limit``.
 With ``--workers W`` the same space is also swept through Dask with 1 and with W worker processes.
 The load average before and after is printed, since the timings share the machine.
 """
@@ -164,6 +164,7 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
             "goals": {"fused_over_separate<=0.8": fused_s / sep_wall <= 0.8,
                       "fused_speedup_over_live>=8": live_x / fused_s >= 8,
                       "fused_over_separate<=0.5": fused_s / sep_wall <= 0.5,
+                      "fused_over_separate<=0.25": fused_s / sep_wall <= 0.25,
                       "fused_speedup_over_live>=0.8*speedup_limit": live_x / fused_s >= 0.8 * lim},
         }
         if workers and workers > 1:

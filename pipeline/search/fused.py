@@ -17,8 +17,9 @@ Variant threads: on CPU the variants of each batch step on ``variant_threads`` t
 thread and drawing dropout masks from its variant's own generator (``side.blocks.dropout``), so the
 numbers equal the variants trained in turn. A side network's ops are small (width 48 on MiniLM), so
 two intra-op threads on one variant leave much of the second core idle, where two variants at once
-keep both busy: on the 2-core box 16 fused variants took 0.66 of 16 separate runs with this, against
-~1.0 in turn (``lst bench sweep``). Separate runs cannot share a core this way; a fused group can.
+keep both busy: on the 2-core box the epoch of 16 fused variants took 0.65 of the 16 separate runs'
+epochs with this, against ~1.0 in turn; as whole commands (``lst sweep`` against 16 ``lst train``
+processes, ``lst bench sweep``), 0.34. Separate runs cannot share a core this way; a fused group can.
 
 The earlier ``torch.func`` stacked runner (``fuse='vmap'``) was removed: on this project's CPU
 box a vmapped step of 16 variants took 8.6 s against 5.5 s for 16 plain steps, and no GPU run
