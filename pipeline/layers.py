@@ -17,8 +17,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "importance"),
     ("extract", "side"),
     ("cache", "data", "backbones"),
-    ("devices", "metrics", "memory", "sizes"),
-    ("errors", "layers", "lazy"),
+    ("devices", "metrics", "memory"),
+    ("errors", "layers", "lazy", "sizes"),  # sizes: pure parsing, read by memory's environment setting
 )
 
 

@@ -95,6 +95,19 @@ def test_user_error_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monke
     assert "Traceback" not in err and "Traceback" not in out
 
 
+def test_mmap_threshold_comes_from_the_environment_and_a_bad_one_is_a_user_error(capsys, monkeypatch, tmp_path):
+    from pipeline.memory import DEFAULT_THRESHOLD, mmap_threshold
+
+    assert mmap_threshold({}) == DEFAULT_THRESHOLD == 128 * 1024
+    assert mmap_threshold({"LST_MMAP_THRESHOLD": "4MB"}) == 4 * 2**20
+    assert mmap_threshold({"LST_MMAP_THRESHOLD": "glibc"}) is None  # glibc's own adaptive threshold
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LST_MMAP_THRESHOLD", "lots")
+    rc, out, err = _run(["report", "/nonexistent"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("lst report: error: LST_MMAP_THRESHOLD='lots'") and "glibc" in err
+
+
 @pytest.mark.parametrize("argv", [[], ["inspect"], ["train", "--cache"], ["no-such-command"], ["train", "--cache", "c", "--bogus"]])
 def test_argparse_usage_errors_exit_2(argv, capsys):
     rc, out, err = _run(argv, capsys)

@@ -129,6 +129,20 @@ def test_every_method_beats_the_majority_class_on_real_sst2(tmp_path_factory, tm
     assert all(v > majority + 0.1 for v in got.values()), (got, majority)
 
 
+def test_bench_table_train_time_counts_every_epoch():
+    """A summary's epoch_s is the mean epoch: the table's training time multiplies it by the epochs run."""
+    from pipeline.bench.table import TableBenchConfig, aggregate
+
+    def row(epoch_s: float, epochs: int | None) -> dict:
+        r = {"score": 50.0, "trainable_params": 10, "trainable_pct": 1.0, "abs_mb": 100.0, "above_baseline_mb": 50.0,
+             "epoch_s": epoch_s, "wall_s": epoch_s * 4}
+        return r if epochs is None else {**r, "epochs_run": epochs}
+
+    tasks = {"sst2": {"methods": {"full": row(10.0, 3)}}, "cola": {"methods": {"full": row(2.0, None)}}}
+    got = aggregate(TableBenchConfig(methods=("full",)), tasks, "cpu")["full"]
+    assert got["train_epoch_s"] == 32.0  # 3 x 10 s, plus a row from before epochs_run was kept (one epoch)
+
+
 @pytest.mark.integration
 def test_bench_table_runs_every_method_on_every_task(tmp_path, tiny_backbones):
     from pipeline.bench.table import TABLE_METHODS, TableBenchConfig, run_table_bench

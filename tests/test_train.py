@@ -195,3 +195,7 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["floor_s"] == min(res["floor_s_samples"]) > 0
     assert res["cached_over_floor"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
     assert res["floor_batches"] == "all" and res["cached_dev_score"] is not None
+    # both arms ran as `lst train` processes: two cached, one live, each with its own peak
+    assert res["fresh_processes"] and [len(res["processes"][a]) for a in ("cached", "live")] == [2, 1]
+    assert all(p["peak_mb"] > 0 and p["wall_s"] > 0 for a in res["processes"].values() for p in a)
+    assert (tmp_path / "live" / "summary.json").exists() and (tmp_path / "cached" / "summary.json").exists()

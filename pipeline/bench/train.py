@@ -1,5 +1,11 @@
 """`lst bench train`: one epoch of the same side network from the cache and with the live backbone.
 
+Both arms are the command a user runs, each in a fresh process: `lst train --cache C --epochs 1`
+and the same with `--live` (`cached_epoch_s`/`live_epoch_s` are those runs' own epoch times, so
+start-up and evaluation stay out of the ratio; each run's wall time and whole-process peak RSS are
+reported beside them under ``processes``). Only the floor runs inside the bench: it is the reader-free
+ceiling no command runs.
+
 The ceiling on what a cache can save is FLOP-based: per token, (backbone forward + side training)
 / (side training), counted with ``FlopCounterMode`` on a real batch. The goal is to reach 80% of it,
 which needs reading/decoding hidden and the small side matmuls kept efficient.
@@ -25,9 +31,9 @@ from pathlib import Path
 import torch
 
 from pipeline.backbones.seq2seq import LabelTargets
+from pipeline.bench.memory import _lst, run_measured
 from pipeline.cache.store import ActivationCache
-from pipeline.extract.runner import ExtractConfig, run_extract
-from pipeline.train.trainer import TrainConfig, build_side, make_readers, planned_batches, train
+from pipeline.train.trainer import TrainConfig, build_side, make_readers, planned_batches
 
 
 @dataclass
@@ -82,24 +88,37 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     from pipeline.search.flops import speedup_limit
 
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="lst-bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         cache_url = cfg.cache
+        quiet = [] if cfg.progress else ["--no-progress"]
         if cache_url is None:
             cache_url = str(work / "cache.zarr")
-            run_extract(ExtractConfig(backbone=cfg.backbone, dataset=cfg.dataset, out=cache_url,
-                                      max_examples=cfg.examples, progress=cfg.progress, overwrite=True,
-                                      label_words=cfg.label_words))
+            words = ["--label-words", cfg.label_words] if cfg.label_words else []
+            run_measured(_lst("extract", "--backbone", cfg.backbone, "--dataset", cfg.dataset, "--out", cache_url,
+                              "--max-examples", str(cfg.examples), "--device", cfg.device, "--overwrite", "--json",
+                              *quiet, *words), stderr_to=str(work / "extract.log"))
         cache = ActivationCache.open(cache_url)
         common = dict(cache=cache_url, epochs=1, batch_size=cfg.batch_size, progress=cfg.progress,
                       device=cfg.device, overwrite=True)
-        cached = train(TrainConfig(out=str(work / "cached"), **common))
+        run_args = ["--cache", cache_url, "--epochs", "1", "--batch-size", str(cfg.batch_size), "--device", cfg.device,
+                    "--overwrite", "--json", *quiet]
+        processes: dict[str, list[dict]] = {"cached": [], "live": []}
+
+        def run(arm: str, *extra: str) -> dict:
+            got = run_measured(_lst("train", "--out", str(work / arm), *run_args, *extra),
+                               stderr_to=str(work / f"{arm}.log"))
+            processes[arm].append({"wall_s": got["wall_s"], "peak_mb": round(got["polled_peak_mb"], 1)})
+            return got["result"]
+
+        cached = run("cached")
         floors = [floor_seconds(cache, TrainConfig(out=str(work / "floor"), **common), cfg.floor_batches)]
         epochs = [cached["epoch_s"]]
         for _ in range(cfg.repeats - 1):
-            epochs.append(train(TrainConfig(out=str(work / "cached"), **common))["epoch_s"])
+            epochs.append(run("cached")["epoch_s"])
             floors.append(floor_seconds(cache, TrainConfig(out=str(work / "floor"), **common), cfg.floor_batches))
         cached_s, floor = min(epochs), min(floors)
-        live = train(TrainConfig(out=str(work / "live"), live=True, **common))
+        live = run("live", "--live")
         model, _ = build_side(cache, {}, 0)
         batch = next(iter(planned_batches(cache, TrainConfig(out=str(work / "limit"), **common),
                                           data_seed=0).iter_epoch(0)))  # a batch of the plan the runs above used
@@ -128,6 +147,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "backbone_flops_per_s": (round(bb_flops / (live["epoch_s"] - cached["epoch_s"]))
                                      if live["epoch_s"] - cached["epoch_s"] > 0.05 * live["epoch_s"] else None),
             "cached_dev_score": cached["dev_score"], "live_dev_score": live["dev_score"],
+            "fresh_processes": True, "processes": processes,
             "flops": limit,
             "goals_met": {"cached_over_live_speedup>=0.8*speedup_limit": speedup >= 0.8 * lim,
                           "cached_over_floor<=1.1": cached_s / floor <= 1.1},

@@ -17,7 +17,7 @@ import sys
 
 from pipeline.cli import bench, extract, fisher, params, search, train
 from pipeline.errors import LstError
-from pipeline.memory import return_freed_memory_to_os
+from pipeline.memory import mmap_threshold, return_freed_memory_to_os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    return_freed_memory_to_os()  # bounded memory: freed batch buffers leave the process's RSS
     try:
+        try:
+            threshold = mmap_threshold()
+        except ValueError as e:
+            raise LstError(str(e)) from None
+        return_freed_memory_to_os(threshold)  # bounded memory: freed batch buffers leave the process's RSS
         return int(a.func(a) or 0)
     except LstError as e:
         print(f"lst {a.command}: error: {e}", file=sys.stderr)

@@ -149,7 +149,9 @@ def register(sub) -> None:
 
     t = bsub.add_parser("train", help="one epoch cached vs live, and the FLOP-based speedup limit",
                         description="Train the same side network for one epoch from the cache and with the live "
-                                    "backbone; report epoch times, cached_over_live_speedup and speedup_limit.")
+                                    "backbone, each as `lst train` in a fresh process; report their epoch times, "
+                                    "cached_over_live_speedup, speedup_limit and the reader-free floor "
+                                    "(cached_over_floor).")
     _shared(t, workdir="keep the extracted cache and runs here (default: a temp dir, removed)")
     t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000,
                    help="training examples to extract when no --cache (default 20000)")

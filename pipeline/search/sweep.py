@@ -342,11 +342,11 @@ def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
     """Run trials until the study holds ``trials`` of them; what a local sweep and each Dask worker do."""
     import torch
 
-    from pipeline.memory import return_freed_memory_to_os
+    from pipeline.memory import mmap_threshold, return_freed_memory_to_os
 
     if one_thread:  # a Dask worker process owns one core
         torch.set_num_threads(1)
-    return_freed_memory_to_os()  # each worker process holds its own reader budget
+    return_freed_memory_to_os(mmap_threshold())  # each worker process holds its own reader budget
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = SweepConfig(**cfg_dict)
     from pipeline.search.space import load_space
