@@ -35,7 +35,7 @@ def mmap_threshold(env: dict | None = None) -> int | None:
     text = (os.environ if env is None else env).get(THRESHOLD_ENV, "").strip()
     if not text:
         return DEFAULT_THRESHOLD
-    if text.lower() in ("glibc", "auto", "off"):
+    if text.lower() in ("glibc", "auto"):
         return None
     try:
         return parse_size(text)
