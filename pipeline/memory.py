@@ -51,8 +51,8 @@ def return_freed_memory_to_os(threshold: int | None = DEFAULT_THRESHOLD) -> bool
     measured on a cached MiniLM `lst train` step, the peak RSS went from 1,950 MB to 1,261 MB with
     a fixed 128 KiB threshold. A fixed threshold turns that adjustment off: every buffer above it
     is its own mapping, unmapped on free. The price is speed: each step maps and zero-fills its
-    buffers again. Measured (session 10, cached SST-2 20k MiniLM epoch, 2 threads): 128 KiB 37.4 s
-    and 637 MB peak, 1 MB 24.3 s / 762 MB, 4 MB 19.8 s / 872 MB, glibc's own 18.7 s / 940 MB.
+    buffers again. Measured (session 10, `lst train`, cached SST-2 20k MiniLM epoch, 2 threads):
+    128 KiB 38.5 s and 634 MB peak, 1 MB 26.1 s / 768 MB, 4 MB 20.6 s / 898 MB, glibc's own 19.3 s / 938 MB.
     ``threshold=None`` leaves glibc's setting. Returns False where nothing was set (no glibc).
     """
     import ctypes
