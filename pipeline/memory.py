@@ -27,9 +27,11 @@ DEFAULT_THRESHOLD = 1 << 17
 
 
 def mmap_threshold(env: dict | None = None) -> int | None:
-    """The threshold ``LST_MMAP_THRESHOLD`` asks for (default 128 KiB); None for "glibc"."""
+    """The threshold ``LST_MMAP_THRESHOLD`` asks for (default 128 KiB); None for "glibc".
+    A value that is neither is the user's to fix (``UserError``: one line, exit 2 from ``lst``)."""
     import os
 
+    from pipeline.errors import UserError
     from pipeline.sizes import parse_size
 
     text = (os.environ if env is None else env).get(THRESHOLD_ENV, "").strip()
@@ -40,7 +42,7 @@ def mmap_threshold(env: dict | None = None) -> int | None:
     try:
         return parse_size(text)
     except ValueError as e:
-        raise ValueError(f"{THRESHOLD_ENV}={text!r}: {e}; or 'glibc' for glibc's own adaptive threshold") from None
+        raise UserError(f"{THRESHOLD_ENV}={text!r}: {e}; or 'glibc' for glibc's own adaptive threshold") from None
 
 
 def return_freed_memory_to_os(threshold: int | None = DEFAULT_THRESHOLD) -> bool:

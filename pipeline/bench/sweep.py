@@ -122,15 +122,15 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         live = run_measured(_lst("train", "--config", str(first), "--out", str(work / "live"), "--live",
                                  "--overwrite", "--no-progress", "--json"), stderr_to=str(work / "live.log"))
 
-        cfg0 = TrainConfig.from_dict(yaml.safe_load(first.read_text())["train"])
+        configs = [yaml.safe_load((sweep_dir / "trials" / str(n) / "config.yaml").read_text()) for n, _ in trials]
+        cfg0 = TrainConfig.from_dict(configs[0]["train"])
         batch = next(iter(planned_batches(c, cfg0, data_seed=0).iter_epoch(0)))
-        sides = [yaml.safe_load((sweep_dir / "trials" / str(n) / "config.yaml").read_text())["side"] for n, _ in trials]
-        sides = list({json.dumps(x, sort_keys=True): x for x in sides}.values())  # FLOPs per distinct side config
+        sides = list({json.dumps(x["side"], sort_keys=True): x["side"] for x in configs}.values())  # distinct sides
         limit = speedup_limit(c.fingerprint["backbone"], sides, batch)
         lim = limit["speedup_limit"]
         # a fused trial equals its separate run when its seed is the sweep's batch-order seed (0)
-        same = [abs(f["dev_score"] - s["dev_score"]) for (_, f), s in zip(trials, sep)
-                if yaml.safe_load((Path(f["run"]) / "config.yaml").read_text())["train"]["seed"] == 0]
+        same = [abs(f["dev_score"] - s["dev_score"]) for (_, f), s, x in zip(trials, sep, configs)
+                if x["train"]["seed"] == 0]
         fused_s, live_s = fused["wall_s"], live["wall_s"]
         live_x = live_s * variants
         fused_train = max(f["train_s"] for _, f in trials)  # the shared loop's epochs (each trial records them)

@@ -51,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        try:
-            threshold = mmap_threshold()
-        except ValueError as e:
-            raise LstError(str(e)) from None
-        return_freed_memory_to_os(threshold)  # bounded memory: freed batch buffers leave the process's RSS
+        return_freed_memory_to_os(mmap_threshold())  # bounded memory: freed batch buffers leave the process's RSS
         return int(a.func(a) or 0)
     except LstError as e:
         print(f"lst {a.command}: error: {e}", file=sys.stderr)
