@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.bench.memory import _lst, run_measured
@@ -99,8 +100,6 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                               "--max-examples", str(cfg.examples), "--device", cfg.device, "--overwrite", "--json",
                               *quiet, *words), stderr_to=str(work / "extract.log"))
         cache = ActivationCache.open(cache_url)
-        common = dict(cache=cache_url, epochs=1, batch_size=cfg.batch_size, progress=cfg.progress,
-                      device=cfg.device, overwrite=True)
         run_args = ["--cache", cache_url, "--epochs", "1", "--batch-size", str(cfg.batch_size), "--device", cfg.device,
                     "--overwrite", "--json", *quiet]
         processes: dict[str, list[dict]] = {"cached": [], "live": []}
@@ -112,16 +111,18 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             return got["result"]
 
         cached = run("cached")
-        floors = [floor_seconds(cache, TrainConfig(out=str(work / "floor"), **common), cfg.floor_batches)]
+        # the floor and the FLOP count use the cached command's own resolved config
+        run_cfg = TrainConfig.from_dict(yaml.safe_load((work / "cached" / "config.yaml").read_text())["train"])
+        floor_cfg = replace(run_cfg, out=str(work / "floor"))
+        floors = [floor_seconds(cache, floor_cfg, cfg.floor_batches)]
         epochs = [cached["epoch_s"]]
         for _ in range(cfg.repeats - 1):
             epochs.append(run("cached")["epoch_s"])
-            floors.append(floor_seconds(cache, TrainConfig(out=str(work / "floor"), **common), cfg.floor_batches))
+            floors.append(floor_seconds(cache, floor_cfg, cfg.floor_batches))
         cached_s, floor = min(epochs), min(floors)
         live = run("live", "--live")
         model, _ = build_side(cache, {}, 0)
-        batch = next(iter(planned_batches(cache, TrainConfig(out=str(work / "limit"), **common),
-                                          data_seed=0).iter_epoch(0)))  # a batch of the plan the runs above used
+        batch = next(iter(planned_batches(cache, run_cfg, data_seed=0).iter_epoch(0)))  # a batch the runs above used
         targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
         limit = speedup_limit(cache.fingerprint["backbone"], [], batch, models=[model], targets=targets)
         speedup = live["epoch_s"] / cached["epoch_s"]  # one run each, as the live arm is timed once
