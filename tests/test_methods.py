@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,27 @@ def test_bench_table_runs_every_method_on_every_task(tmp_path, tiny_backbones):
                                      workdir=str(tmp_path / "work"), results_dir=str(tmp_path / "res2"),
                                      train_args=["--r", "2"], progress=False))
     assert log.stat().st_mtime_ns != stamp
+
+
+def test_bench_table_epoch_schedule_per_task_and_for_lst_rows():
+    """``--epochs``/``--lst-epochs``: a default plus per-task counts, or the official scripts' 'paper' schedule;
+    each method's `lst train` command carries its own count; a bad schedule is refused with the forms it takes."""
+    from pipeline.bench.memory import MemoryBenchConfig, train_command
+    from pipeline.bench.table import TableBenchConfig, describe_epochs, epochs_for, parse_epochs
+
+    assert parse_epochs(3) == {"*": 3}
+    assert parse_epochs("paper") == {"*": 10, "cola": 20, "mrpc": 20, "stsb": 20, "rte": 20}
+    assert parse_epochs("cola=5") == {"cola": 5, "*": 1}
+    cfg = TableBenchConfig(epochs="3,mrpc=4", lst_epochs="paper")
+    got = {(t, m): epochs_for(cfg, t, m) for t in ("sst2", "mrpc") for m in ("full", "lora", "cached", "live")}
+    assert got == {("sst2", "full"): 3, ("sst2", "lora"): 3, ("sst2", "cached"): 10, ("sst2", "live"): 10,
+                   ("mrpc", "full"): 4, ("mrpc", "lora"): 4, ("mrpc", "cached"): 20, ("mrpc", "live"): 20}
+    assert epochs_for(TableBenchConfig(epochs=2), "mrpc", "cached") == 2  # no LST schedule: the common one
+    cmd = train_command("cached", MemoryBenchConfig(epochs=epochs_for(cfg, "mrpc", "cached")), "c.zarr",
+                        Path("run"), "cpu")
+    assert cmd[cmd.index("--epochs") + 1] == "20"
+    assert describe_epochs({"epochs": 3, "lst_epochs": "paper", "tasks": ["sst2", "mrpc"]}) == \
+        "3 epoch(s); LST rows 10 epoch(s) (MRPC 20)"
+    for bad in ("0", "x", "=3", "cola=", "3,,4", "cola=-1"):
+        with pytest.raises(ValueError, match="positive number of epochs"):
+            parse_epochs(bad)

@@ -21,7 +21,7 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipeline.bench.memory import (CHILD_ENV, METHODS, MemoryBenchConfig, _lst, _self, extract_cache,
@@ -43,6 +43,56 @@ TASK_LABELS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B",
                "mnli": "MNLI", "qqp": "QQP"}
 LST_METHODS = ("live", "cached", "cached-recompute", "live-dropout")
 CACHED = ("cached", "cached-recompute", "linear-probe")  # read the cache: compared with the methods that do not
+# The official LST GLUE scripts' schedule (seq2seq/scripts/env.sh, every method): 20 epochs on the small
+# tasks, 10 on the large ones.
+PAPER_EPOCHS = "10,cola=20,mrpc=20,stsb=20,rte=20"
+
+
+def parse_epochs(spec: int | str) -> dict[str, int]:
+    """An epoch schedule: ``N`` (every task), ``task=N`` items after an optional default, or ``paper``
+    (the official LST schedule, ``PAPER_EPOCHS``); the ``"*"`` key is the default.
+
+    Per-task epochs exist because one count cannot serve a table that mixes 3,668 MRPC pairs with
+    20,000 SST-2 sentences: the paper trains the small tasks twice as many epochs as the large ones.
+    """
+    text = str(spec).strip()
+    if text == "paper":
+        text = PAPER_EPOCHS
+    out: dict[str, int] = {}
+    for item in (x.strip() for x in text.split(",")):
+        key, _, val = item.rpartition("=")
+        try:
+            n = int(val)
+        except ValueError:
+            n = 0
+        if n < 1 or not item or (key == "" and "=" in item):
+            raise ValueError(f"epochs {spec!r}: give a positive number of epochs, task=N items after an optional "
+                             f"default (e.g. 10,cola=20,mrpc=20) or 'paper' ({PAPER_EPOCHS})")
+        out[key.strip() or "*"] = n
+    if "*" not in out:
+        out["*"] = 1
+    return out
+
+
+def epochs_for(cfg: "TableBenchConfig", task: str, method: str) -> int:
+    """Epochs of one method on one task: ``lst_epochs`` for the LST rows when given, else ``epochs``."""
+    spec = cfg.lst_epochs if method in LST_METHODS and cfg.lst_epochs is not None else cfg.epochs
+    sched = parse_epochs(spec)
+    return sched.get(task, sched["*"])
+
+
+def describe_epochs(cfg: dict) -> str:
+    """The schedule in words for the table's header (old JSON has a plain int)."""
+    def one(spec) -> str:
+        sched = parse_epochs(spec)
+        rest = ", ".join(f"{TASK_LABELS.get(t, t)} {n}" for t, n in sched.items()
+                         if t != "*" and t in cfg.get("tasks", (t,)))
+        return f"{sched['*']} epoch(s)" + (f" ({rest})" if rest else "")
+
+    text = one(cfg["epochs"])
+    if cfg.get("lst_epochs") is not None:
+        text += f"; LST rows {one(cfg['lst_epochs'])}"
+    return text
 
 
 @dataclass
@@ -51,7 +101,8 @@ class TableBenchConfig:
     backbone: str = "minilm"
     methods: tuple[str, ...] = TABLE_METHODS
     max_train: int | None = None  # `lst extract --max-examples` (caps every split)
-    epochs: int = 1
+    epochs: int | str = 1  # N, "task=N,..." or "paper" (``parse_epochs``)
+    lst_epochs: int | str | None = None  # the LST rows' own schedule (default: ``epochs``)
     batch_size: int = 100
     max_length: int = 128
     max_steps: int | None = None  # quick checks only
@@ -132,7 +183,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     own = tw / cfg.tag if cfg.tag else tw  # tagged tables (ablations) share the caches, not the runs
     for m in cfg.methods:
         run = own / "runs" / m
-        cmd = train_command(m, mcfg, url, run, device)
+        cmd = train_command(m, replace(mcfg, epochs=epochs_for(cfg, task, m)), url, run, device)
         if m in LST_METHODS:
             cmd += ["--init", cfg.lst_init]
         done = finished_row(own / f"{m}.result.json", cmd)
@@ -191,7 +242,7 @@ def render_markdown(res: dict) -> str:
     lines = [f"# LST comparison: {res['backbone']} on {', '.join(TASK_LABELS.get(t, t) for t in tasks)} ({res['device']})",
              "",
              f"Each method is a fresh `lst train` process on the same cache, batch size {cfg['batch_size']}, "
-             f"{cfg['epochs']} epoch(s), max length {cfg['max_length']}, the paper's learning rates "
+             f"{describe_epochs(cfg)}, max length {cfg['max_length']}, the paper's learning rates "
              "(3e-4 full FT / LoRA / Adapter / BitFit, 3e-3 LST and the linear probe); LST: defaults with "
              f"`--init {cfg.get('lst_init', 'fisher')}`"
              + (f", extra `lst train` flags `{' '.join(cfg['train_args'])}`" if cfg.get("train_args") else "")
@@ -242,7 +293,7 @@ def plot(res: dict, path: Path) -> None:
                                         else "(process peak RSS above the import baseline)"))
     ax.set_ylabel("average dev score (x100)")
     ax.set_title(f"{res['backbone']} on {', '.join(TASK_LABELS.get(t, t) for t in res['tasks_order'])} "
-                 f"({res['device']}, {res['config']['epochs']} epoch)")
+                 f"({res['device']}, {describe_epochs(res['config'])})")
     ax.margins(x=0.12, y=0.1)
     ax.grid(alpha=0.3)
     fig.tight_layout()

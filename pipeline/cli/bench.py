@@ -300,7 +300,7 @@ def _table(a: argparse.Namespace) -> int:
     cfg = TableBenchConfig(
         tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()), backbone=a.backbone,
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else TABLE_METHODS,
-        max_train=a.max_train, epochs=a.epochs, batch_size=a.batch_size, max_length=a.max_length,
+        max_train=a.max_train, epochs=a.epochs, lst_epochs=a.lst_epochs, batch_size=a.batch_size, max_length=a.max_length,
         max_steps=a.max_steps, fisher_samples=a.fisher_samples, device=a.device, workdir=a.workdir,
         results_dir=a.results_dir, tag=a.tag, progress=not a.no_progress, lst_init=a.lst_init,
         train_args=shlex.split(a.train_args or ""))
@@ -312,6 +312,17 @@ def _table(a: argparse.Namespace) -> int:
 
         print(render_markdown(res))
     return 0
+
+
+def _epoch_schedule(text: str) -> str:
+    """argparse type: reject a bad schedule at parse time (exit 2, the reason in one line)."""
+    from pipeline.bench.table import parse_epochs
+
+    try:
+        parse_epochs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return int(text) if text.strip().isdigit() else text.strip()
 
 
 def _register_table(bsub) -> None:
@@ -333,7 +344,13 @@ def _register_table(bsub) -> None:
     p.add_argument("--train-args", help="extra `lst train` flags for every method, quoted, e.g. \"--lr 1e-3\"")
     p.add_argument("--max-train", type=int, help="`lst extract --max-examples`: caps every split (dev sets are "
                                                  "<= 1500 examples, so N >= 1500 caps training only)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs of every method (default 1)")
+    p.add_argument("--epochs", type=_epoch_schedule, default="1",
+                   help="epochs of every method: N, per task after an optional default (10,cola=20,mrpc=20), or "
+                        "'paper': the official LST scripts' 10 (SST-2 and other large tasks) / 20 (CoLA, MRPC, "
+                        "STS-B, RTE) (default 1)")
+    p.add_argument("--lst-epochs", type=_epoch_schedule,
+                   help="the LST rows' own schedule, same forms as --epochs (default: --epochs), e.g. compare "
+                        "--epochs 3 for the methods that run the backbone with --lst-epochs paper")
     p.add_argument("--batch-size", type=int, default=100, help="examples per batch, every method (default 100)")
     p.add_argument("--max-length", type=int, default=128, help="extraction max length (default 128)")
     p.add_argument("--max-steps", type=int, help="cap each run (quick checks)")
