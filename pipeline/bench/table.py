@@ -166,7 +166,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     tw = work / task
     tw.mkdir(parents=True, exist_ok=True)
     mcfg = MemoryBenchConfig(backbone=cfg.backbone, dataset=task, max_examples=cfg.max_train, batch_size=cfg.batch_size,
-                             max_length=cfg.max_length, epochs=cfg.epochs, max_steps=cfg.max_steps, device=device,
+                             max_length=cfg.max_length, max_steps=cfg.max_steps, device=device,
                              train_args=list(cfg.train_args), progress=False)
     _log(cfg, f"{task}: extract")
     t0 = time.perf_counter()
@@ -183,6 +183,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     own = tw / cfg.tag if cfg.tag else tw  # tagged tables (ablations) share the caches, not the runs
     for m in cfg.methods:
         run = own / "runs" / m
+        # the schedule may differ per task and method, so each command gets its own count
         cmd = train_command(m, replace(mcfg, epochs=epochs_for(cfg, task, m)), url, run, device)
         if m in LST_METHODS:
             cmd += ["--init", cfg.lst_init]
