@@ -277,9 +277,10 @@ def test_by_length_order_is_a_seeded_cover_with_little_padding(caches):
     assert grouped.layout.window_bytes == grouped.layout.window_cap  # one window at a time
 
 
-def test_packed_taps_give_the_side_network_the_padded_loss_and_gradients():
-    """PackedTap through the ladders (bias on the padding rows) and the tap-0 dropout (the padded
-    mask's draws): loss and every gradient equal those of the padded batch."""
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_packed_taps_give_the_side_network_the_padded_loss_and_gradients(noise):
+    """PackedTap through the ladders (bias on the padding rows), the tap-0 dropout and --tap-noise
+    (the padded draws): loss and every gradient equal those of the padded batch."""
     from pipeline.backbones import make_tiny_backbone  # noqa: F401 (fixture-free: a config is enough)
     from transformers import BertConfig
 
@@ -290,7 +291,7 @@ def test_packed_taps_give_the_side_network_the_padded_loss_and_gradients():
     cfg = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                      vocab_size=50)
     torch.manual_seed(0)
-    model = LadderSideNetwork(SideConfig(r=4, dropout=0.1, num_labels=2), cfg)
+    model = LadderSideNetwork(SideConfig(r=4, dropout=0.1, num_labels=2, tap_noise=noise), cfg)
     B, L = 5, 7
     lens = torch.tensor([7, 3, 1, 5, 6])
     mask = (torch.arange(L)[None] < lens[:, None]).long()

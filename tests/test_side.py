@@ -465,6 +465,7 @@ def test_config_roundtrip_and_resolution():
         (dict(task_type="regression", num_labels=3), None, "num_labels must be 1"),
         (dict(num_labels=1), None, "regression"),
         (dict(dropout=1.0), None, "dropout"),
+        (dict(tap_noise=-0.1), None, "tap_noise"),
     ],
 )
 def test_invalid_configs(kwargs, backbone, match):
@@ -498,6 +499,33 @@ def test_cpu_dropout_is_inverted_bernoulli_from_the_torch_generator():
     torch.manual_seed(0)
     assert torch.equal(d(x.detach()), y.detach())  # seeded: checkpoints and fused variants replay it
     assert torch.equal(d.eval()(x), x)
+
+
+def test_tap_noise_is_multiplicative_gaussian_at_training_time_only():
+    """--tap-noise s: every tap becomes tap * (1 + s * N(0, 1)) in training (drawn from the dropout
+    stream, so seeded), and evaluation reads the taps as cached."""
+    from pipeline.side.packed import tap_noise
+
+    x = torch.randn(4, 50, 64) + 3.0
+    torch.manual_seed(0)
+    y = tap_noise(x, 0.3, torch.float32)
+    ratio = (y / x - 1.0) / 0.3
+    assert abs(ratio.mean().item()) < 0.02 and abs(ratio.std().item() - 1.0) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(tap_noise(x, 0.3, torch.float32), y)
+
+    c = tiny_configs()["roberta"]
+    mask = torch.ones(3, 6, dtype=torch.long)
+    torch.manual_seed(0)
+    plain = LadderSideNetwork(SideConfig(r=4, dropout=0.0), c)
+    noisy = LadderSideNetwork(SideConfig(r=4, dropout=0.0, tap_noise=0.3), c)
+    noisy.load_state_dict(plain.state_dict())
+    taps = random_taps(plain, 3, 6)
+    plain.eval(), noisy.eval()
+    assert torch.equal(plain(taps, mask), noisy(taps, mask))  # evaluation: the cache as it is
+    plain.train(), noisy.train()
+    assert torch.equal(plain(taps, mask), plain(taps, mask))  # no dropout, no noise: deterministic
+    assert not torch.allclose(plain(taps, mask), noisy(taps, mask))
 
 
 def test_cpu_attention_with_dropout_is_softmax_dropout_matmul():

@@ -26,7 +26,7 @@ def _layers(s: str) -> list[int] | None:
 
 # side-network fields that are flags of `lst train` (the rest come from the cache or a --config)
 SIDE_FLAGS = ("r", "layers", "decoder_layers", "head", "gate", "block", "init", "pooling", "dropout",
-              "attention_dropout", "side_heads")
+              "attention_dropout", "side_heads", "tap_noise")
 LAYER_FLAGS = ("layers", "decoder_layers")
 
 

@@ -83,8 +83,8 @@ def _check_value(name: str, v: Any) -> Any:
         v = float(v)
         if name == "lr" and not v > 0:
             raise SpaceError(f"lr must be > 0, got {v}")
-        if name == "weight_decay" and v < 0:
-            raise SpaceError(f"weight_decay must be >= 0, got {v}")
+        if name in ("weight_decay", "tap_noise") and v < 0:
+            raise SpaceError(f"{name} must be >= 0, got {v}")
         if name in ("warmup_ratio", "dropout", "attention_dropout") and not 0 <= v < 1:
             raise SpaceError(f"{name} must be in [0, 1), got {v}")
         return v

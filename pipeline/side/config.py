@@ -69,6 +69,8 @@ class SideConfig:
             'fisher' (same slicing, rows ranked by squared-gradient importance).
         pooling: 'cls', 'mean' or 'last'; None picks the family default (decoders: 'last',
             T5 encoder: 'mean', BERT-like: 'cls').
+        tap_noise: s of the training-time noise x * (1 + s * N(0, 1)) on every tap (0: off), to
+            stand in for the live backbone's dropout, which a one-pass eval-mode cache lacks.
         dropout: side dropout (on tap 0 before its ladder, inside the side blocks, after the
             final norm - where the official code puts it).
         attention_dropout: dropout on attention probabilities; None = ``dropout`` (as the
@@ -92,6 +94,11 @@ class SideConfig:
     gate: str = field(default="learnable", metadata={
         "help": "ladder gate: learnable (mu = sigmoid(alpha/T) mixes side state and ladder), sum, or none "
                 "(ablation: only the tap-0 ladder)", "knob": "str", "choices": GATES})
+    tap_noise: float = field(default=0.0, metadata={
+        "help": "training-time multiplicative Gaussian noise on every tap, x * (1 + s * N(0, 1)): a cache holds "
+                "one eval-mode backbone pass, the paper's live backbone a new dropout draw each step (on MiniLM "
+                "its p=0.1 dropout moves each tap by ~0.3 of its norm, so 0.3 mimics it); 0 = off (default, "
+                "the cache as it is)", "knob": "float"})
     gate_T: float = field(default=0.1, metadata={"help": "gate temperature (official 0.1)"})
     gate_alpha_init: float = field(default=0.0, metadata={"help": "initial gate alpha (official 0: mu = 0.5)"})
     block: str = field(default="backbone", metadata={
@@ -135,6 +142,8 @@ class SideConfig:
             _choice("pooling", self.pooling, POOLINGS)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"SideConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= float(self.tap_noise) < 10.0:
+            raise ValueError(f"SideConfig.tap_noise must be in [0, 10), got {self.tap_noise!r}")
         if self.attention_dropout is not None and not 0.0 <= float(self.attention_dropout) < 1.0:
             raise ValueError(f"SideConfig.attention_dropout must be in [0, 1) or None, got {self.attention_dropout!r}")
         _choice("task_type", self.task_type, TASK_TYPES)

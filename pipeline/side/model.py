@@ -4,6 +4,7 @@ It reads the backbone only through its taps (tap 0 = embedding output, tap b = b
 output on the residual stream), so it trains from an activation cache as well as beside
 a live backbone.  Structure and init follow the official ``modeling_side_t5.py``:
 
+    tap_b = tap_b * (1 + s * N(0, 1))                        # training only, with --tap-noise s > 0
     h = Down_0(dropout(tap_0))                               # first side state
     for each kept block b (1-based, backbone order):
         mu = sigmoid(alpha_b / T)                            # 'learnable' (alpha=0 -> 0.5)
@@ -31,7 +32,7 @@ from .blocks.dropout import Dropout, checkpoint
 from .blocks.norms import make_norm
 from .config import SideConfig
 from .families import backbone_dims, family_for, reduced_config
-from .packed import PackedTap, apply_ladder, packed_dropout
+from .packed import PackedTap, apply_ladder, packed_dropout, tap_noise
 from .pooling import pool
 
 __all__ = ["LadderSideNetwork", "LADDER_INIT_STD"]
@@ -129,6 +130,8 @@ class LadderSideNetwork(nn.Module):
             raise ValueError(f"expected {len(need)} taps (indices {need}, in that order), got {len(taps)}")
         dtype = self.upsample.weight.dtype  # a cache may decode to bf16; compute in the side's dtype
         ctx = make_context(attention_mask, self.family.causal, dtype)
+        if self.training and self.config.tap_noise > 0:
+            taps = [tap_noise(t, self.config.tap_noise, dtype) for t in taps]
         t0 = taps[0]
         if isinstance(t0, PackedTap):
             t0 = packed_dropout(t0, self.tap_dropout.p, self.tap_dropout.training, dtype)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .blocks.dropout import uniform
+from .blocks.dropout import normal, uniform
 
-__all__ = ["PackedTap", "apply_ladder", "packed_dropout"]
+__all__ = ["PackedTap", "apply_ladder", "packed_dropout", "tap_noise"]
 
 
 @dataclass
@@ -96,3 +96,16 @@ def packed_dropout(tap: PackedTap, p: float, training: bool, dtype: torch.dtype)
     del draws
     return PackedTap(torch.where(keep, v * (1.0 / (1.0 - p)), torch.zeros((), dtype=v.dtype)),
                      tap.rows, tap.batch, tap.length)
+
+
+def tap_noise(tap: Tensor | PackedTap, sigma: float, dtype: torch.dtype) -> Tensor | PackedTap:
+    """``tap * (1 + sigma * N(0, 1))`` in ``dtype``: a stand-in, at training time, for the fresh dropout
+    draw a live backbone gives each step (a cache holds one eval-mode pass). A packed tap takes the
+    draws a padded one would at its rows (one [B*L, d] draw, as ``packed_dropout``), so packed and
+    padded runs stay equal number for number."""
+    if isinstance(tap, PackedTap):
+        v = tap.values.to(dtype)
+        eps = normal((tap.batch * tap.length, v.shape[-1]), v).index_select(0, tap.rows)
+        return PackedTap(v * eps.mul_(sigma).add_(1.0), tap.rows, tap.batch, tap.length)
+    v = tap.to(dtype)
+    return v * normal(v.shape, v).mul_(sigma).add_(1.0)

@@ -50,6 +50,9 @@ class T5LabelScorer(nn.Module):
         if config.side_heads is not None:
             raise ValueError("side_heads applies to encoder and decoder-only side networks; the T5 side "
                              "encoder-decoder keeps the official head count")
+        if config.tap_noise:
+            raise ValueError("tap_noise (--tap-noise) is implemented for encoder and decoder-only side networks, "
+                             "not yet for the T5 side encoder-decoder; leave it at 0")
         if config.num_labels != len(targets.words):
             raise ValueError(f"{config.num_labels} classes but {len(targets.words)} label words")
         enc, dec = t5_stack_layers(config, t5_config)

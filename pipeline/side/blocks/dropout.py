@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import checkpoint as torch_checkpoint
 
-__all__ = ["Dropout", "dropout", "dropout_stream", "uniform", "checkpoint"]
+__all__ = ["Dropout", "dropout", "dropout_stream", "uniform", "normal", "checkpoint"]
 
 _STREAM: ContextVar[torch.Generator | None] = ContextVar("lst_dropout_stream", default=None)
 
@@ -42,6 +42,11 @@ def dropout_stream(generator: torch.Generator | None) -> Iterator[None]:
 def uniform(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     """U[0, 1) draws of ``like``'s dtype and device from the current stream (``torch.rand``'s values)."""
     return torch.rand(shape, dtype=like.dtype, device=like.device, generator=_STREAM.get())
+
+
+def normal(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
+    """N(0, 1) draws of ``like``'s dtype and device from the current stream (``torch.randn``'s values)."""
+    return torch.randn(shape, dtype=like.dtype, device=like.device, generator=_STREAM.get())
 
 
 def _uniform_like(x: Tensor) -> Tensor:
