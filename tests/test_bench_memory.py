@@ -94,7 +94,7 @@ def test_scale_bench_writes_an_llm_shaped_cache_and_accounts_for_it(tmp_path):
     from pipeline.cache.store import ActivationCache
 
     cfg = ScaleBenchConfig(hidden=64, layers=4, taps=3, tokens=3000, shard_tokens=1024, steps=2, batch_tokens=256,
-                           r=2, budgets=("default", "8MB"), workdir=str(tmp_path), progress=False)
+                           r=2, budgets=("default", "8MB", "8MB@64"), workdir=str(tmp_path), progress=False)
     res = run_scale_bench(cfg)
     cache = ActivationCache.open(str(tmp_path / "synthetic.zarr"))
     assert cache.taps == [0, 2, 4] and cache.hidden_size == 64 and cache.codec == "bf16"
@@ -106,6 +106,9 @@ def test_scale_bench_writes_an_llm_shaped_cache_and_accounts_for_it(tmp_path):
         for k in ("peak_abs_mb", "peak_above_baseline_mb", "budget_mb", "stall_fraction", "side_step_s", "goals"):
             assert k in r, k
         assert r["steps"] == 2
+        assert 0 < r["reader_peak_mb"] <= r["budget_mb"] and r["rest_mb"] is not None  # the reader's own bytes
+    assert [r["batch_tokens"] for r in res["runs"].values()] == [256, 256, 64]
+    assert "--batch-tokens 64 --reader-memory 8MB" in res["runs"]["8MB@64"]["command"]
     g = res["gpu"]
     for k in ("side_params", "side_state_gb", "batch_taps_fp32_gb", "batch_taps_bf16_gb", "activations_est_gb",
               "backbone_weights_bf16_gb", "cached_over_backbone_weights"):

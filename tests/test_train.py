@@ -110,6 +110,7 @@ def test_train_json_line_and_predict(tmp_path, minilm_fp32, capsys):
               "examples_per_s", "stall_fraction"):
         assert k in s
     assert s["task"] == "sst2" and s["metric"] == "accuracy"
+    assert 0 < s["reader_peak_mb"] <= 512  # the reader's own accounting, within the default budget
     assert lst_main(["predict", "--run", out, "--text", "a wonderful , moving film", "--json"]) == 0
     p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"][0]
     assert p["label"] in ("negative", "positive", 0, 1) and abs(sum(p["probabilities"]) - 1) < 1e-5

@@ -47,6 +47,8 @@ class ScaleBenchConfig:
     max_len: int = 256
     shard_tokens: int = 16384
     steps: int = 20
+    # --reader-memory per run; 'default' runs without the flag; 'BUDGET@N' runs that budget with
+    # --batch-tokens N instead of ``batch_tokens`` (the step's own memory scales with the batch)
     budgets: tuple[str, ...] = ("default", "128MB")
     batch_tokens: int | None = 512
     batch_size: int = 100
@@ -55,6 +57,16 @@ class ScaleBenchConfig:
     train_args: tuple[str, ...] = ()  # extra `lst train` flags for every budget's run, e.g. ("--recompute", "blocks")
     workdir: str | None = None
     progress: bool = True
+
+
+def split_budget(spec: str, batch_tokens: int | None) -> tuple[str, int | None]:
+    """'128MB@128' -> ('128MB', 128); '128MB' -> ('128MB', batch_tokens)."""
+    budget, at, tokens = spec.partition("@")
+    if not at:
+        return spec, batch_tokens
+    if not tokens.isdigit() or int(tokens) < 1:
+        raise ValueError(f"--budgets {spec!r}: after '@' give the batch's token cap, e.g. 128MB@128")
+    return budget, int(tokens)
 
 
 def parse_size(s: str) -> int:
@@ -250,15 +262,16 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
         runs, first = {}, None
         budgets = cfg.budgets if flag else ("default",)
         for b in budgets:
-            budget = DEFAULT_READER_MEMORY if b == "default" else b
+            flag_b, batch_tokens = split_budget(b, cfg.batch_tokens)
+            budget = DEFAULT_READER_MEMORY if flag_b == "default" else flag_b
             args = ["train", "--cache", url, "--out", str(work / f"run-{b}"), "--layers",
                     ",".join(map(str, shape["blocks"])), "--r", str(cfg.r), "--max-steps", str(cfg.steps),
                     "--epochs", "1", "--batch-size", str(cfg.batch_size), "--device", "cpu", "--overwrite",
                     "--no-progress", "--json"]
-            if cfg.batch_tokens:
-                args += ["--batch-tokens", str(cfg.batch_tokens)]
-            if b != "default":
-                args += ["--reader-memory", b]
+            if batch_tokens:
+                args += ["--batch-tokens", str(batch_tokens)]
+            if flag_b != "default":
+                args += ["--reader-memory", flag_b]
             args += list(cfg.train_args)
             got = run_measured(_lst(*args), stderr_to=str(work / f"run-{b}.log"))
             s = got["result"]
@@ -271,11 +284,16 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
             side_state_mb = 16 * s["trainable_params"] / MB
             runs[b] = {
                 "command": " ".join(["lst", *args]),
-                "reader_memory": budget, "budget_mb": round(budget_mb, 1),
+                "reader_memory": budget, "budget_mb": round(budget_mb, 1), "batch_tokens": batch_tokens,
                 "peak_abs_mb": round(peak, 1), "peak_above_baseline_mb": round(above, 1),
                 "above_baseline_over_budget": round(above / budget_mb, 3),
                 "side_state_mb": round(side_state_mb, 1),
                 "above_baseline_minus_side_state_mb": round(above - side_state_mb, 1),
+                # the reader's own byte accounting, and what is neither it nor the side state: the step's
+                # activations and temporaries, allocator slack (None: an `lst train` without the key)
+                "reader_peak_mb": s.get("reader_peak_mb"),
+                "rest_mb": None if s.get("reader_peak_mb") is None
+                else round(above - side_state_mb - s["reader_peak_mb"], 1),
                 "steps": s["steps"], "epoch_s": s["epoch_s"], "stall_fraction": s.get("stall_fraction"),
                 "side_step_s": None if step_s is None else round(step_s, 4),
                 "examples_per_s": s.get("examples_per_s"), "wall_s": got["wall_s"],

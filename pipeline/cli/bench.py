@@ -66,8 +66,18 @@ def _memory(a: argparse.Namespace) -> int:
 def _scale(a: argparse.Namespace) -> int:
     from pipeline.bench.scale import ScaleBenchConfig, run_scale_bench
 
-    cfg = ScaleBenchConfig(hidden=a.hidden, taps=a.taps, tokens=a.tokens, steps=a.steps,
-                           budgets=tuple(x.strip() for x in a.budgets.split(",") if x.strip()),
+    from pipeline.bench.scale import parse_size, split_budget
+    from pipeline.errors import UserError
+
+    budgets = tuple(x.strip() for x in a.budgets.split(",") if x.strip())
+    for b in budgets:  # before the minutes of writing the cache
+        try:
+            flag_b, _ = split_budget(b, a.batch_tokens)
+            if flag_b != "default":
+                parse_size(flag_b)
+        except ValueError as e:
+            raise UserError(f"--budgets {b!r}: {e}") from None
+    cfg = ScaleBenchConfig(hidden=a.hidden, taps=a.taps, tokens=a.tokens, steps=a.steps, budgets=budgets,
                            batch_tokens=a.batch_tokens, batch_size=a.batch_size, layers=a.layers, heads=a.heads,
                            intermediate=a.intermediate, vocab=a.vocab, r=a.r, workdir=a.workdir,
                            train_args=tuple(shlex.split(a.train_args or "")), progress=not a.no_progress)
@@ -118,7 +128,9 @@ def _register_scale(bsub) -> None:
     s.add_argument("--tokens", type=int, default=200_000, help="training tokens (default 200,000)")
     s.add_argument("--steps", type=int, default=20, help="`lst train --max-steps` per budget")
     s.add_argument("--budgets", default="default,128MB",
-                   help="comma-separated --reader-memory values; 'default' runs without the flag")
+                   help="comma-separated --reader-memory values; 'default' runs without the flag; BUDGET@N runs "
+                        "that budget with --batch-tokens N (e.g. 128MB@128: the step's own memory scales with "
+                        "the batch, the reader's with the budget)")
     s.add_argument("--batch-tokens", type=int, default=512, help="`lst train --batch-tokens` (default 512)")
     s.add_argument("--batch-size", type=int, default=100, help="`lst train --batch-size` (default 100)")
     s.add_argument("--r", type=int, default=8, help="side reduction factor (default 8)")

@@ -215,6 +215,8 @@ def train(cfg: TrainConfig) -> dict:
     run_loop([runner], train_reader, eval_reader, source, epochs=cfg.epochs, metric=task["metric"],
              max_steps=cfg.max_steps, resumable=True, progress=cfg.progress)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
+    # the reader's own byte accounting (its budget's share of peak_mem_mb; the rest is the model and its step)
+    s["reader_peak_mb"] = round(max(train_reader.peak_bytes, eval_reader.peak_bytes) / (1 << 20), 1)
     run.write_summary(s)
     return s
 
