@@ -203,3 +203,16 @@ def test_bench_table_epoch_schedule_per_task_and_for_lst_rows():
     for bad in ("0", "x", "=3", "cola=", "3,,4", "cola=-1"):
         with pytest.raises(ValueError, match="positive number of epochs"):
             parse_epochs(bad)
+
+
+def test_bench_table_ranks_mrpc_epochs_by_f1_and_accuracy(tmp_path):
+    """The table's row is the epoch with the best paper score (MRPC: mean of F1 and accuracy, the
+    official `average_metrics`), also for runs that kept their F1-best epoch."""
+    from pipeline.bench.table import best_row
+
+    rows = [{"epoch": 1, "dev_score": 0.82, "dev_f1": 0.82, "dev_accuracy": 0.70},  # near-majority: best F1
+            {"epoch": 2, "dev_score": 0.81, "dev_f1": 0.81, "dev_accuracy": 0.74},  # best (F1 + acc) / 2
+            {"epoch": 3, "dev_score": 0.80, "dev_f1": 0.80, "dev_accuracy": 0.70}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_row(tmp_path, "mrpc")["epoch"] == 2
+    assert best_row(tmp_path / "missing", "mrpc") is None
