@@ -66,3 +66,17 @@ def test_impossible_training_values_are_refused(bad):
 
 def test_yaml_string_numbers_are_read_as_numbers():
     assert TrainConfig(lr="3e-3").lr == 0.003
+
+
+def test_a_run_resumes_across_a_new_side_key_at_its_default(tmp_path):
+    """A run started before a side option existed (its config.yaml lacks the key) resumes when the
+    option is given at its default, and is refused when it is given another value."""
+    run = RunDir(tmp_path / "run")
+    fp = {"backbone": "b", "dataset": "d"}
+    old = TrainConfig(cache="c", out=str(run), side={"r": 4}).to_dict()
+    run.start({"train": old, "cache_fingerprint": fp})
+    (run.checkpoint).mkdir()
+    (run.checkpoint / "info.json").write_text("{}")
+    assert run.prepare(TrainConfig(cache="c", out=str(run), side={"r": 4, "tap_noise": 0.0}), fp, resumable=True)
+    with pytest.raises(TrainError, match="differs in side"):
+        run.prepare(TrainConfig(cache="c", out=str(run), side={"r": 4, "tap_noise": 0.3}), fp, resumable=True)

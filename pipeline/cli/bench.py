@@ -64,9 +64,7 @@ def _memory(a: argparse.Namespace) -> int:
 
 
 def _scale(a: argparse.Namespace) -> int:
-    from pipeline.bench.scale import ScaleBenchConfig, run_scale_bench
-
-    from pipeline.bench.scale import parse_size, split_budget
+    from pipeline.bench.scale import ScaleBenchConfig, parse_size, run_scale_bench, split_budget
     from pipeline.errors import UserError
 
     budgets = tuple(x.strip() for x in a.budgets.split(",") if x.strip())

@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.cache.fingerprint import diff_fingerprints
 from pipeline.errors import CacheError, TrainError
+from pipeline.side.config import SideConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import RESUME_FREE, TrainConfig
 
@@ -55,7 +56,11 @@ class RunDir:
     def _check_same_run(self, cfg: TrainConfig, fingerprint: dict) -> None:
         saved = yaml.safe_load((self.path / "config.yaml").read_text())
         now, defaults = cfg.to_dict(), TrainConfig().to_dict()
-        diffs = [k for k in now if k not in RESUME_FREE and saved["train"].get(k, defaults[k]) != now[k]]
+        then = dict(saved["train"])
+        if isinstance(then.get("side"), dict) and isinstance(now.get("side"), dict):
+            # a side key added since the run started (e.g. tap_noise) had its default then
+            then["side"] = {**{k: v for k, v in SideConfig().to_dict().items() if k in now["side"]}, **then["side"]}
+        diffs = [k for k in now if k not in RESUME_FREE and then.get(k, defaults[k]) != now[k]]
         if diffs:
             raise TrainError(
                 f"{self.path} holds a different run (differs in {', '.join(diffs)}); use another --out or --overwrite"
