@@ -42,7 +42,7 @@ from pipeline.side.model import LadderSideNetwork
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import OnEpoch, Variant, VariantRunner, cached_taps, run_loop, summary, variant_pool
 from pipeline.train.rundir import RunDir
-from pipeline.train.trainer import build_side, label_meta, make_readers, set_recompute, total_steps
+from pipeline.train.trainer import build_side, label_meta, make_readers, reader_peak_mb, set_recompute, total_steps
 
 __all__ = ["train_many", "train_group", "group_key", "side_train_memory_mb", "OnEpoch", "FUSE_MODES", "resolve_fuse",
            "resolve_variant_threads"]
@@ -209,7 +209,8 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
         s.update({"pruned": v.pruned, "fused_variants": len(variants), "data_seed": data_seed,
                   "train_s": round(v.train_s, 3), "amortised_s": round(v.train_s / len(variants), 3),
                   "side_mem_mb": mem_of[stack_key(v.model)], "fuse": mode, "stack_size": 1,
-                  "variant_threads": threads if pool is not None else 1})
+                  "variant_threads": threads if pool is not None else 1,
+                  "reader_peak_mb": reader_peak_mb(train_reader, eval_reader)})  # one reader for all variants
         v.run.write_summary(s)
         out.append(s)
     return out

@@ -29,7 +29,7 @@ from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
 from pipeline.sizes import parse_size
 
-__all__ = ["TrainConfig", "train", "build_side", "LiveTaps", "make_readers", "label_meta"]
+__all__ = ["TrainConfig", "train", "build_side", "LiveTaps", "make_readers", "label_meta", "reader_peak_mb"]
 
 SIDE_KEYS = {f.name for f in dataclasses.fields(SideConfig)}
 
@@ -215,10 +215,15 @@ def train(cfg: TrainConfig) -> dict:
     run_loop([runner], train_reader, eval_reader, source, epochs=cfg.epochs, metric=task["metric"],
              max_steps=cfg.max_steps, resumable=True, progress=cfg.progress)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
-    # the reader's own byte accounting (its budget's share of peak_mem_mb; the rest is the model and its step)
-    s["reader_peak_mb"] = round(max(train_reader.peak_bytes, eval_reader.peak_bytes) / (1 << 20), 1)
+    s["reader_peak_mb"] = reader_peak_mb(train_reader, eval_reader)
     run.write_summary(s)
     return s
+
+
+def reader_peak_mb(*readers: CacheReader) -> float:
+    """The readers' own byte accounting at its peak (their budget's share of ``peak_mem_mb``; the rest
+    is the model and its step). The readers never run at once, so the larger peak is the one held."""
+    return round(max(r.peak_bytes for r in readers) / (1 << 20), 1)
 
 
 def parse_reader_memory(size: str | int) -> int:
