@@ -16,7 +16,6 @@ read+decode MB/s of the cache and a GPU memory account of the same run counted f
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench.memory import _lst, _self, reader_memory_supported, run_measured
+from pipeline.sizes import parse_size  # what `lst train --reader-memory` parses
 
 DEFAULT_READER_MEMORY = "512MB"  # `lst train --reader-memory` default
 GB = 1e9
@@ -65,17 +65,8 @@ def split_budget(spec: str, batch_tokens: int | None) -> tuple[str, int | None]:
     if not at:
         return spec, batch_tokens
     if not tokens.isdigit() or int(tokens) < 1:
-        raise ValueError(f"--budgets {spec!r}: after '@' give the batch's token cap, e.g. 128MB@128")
+        raise ValueError("after '@' give the batch's token cap, e.g. 128MB@128")
     return budget, int(tokens)
-
-
-def parse_size(s: str) -> int:
-    """'512MB' -> bytes (binary units: MB = MiB); plain numbers are bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", s.upper())
-    if not m:
-        raise ValueError(f"cannot read size {s!r}; give e.g. 512MB or 2GB")
-    unit = m.group(2).replace("I", "").rstrip("B") or ""
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
 
 
 def shape_of(cfg: ScaleBenchConfig) -> dict:

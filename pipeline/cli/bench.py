@@ -64,8 +64,9 @@ def _memory(a: argparse.Namespace) -> int:
 
 
 def _scale(a: argparse.Namespace) -> int:
-    from pipeline.bench.scale import ScaleBenchConfig, parse_size, run_scale_bench, split_budget
+    from pipeline.bench.scale import ScaleBenchConfig, run_scale_bench, split_budget
     from pipeline.errors import UserError
+    from pipeline.sizes import parse_size
 
     budgets = tuple(x.strip() for x in a.budgets.split(",") if x.strip())
     for b in budgets:  # before the minutes of writing the cache

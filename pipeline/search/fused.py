@@ -203,6 +203,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
             torch.set_num_threads(intra_op)
 
     backbone_params = int(cache.attrs["backbone"]["num_parameters"])
+    shared_reader_mb = reader_peak_mb(train_reader, eval_reader)  # one reader for all variants
     out = []
     for v in variants:
         s = summary(v, task, backbone_params, device, live=False)
@@ -210,7 +211,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
                   "train_s": round(v.train_s, 3), "amortised_s": round(v.train_s / len(variants), 3),
                   "side_mem_mb": mem_of[stack_key(v.model)], "fuse": mode, "stack_size": 1,
                   "variant_threads": threads if pool is not None else 1,
-                  "reader_peak_mb": reader_peak_mb(train_reader, eval_reader)})  # one reader for all variants
+                  "reader_peak_mb": shared_reader_mb})
         v.run.write_summary(s)
         out.append(s)
     return out
