@@ -68,31 +68,41 @@ class MemoryBenchConfig:
 
 
 # -- processes ------------------------------------------------------------------------------------
-def _vm_hwm(pid: int) -> int | None:
+STATUS_KEYS = ("VmHWM", "RssAnon", "RssFile")
+
+
+def _status(pid: int) -> dict[str, int]:
+    """Bytes of ``STATUS_KEYS`` from ``/proc/<pid>/status`` (empty once the process is gone)."""
+    got: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                key = line.split(":", 1)[0]
+                if key in STATUS_KEYS:
+                    got[key] = int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        return {}
+    return got
 
 
 def run_measured(cmd: list[str], interval: float = 0.05, stderr_to: str | None = None) -> dict:
-    """Run ``cmd``; returns its last stdout JSON line, its polled peak RSS and its wall time."""
+    """Run ``cmd``; returns its last stdout JSON line, its polled peak RSS and its wall time.
+
+    Also the polled peaks of its private (``RssAnon``) and file-backed (``RssFile``: shared-library
+    code paged in as ops first run) resident bytes, so a whole-process peak can be split into what
+    the process allocated and what it mapped; the kernel keeps no high-water mark of either, so
+    these are samples every ``interval`` seconds (the whole-process ``VmHWM`` is exact)."""
     env = {**os.environ, **CHILD_ENV}
     err = open(stderr_to, "w") if stderr_to else subprocess.PIPE
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    peak = [0]
+    peak = dict.fromkeys(STATUS_KEYS, 0)
     done = threading.Event()
 
     def poll() -> None:
         while not done.is_set():
-            v = _vm_hwm(proc.pid)
-            if v:
-                peak[0] = max(peak[0], v)
+            for k, v in _status(proc.pid).items():
+                peak[k] = max(peak[k], v)
             done.wait(interval)
 
     th = threading.Thread(target=poll, daemon=True)
@@ -111,7 +121,9 @@ def run_measured(cmd: list[str], interval: float = 0.05, stderr_to: str | None =
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
     if not lines:
         raise RuntimeError(f"command printed no JSON: {' '.join(cmd)}\n{out[-2000:]}")
-    return {"result": json.loads(lines[-1]), "polled_peak_mb": peak[0] / 2**20, "wall_s": round(wall, 3)}
+    return {"result": json.loads(lines[-1]), "polled_peak_mb": peak["VmHWM"] / 2**20,
+            "polled_anon_peak_mb": peak["RssAnon"] / 2**20, "polled_file_peak_mb": peak["RssFile"] / 2**20,
+            "wall_s": round(wall, 3)}
 
 
 def _lst(*args: str) -> list[str]:

@@ -249,6 +249,7 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
         read = read_decode_mb_s(url)
         baseline = run_measured(_self("baseline", "--cache", url))
         base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
+        base_anon, base_file = baseline["polled_anon_peak_mb"], baseline["polled_file_peak_mb"]
         flag = reader_memory_supported()
         runs, first = {}, None
         budgets = cfg.budgets if flag else ("default",)
@@ -285,6 +286,10 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
                 "reader_peak_mb": s.get("reader_peak_mb"),
                 "rest_mb": None if s.get("reader_peak_mb") is None
                 else round(above - side_state_mb - s["reader_peak_mb"], 1),
+                # the whole-process peak split (polled): private memory the run allocated beyond the
+                # baseline's, and shared-library code paged in as the step's ops first run
+                "anon_peak_above_baseline_mb": round(got["polled_anon_peak_mb"] - base_anon, 1),
+                "file_peak_above_baseline_mb": round(got["polled_file_peak_mb"] - base_file, 1),
                 "steps": s["steps"], "epoch_s": s["epoch_s"], "stall_fraction": s.get("stall_fraction"),
                 "side_step_s": None if step_s is None else round(step_s, 4),
                 "examples_per_s": s.get("examples_per_s"), "wall_s": got["wall_s"],

@@ -161,12 +161,14 @@ class VariantRunner:
         with dropout_stream(self.stream) if own_stream else nullcontext(), out_of_memory_is_a_user_error(b):
             loss = v.model.training_loss(labels=b.labels, **self.inputs(taps, b))
             v.rng = self.stream.get_state() if own_stream else torch.get_rng_state()
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if v.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(v.model.parameters(), v.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        # free the gradients now, not at the next step: held until then they sit beside the next
+        # forward's activations (and any evaluation), a whole parameter-sized copy on top of the peak
+        self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     def eval_logits(self, taps: TapMap, b: Batch) -> torch.Tensor:
