@@ -605,21 +605,43 @@ def test_side_heads_must_divide_the_width():
         LadderSideNetwork(SideConfig(r=8, side_heads=5), bc)
 
 
-@pytest.mark.parametrize("shared_bias", [False, True])
-def test_dropout_attention_in_batch_slices_equals_the_whole_batch(monkeypatch, shared_bias):
-    """The CPU attention-dropout path runs over slices of the batch to bound its temporaries; every
-    output and gradient (the bias's too, summed over slices when it is shared) equals the one-slice run."""
+def test_attention_keep_mask_drawn_in_chunks_equals_one_draw(monkeypatch):
+    """The attention-dropout mask is drawn a chunk at a time to bound its fp32 draws; the values (and
+    so every run's masks) are those of one draw over the whole [B, H, L, L]."""
+    from pipeline.side.blocks import attention as A
+
+    like = torch.zeros(1)
+    shape = torch.Size((5, 3, 7, 9))
+    torch.manual_seed(4)
+    want = torch.rand(shape) >= 0.1
+    monkeypatch.setattr(A, "CHUNK_SCORES", 100)
+    torch.manual_seed(4)
+    got = A.keep_mask(shape, 0.1, like)
+    assert got.dtype == torch.bool and got.shape == shape
+    assert torch.equal(got, want)
+    after = torch.rand(3)  # the stream moved on by exactly the draws of one whole mask
+    torch.manual_seed(4)
+    assert torch.equal(after, torch.rand(shape.numel() + 3)[-3:])
+
+
+@pytest.mark.parametrize("bias_shape", ["per-example", "shared", "mask"])
+@pytest.mark.parametrize("chunk,n_chunks", [(3 * 11 * 11 * 2, 4), (11 * 11 * 2, 14)])
+def test_dropout_attention_in_batch_slices_equals_the_whole_batch(monkeypatch, bias_shape, chunk, n_chunks):
+    """The CPU attention-dropout path runs over slices of the batch (of the heads too, when one example
+    is over the chunk) to bound its temporaries; every output and gradient (the bias's too, summed over
+    slices when it is shared) equals the one-slice run."""
     from pipeline.side.blocks import attention as A
 
     torch.manual_seed(0)
     B, H, L, D = 7, 3, 11, 4
     q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1 if shared_bias else B, H, L, L, requires_grad=True)
+    bias = torch.randn(*{"per-example": (B, H, L, L), "shared": (1, H, L, L), "mask": (B, 1, 1, L)}[bias_shape],
+                       requires_grad=True)
     keep = torch.rand(B, H, L, L) >= 0.1
     got = []
-    for chunk in (1 << 30, H * L * L * 2):
-        monkeypatch.setattr(A, "CHUNK_SCORES", chunk)
-        assert len(A._batch_chunks(q, k)) == (1 if chunk > 1e6 else 4)
+    for chunk_scores in (1 << 30, chunk):
+        monkeypatch.setattr(A, "CHUNK_SCORES", chunk_scores)
+        assert len(A._batch_chunks(q, k)) == (1 if chunk_scores > 1e6 else n_chunks)
         out = A._DropoutAttention.apply(q, k, v, bias, 0.5, 1 / 0.9, keep)
         got.append((out, torch.autograd.grad(out.pow(2).sum(), (q, k, v, bias))))
     (o0, g0), (o1, g1) = got
@@ -627,3 +649,4 @@ def test_dropout_attention_in_batch_slices_equals_the_whole_batch(monkeypatch, s
     for a, b in zip(g0[:3], g1[:3]):
         assert torch.equal(a, b)
     assert torch.allclose(g0[3], g1[3], rtol=1e-5, atol=1e-6)  # a shared bias sums its slices in another order
+    assert g0[3].shape == bias.shape

@@ -38,12 +38,28 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
     if bias is not None:
         bias = bias.to(q.dtype)
     if training and dropout > 0 and q.device.type == "cpu":
-        # the mask is drawn as blocks.dropout draws it (same generator calls, same values)
-        keep = uniform(q.shape[:-1] + (k.shape[-2],), q) >= dropout
+        keep = keep_mask(q.shape[:-1] + (k.shape[-2],), dropout, q)
         return _DropoutAttention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout), keep)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale
     )
+
+
+#: scores one step of ``_DropoutAttention`` computes at a time (fp32: 4 MB per [b, H, L, L] tensor)
+CHUNK_SCORES = 1 << 20
+
+
+def keep_mask(shape: torch.Size, p: float, like: Tensor) -> Tensor:
+    """``uniform(shape) >= p`` as blocks.dropout draws it, but ``CHUNK_SCORES`` draws at a time: the CPU
+    generator hands out its numbers in order, so the values are the same, and the fp32 draws never
+    exist for the whole [B, H, L, L] at once (4x the bool mask: 128 MB for one example of 32 heads at
+    1,024 tokens, and drawn again when a recomputed block reruns in the backward)."""
+    keep = torch.empty(shape, dtype=torch.bool, device=like.device)
+    flat = keep.view(-1)
+    for i in range(0, flat.numel(), CHUNK_SCORES):
+        n = min(CHUNK_SCORES, flat.numel() - i)
+        torch.ge(uniform((n,), like), p, out=flat[i:i + n])
+    return keep
 
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -63,20 +79,28 @@ def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
     return ((bits.unsqueeze(1) >> _BIT_SHIFTS.to(bits.device)) & 1).view(-1)[:n].view(shape).bool()
 
 
-#: scores one step of ``_DropoutAttention`` computes at a time (fp32: 4 MB per [b, H, L, L] tensor)
-CHUNK_SCORES = 1 << 20
+def _batch_chunks(q: Tensor, k: Tensor) -> list[tuple[slice, slice]]:
+    """(batch, head) slices holding about ``CHUNK_SCORES`` attention scores each: whole examples
+    while one example's heads fit, else one example at a time in groups of heads (long sequences:
+    at 32 heads and 1,024 tokens one example alone has 32 M scores, 128 MB per fp32 tensor)."""
+    B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    everything = slice(None)
+    if H * Lq * Lk <= CHUNK_SCORES:
+        step = max(1, CHUNK_SCORES // max(1, H * Lq * Lk))
+        return [(slice(i, min(B, i + step)), everything) for i in range(0, B, step)]
+    step = max(1, CHUNK_SCORES // max(1, Lq * Lk))
+    return [(slice(i, i + 1), slice(h, min(H, h + step))) for i in range(B) for h in range(0, H, step)]
 
 
-def _batch_chunks(q: Tensor, k: Tensor) -> list[slice]:
-    """Slices of the batch dimension holding about ``CHUNK_SCORES`` attention scores each."""
-    per_example = math.prod(q.shape[1:-1]) * k.shape[-2]
-    step = max(1, CHUNK_SCORES // max(1, per_example))
-    return [slice(i, min(q.shape[0], i + step)) for i in range(0, q.shape[0], step)]
-
-
-def _rows(bias: Tensor | None, s: slice) -> Tensor | None:
-    """The bias rows of batch slice ``s`` (a bias shared by the batch, e.g. a position bias, as is)."""
-    return bias[s] if bias is not None and bias.shape[0] > 1 else bias
+def _rows(t: Tensor | None, s: tuple[slice, slice]) -> Tensor | None:
+    """The part of ``t`` (a bias or its gradient, [B or 1, H or 1, ., .]) for chunk ``s``; a dimension
+    of 1 is shared by every chunk and kept as is (e.g. a position bias shared by the batch)."""
+    if t is None:
+        return None
+    b, h = s
+    if t.shape[0] > 1:
+        t = t[b]
+    return t[:, h] if t.shape[1] > 1 else t
 
 
 class _DropoutAttention(torch.autograd.Function):
@@ -90,10 +114,11 @@ class _DropoutAttention(torch.autograd.Function):
     the forward arithmetic is the same, and the backward is the same formulas (torch's own softmax
     backward), so values match the written-out version.
 
-    Both passes run over slices of the batch of about ``CHUNK_SCORES`` scores each, so their
-    temporaries (scores, probabilities, dropped probabilities and their gradients: four to five
-    [B, H, L, L] tensors at once, ~75 MB at 100 x 62 tokens) are bounded by the slice, not the batch;
-    every example's arithmetic is unchanged (the mask is still drawn for the whole batch, in one call).
+    Both passes run over slices of the batch (and of the heads, for long sequences) of about
+    ``CHUNK_SCORES`` scores each, so their temporaries (scores, probabilities, dropped probabilities
+    and their gradients: four to five [B, H, L, L] tensors at once, ~75 MB at 100 x 62 tokens) are
+    bounded by the slice, not the batch or the sequence length; every head's arithmetic is unchanged
+    (the mask is still drawn for the whole batch, in one call).
     """
 
     @staticmethod
