@@ -605,6 +605,29 @@ def test_side_heads_must_divide_the_width():
         LadderSideNetwork(SideConfig(r=8, side_heads=5), bc)
 
 
+@pytest.mark.parametrize("bias", [None, "mask"])
+def test_dropout_attention_function_equals_autograd_on_the_written_out_arithmetic(bias):
+    """The custom Function (in-place arithmetic, probabilities recomputed in the backward) gives the
+    output and gradients autograd gives for where(keep, softmax(q k^T s + bias) c, 0) v."""
+    from pipeline.side.blocks import attention as A
+    from pipeline.side.blocks.context import mask_bias
+
+    torch.manual_seed(2)
+    B, H, L, D = 3, 2, 6, 4
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    b = None if bias is None else mask_bias(torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]),
+                                            torch.float64, causal=False)
+    keep = torch.rand(B, H, L, L) >= 0.3
+    got = A._DropoutAttention.apply(q, k, v, b, 0.5, 1 / 0.7, keep)
+    g_got = torch.autograd.grad(got.pow(2).sum(), (q, k, v))
+    probs = (q @ k.transpose(-1, -2) * 0.5 + (0 if b is None else b)).softmax(-1)
+    ref = torch.where(keep, probs * (1 / 0.7), torch.zeros((), dtype=torch.float64)) @ v
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    torch.testing.assert_close(got, ref)
+    for a, r in zip(g_got, g_ref):
+        torch.testing.assert_close(a, r)
+
+
 def test_attention_keep_mask_drawn_in_chunks_equals_one_draw(monkeypatch):
     """The attention-dropout mask is drawn a chunk at a time to bound its fp32 draws; the values (and
     so every run's masks) are those of one draw over the whole [B, H, L, L]."""

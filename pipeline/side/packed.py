@@ -92,10 +92,9 @@ def packed_dropout(tap: PackedTap, p: float, training: bool, dtype: torch.dtype)
     if v.device.type != "cpu":
         return PackedTap(nn.functional.dropout(v, p, True), tap.rows, tap.batch, tap.length)
     draws = uniform((tap.batch * tap.length, v.shape[-1]), v)
-    keep = draws.index_select(0, tap.rows) >= p
+    drop = draws.index_select(0, tap.rows) < p
     del draws
-    return PackedTap(torch.where(keep, v * (1.0 / (1.0 - p)), torch.zeros((), dtype=v.dtype)),
-                     tap.rows, tap.batch, tap.length)
+    return PackedTap((v * (1.0 / (1.0 - p))).masked_fill_(drop, 0.0), tap.rows, tap.batch, tap.length)
 
 
 def tap_noise(tap: Tensor | PackedTap, sigma: float, dtype: torch.dtype) -> Tensor | PackedTap:

@@ -123,19 +123,20 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def _probs(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        # in place: each [b, H, L, L] temporary not allocated is one not mapped and zero-filled again
+        # under lst's 128 KiB mmap threshold (the out= softmax reads each row before writing it)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         if bias is not None:
-            scores = scores + bias
-        return scores.softmax(-1)
+            scores.add_(bias)
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float,
                 keep: Tensor) -> Tensor:
-        zero = torch.zeros((), dtype=q.dtype)
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
         for s in _batch_chunks(q, k):
             probs = _DropoutAttention._probs(q[s], k[s], _rows(bias, s), scale)
-            out[s] = torch.matmul(torch.where(keep[s], probs * c, zero), v[s])
+            out[s] = torch.matmul(probs.mul_(c).masked_fill_(~keep[s], 0.0), v[s])
         ctx.save_for_backward(q, k, v, bias, _pack_bits(keep))
         ctx.scale, ctx.c, ctx.keep_shape = scale, c, keep.shape
         return out
@@ -144,19 +145,19 @@ class _DropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, bias, bits = ctx.saved_tensors
         keep = _unpack_bits(bits, ctx.keep_shape)
-        zero = torch.zeros((), dtype=q.dtype)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         want_bias = bias is not None and ctx.needs_input_grad[3]
         grad_bias = torch.zeros_like(bias) if want_bias else None
         for s in _batch_chunks(q, k):
             qs, ks, vs, go, kp = q[s], k[s], v[s], grad_out[s], keep[s]
             probs = _DropoutAttention._probs(qs, ks, _rows(bias, s), ctx.scale)
-            grad_v[s] = torch.matmul(torch.where(kp, probs * ctx.c, zero).transpose(-1, -2), go)
-            grad_probs = torch.where(kp, torch.matmul(go, vs.transpose(-1, -2)), zero) * ctx.c
+            drop = ~kp
+            grad_v[s] = torch.matmul((probs * ctx.c).masked_fill_(drop, 0.0).transpose(-1, -2), go)
+            grad_probs = torch.matmul(go, vs.transpose(-1, -2)).masked_fill_(drop, 0.0).mul_(ctx.c)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            del grad_probs, probs
-            grad_q[s] = torch.matmul(grad_scores, ks) * ctx.scale
-            grad_k[s] = torch.matmul(grad_scores.transpose(-1, -2), qs) * ctx.scale
+            del grad_probs, probs, drop
+            grad_q[s] = torch.matmul(grad_scores, ks).mul_(ctx.scale)
+            grad_k[s] = torch.matmul(grad_scores.transpose(-1, -2), qs).mul_(ctx.scale)
             if want_bias:
                 rows = _rows(grad_bias, s)
                 rows += grad_scores.sum_to_size(rows.shape)
