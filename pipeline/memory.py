@@ -57,19 +57,16 @@ def return_freed_memory_to_os(threshold: int | None = DEFAULT_THRESHOLD) -> bool
     128 KiB 38.5 s and 634 MB peak, 1 MB 26.1 s / 768 MB, 4 MB 20.6 s / 898 MB, glibc's own 19.3 s / 938 MB.
     ``threshold=None`` leaves glibc's setting. Returns False where nothing was set (no glibc).
 
-    The same setting turns off MKL's own buffer cache (``MKL_DISABLE_FAST_MM``, read when MKL first
-    allocates, so this must run before the first matmul; a value the user set is kept): MKL keeps the
-    packing buffers of its GEMMs for reuse, 13 MB on a 7B-shaped side step (`lst bench scale`, 128 MB
-    @ 128 tokens), none measurable on MiniLM's, whose epoch time it left within noise (48.4/45.7 s
-    against 48.8/47.6 s).
+    MKL's own buffer cache (its GEMMs keep their packing buffers) is left on: ``MKL_DISABLE_FAST_MM=1``
+    took 15-24 MB off a 7B-shaped side step's peak (`lst bench scale`, 128 MB at 128-512 tokens) but made a
+    fused 16-variant MiniLM sweep 2.2x slower (101 s against 46 s), each small GEMM then allocating
+    and mapping its buffers afresh. Users who want that trade set the variable themselves.
     """
     import ctypes
     import ctypes.util
-    import os
 
     if threshold is None:
         return False
-    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
     name = ctypes.util.find_library("c")
     if not name:

@@ -110,21 +110,6 @@ def test_mmap_threshold_comes_from_the_environment_and_a_bad_one_is_a_user_error
     assert err.startswith("lst report: error: LST_MMAP_THRESHOLD='lots'") and "glibc" in err
 
 
-def test_the_lean_memory_setting_turns_off_mkls_buffer_cache_unless_the_user_chose(monkeypatch):
-    """`lst`'s default (a fixed mmap threshold) also asks MKL not to keep its GEMM buffers; glibc's
-    own threshold (the speed setting) leaves MKL alone, and so does a value the user set."""
-    from pipeline.memory import DEFAULT_THRESHOLD, return_freed_memory_to_os
-
-    monkeypatch.delenv("MKL_DISABLE_FAST_MM", raising=False)
-    return_freed_memory_to_os(None)
-    assert "MKL_DISABLE_FAST_MM" not in os.environ
-    return_freed_memory_to_os(DEFAULT_THRESHOLD)
-    assert os.environ["MKL_DISABLE_FAST_MM"] == "1"
-    monkeypatch.setenv("MKL_DISABLE_FAST_MM", "yes")
-    return_freed_memory_to_os(DEFAULT_THRESHOLD)
-    assert os.environ["MKL_DISABLE_FAST_MM"] == "yes"
-
-
 @pytest.mark.parametrize("argv", [[], ["inspect"], ["train", "--cache"], ["no-such-command"], ["train", "--cache", "c", "--bogus"]])
 def test_argparse_usage_errors_exit_2(argv, capsys):
     rc, out, err = _run(argv, capsys)

@@ -29,9 +29,8 @@ Stage one extracts activations once; stage two trains side networks from them:
   lst inspect data/cache/sst2-minilm.zarr
   lst verify data/cache/sst2-minilm.zarr
 Data: named tasks (sst2, cola, mrpc, stsb, trec) are read from $LST_DATA_DIR (default ../shared/data).
-Memory vs speed: freed buffers above $LST_MMAP_THRESHOLD (default 128KB) leave the process at once,
-  and MKL keeps no GEMM buffers (MKL_DISABLE_FAST_MM=1 unless set); LST_MMAP_THRESHOLD=glibc keeps
-  glibc's own threshold and MKL's cache: ~2x faster side steps, ~1.5x the peak RSS.
+Memory vs speed: freed buffers above $LST_MMAP_THRESHOLD (default 128KB) leave the process at once;
+  LST_MMAP_THRESHOLD=glibc keeps glibc's own threshold: ~2x faster side steps, ~1.5x the peak RSS.
 """
 
 COMMAND_GROUPS = (extract, fisher, train, search, params, bench)
