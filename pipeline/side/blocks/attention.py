@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dropout import dropout as _dropout, uniform
+from .dropout import uniform
 
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
 
