@@ -317,3 +317,16 @@ def test_grid_sampler_maps_ids_the_same_in_every_worker_and_resume():
     cfg = SweepConfig(cache="unused", out="unused", space={}, sampler="grid", seed=7)
     grids = {tuple(_sampler(cfg, space, w, offset=o)._all_grids) for w in (0, 1, 3) for o in (0, 2, 9)}
     assert len(grids) == 1
+
+
+def test_sweep_bench_separate_sample_spreads_over_k_and_keeps_trial_zero(capsys):
+    from pipeline.bench.sweep import separate_sample
+
+    assert separate_sample(16, 0) == list(range(16)) and separate_sample(4, 8) == [0, 1, 2, 3]
+    got = separate_sample(64, 8)
+    assert got == [0, 8, 16, 24, 32, 40, 48, 56]
+    assert separate_sample(16, 3) == [0, 5, 11] and separate_sample(5, 1) == [0]
+    with pytest.raises(ValueError, match="separate_runs"):
+        separate_sample(4, -1)
+    assert lst_main(["bench", "sweep", "--separate-runs", "-2"]) == 2
+    assert "--separate-runs -2" in capsys.readouterr().err

@@ -8,7 +8,11 @@ each process's start-up counts where a user pays it), all with the same torch in
   side network (lr, weight decay, dropout and, past 16, the seed vary), one epoch, trained fused on
   one read of every batch, the variants of each batch on ``--variant-threads`` threads;
 * ``separate_s``: the same K trials as K ``lst train --config <trial>/config.yaml`` runs, one after
-  another, each with all the intra-op threads;
+  another, each with all the intra-op threads. ``separate_runs`` = n < K times n of them, spread evenly
+  over the K (trial 0 first, for the equivalence check), and scales their sum by K / n: separate runs
+  of one architecture differ only in lr, weight decay, dropout and seed, so their times differ little,
+  and at K = 64 on a GPU the 64 processes' start-up alone would take most of a device lease
+  (``separate_estimated`` says when this was done);
 * ``live_x16_s``: one ``lst train --live`` run of the first trial (backbone forward every step), times K;
 * ``speedup_limit``: per token (backbone forward + side training FLOPs) / side training FLOPs,
   counted on a real batch (``pipeline.search.flops``).
@@ -51,6 +55,16 @@ def variant_space(k: int, batch_size: int = 100) -> dict:
     return space
 
 
+def separate_sample(k: int, runs: int) -> list[int]:
+    """Indices of the separate runs to time: all k when ``runs`` is 0 or at least k, else ``runs`` of
+    them spread evenly, the first always included."""
+    if runs < 0:
+        raise ValueError(f"separate_runs={runs}: use 0 (all) or a positive count")
+    if not runs or runs >= k:
+        return list(range(k))
+    return sorted({round(i * k / runs) for i in range(runs)})
+
+
 def _sweep(cache: str, space: Path, out: Path, trials: int, parallel: int, *extra: str, log: str | None = None) -> dict:
     cmd = _lst("sweep", "--cache", cache, "--space", str(space), "--out", str(out), "--trials", str(trials),
                "--parallel", str(parallel), "--sampler", "grid", "--seed", "0", "--no-progress", "--json", *extra)
@@ -68,7 +82,8 @@ def _trials(out: Path) -> list[tuple[int, dict]]:
 
 def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int = 2000, workers: int = 0,
                     backbone: str = "minilm", fuse: str = "auto", sweep_trials: int = 8, workdir: str | None = None,
-                    threads: int | None = None, variant_threads: int = 0, progress: bool = True) -> dict:
+                    threads: int | None = None, variant_threads: int = 0, progress: bool = True,
+                    separate_runs: int = 0) -> dict:
     import torch
 
     from pipeline.cache.store import ActivationCache
@@ -108,9 +123,10 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         if len(trials) != variants:
             raise RuntimeError(f"the fused sweep finished {len(trials)} of {variants} trials; see {sweep_dir}")
 
-        log(f"separate: {variants} `lst train` runs of the same trials, each in a fresh process")
+        timed = separate_sample(len(trials), separate_runs)
+        log(f"separate: {len(timed)} of the {variants} trials as `lst train` runs, each in a fresh process")
         sep, sep_wall = [], 0.0
-        for n, _ in trials:
+        for n, _ in (trials[i] for i in timed):
             got = run_measured(_lst("train", "--config", str(sweep_dir / "trials" / str(n) / "config.yaml"),
                                     "--out", str(work / f"separate-k{variants}" / str(n)), "--overwrite",
                                     "--no-progress", "--json"), stderr_to=str(work / "separate.log"))
@@ -129,12 +145,14 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
         limit = speedup_limit(c.fingerprint["backbone"], sides, batch)
         lim = limit["speedup_limit"]
         # a fused trial equals its separate run when its seed is the sweep's batch-order seed (0)
-        same = [abs(f["dev_score"] - s["dev_score"]) for (_, f), s, x in zip(trials, sep, configs)
-                if x["train"]["seed"] == 0]
+        same = [abs(trials[i][1]["dev_score"] - s["dev_score"]) for i, s in zip(timed, sep)
+                if configs[i]["train"]["seed"] == 0]
         fused_s, live_s = fused["wall_s"], live["wall_s"]
         live_x = live_s * variants
         fused_train = max(f["train_s"] for _, f in trials)  # the shared loop's epochs (each trial records them)
-        sep_train = sum(s["epoch_s"] * s["epochs_run"] for s in sep)
+        scale = variants / len(timed)  # 1 unless only a sample of the separate runs was timed
+        sep_wall *= scale
+        sep_train = sum(s["epoch_s"] * s["epochs_run"] for s in sep) * scale
         res = {
             "benchmark": "sweep", "backbone": c.fingerprint["backbone"], "device": sep[0]["device"],
             "torch_threads": threads or torch.get_num_threads(),
@@ -146,6 +164,7 @@ def run_sweep_bench(cache: str | None = None, variants: int = 16, examples: int 
             "train_examples": c.split("train").num_examples, "train_tokens": c.split("train").num_tokens,
             "dev_examples": c.split("validation").num_examples, "extract_s": extract_s,
             "variants": variants, "epochs": 1, "batch_size": cfg0.batch_size,
+            "separate_runs": len(timed), "separate_estimated": len(timed) < variants,
             "fused_s": round(fused_s, 3), "separate_s": round(sep_wall, 3), "live_s": round(live_s, 3),
             "live_x16_s": round(live_x, 3),
             "fused_over_separate": round(fused_s / sep_wall, 4),

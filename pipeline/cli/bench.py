@@ -267,10 +267,12 @@ def _sweep(a: argparse.Namespace) -> int:
         ks = [int(k) for k in str(a.variants).split(",") if k.strip()]
     except ValueError:
         raise UserError(f"--k {a.variants!r}: give a number of variants or a list such as 4,16,64") from None
+    if a.separate_runs < 0:
+        raise UserError(f"--separate-runs {a.separate_runs}: give 0 (time all K separate runs) or a positive count")
     by_k = {k: run_sweep_bench(cache=a.cache, variants=k, examples=a.examples, workers=a.workers,
                                backbone=a.backbone, fuse=a.fuse, sweep_trials=a.sweep_trials, workdir=a.workdir,
                                threads=a.threads, variant_threads=a.variant_threads,
-                               progress=not a.no_progress) for k in ks}
+                               progress=not a.no_progress, separate_runs=a.separate_runs) for k in ks}
     emit(by_k[ks[0]] if len(ks) == 1 else {"benchmark": "sweep", "k": ks, "by_k": by_k}, a.json)
     return 0
 
@@ -299,6 +301,9 @@ def _register_sweep(bsub) -> None:
                         "the single-thread results of earlier sessions")
     p.add_argument("--variant-threads", type=int, default=0,
                    help="`lst sweep --variant-threads` for the fused arm (default 0: one per intra-op thread)")
+    p.add_argument("--separate-runs", type=int, default=0, metavar="N",
+                   help="time only N of the K separate `lst train` runs, spread over the K, and scale their sum "
+                        "by K/N (reported as separate_estimated; default 0: all K)")
     _shared(p, workdir="keep the runs here (default: a temp dir, removed)", dataset=False, device=None)
     p.set_defaults(func=_sweep)
 
