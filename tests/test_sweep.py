@@ -330,3 +330,19 @@ def test_sweep_bench_separate_sample_spreads_over_k_and_keeps_trial_zero(capsys)
         separate_sample(4, -1)
     assert lst_main(["bench", "sweep", "--separate-runs", "-2"]) == 2
     assert "--separate-runs -2" in capsys.readouterr().err
+
+
+def test_side_memory_probe_runs_on_the_models_device():
+    """The fused sweep's per-variant memory probe built its batch on the CPU, so on a GPU every fused trial
+    failed ('mat1 is on cpu', seen on an H200). A model on another device (meta stands in for CUDA here)
+    now gets its probe batch there, and the CPU number is unchanged."""
+    from transformers import BertConfig
+
+    from pipeline.search.fused import side_train_memory_mb
+    from pipeline.side.config import SideConfig
+    from pipeline.side.model import LadderSideNetwork
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=50)
+    model = LadderSideNetwork(SideConfig(r=4, dropout=0.1, num_labels=2), cfg)
+    on_cpu = side_train_memory_mb(model, 8, 16, 32)
+    assert on_cpu > side_train_memory_mb(model.to("meta"), 8, 16, 32) > 0  # meta: parameters only, no error

@@ -40,7 +40,8 @@ from pipeline.devices import resolve_device
 from pipeline.errors import TrainError
 from pipeline.side.model import LadderSideNetwork
 from pipeline.train.config import TrainConfig
-from pipeline.train.loop import OnEpoch, Variant, VariantRunner, cached_taps, run_loop, summary, variant_pool
+from pipeline.train.loop import (OnEpoch, Variant, VariantRunner, cached_taps, cuda_rng_state, run_loop, summary,
+                                 variant_pool)
 from pipeline.train.rundir import RunDir
 from pipeline.train.trainer import build_side, label_meta, make_readers, reader_peak_mb, set_recompute, total_steps
 
@@ -107,12 +108,13 @@ def side_train_memory_mb(model: LadderSideNetwork, batch_size: int, length: int,
         return t
 
     B = 2
-    inputs: dict[str, Any] = {"taps": [torch.zeros(B, length, hidden) for _ in model.required_taps()],
-                              "attention_mask": torch.ones(B, length, dtype=torch.long)}
+    dev = next(model.parameters()).device  # the probe batch goes where the model is (CUDA in a GPU sweep)
+    inputs: dict[str, Any] = {"taps": [torch.zeros(B, length, hidden, device=dev) for _ in model.required_taps()],
+                              "attention_mask": torch.ones(B, length, dtype=torch.long, device=dev)}
     if model.required_decoder_taps():
         rows = model.targets.rows
-        inputs["dec_taps"] = [torch.zeros(B, rows, hidden) for _ in model.required_decoder_taps()]
-    labels = torch.zeros(B, dtype=torch.float32 if model.config.task_type == "regression" else torch.long)
+        inputs["dec_taps"] = [torch.zeros(B, rows, hidden, device=dev) for _ in model.required_decoder_taps()]
+    labels = torch.zeros(B, dtype=torch.float32 if model.config.task_type == "regression" else torch.long, device=dev)
     was = model.training
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -164,7 +166,8 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
         model.to(device)
         set_recompute(model, c.recompute)
         torch.manual_seed(c.seed + 1)  # train()'s dropout stream
-        variants.append(Variant(index=i, cfg=c, model=model, run=run, init_report=report, rng=torch.get_rng_state()))
+        variants.append(Variant(index=i, cfg=c, model=model, run=run, init_report=report, rng=torch.get_rng_state(),
+                                cuda_rng=cuda_rng_state(device)))
         run.start({"train": c.to_dict(), "side": model.config.to_dict(), "init_report": report,
                    "cache_fingerprint": fp, "task": task, "backbone": cache.attrs.get("backbone"),
                    "fused": {"data_seed": data_seed, "variants": len(cfgs)}, **label_meta(model, cache)})

@@ -28,9 +28,10 @@ def load_model(model: torch.nn.Module, path: Path) -> None:
     safetensors.torch.load_model(model, str(path), strict=True)
 
 
-def save_resume_point(dirpath: Path, model, optimizer, scheduler, info: dict, rng: torch.Tensor | None = None) -> None:
-    """Write the resume point; ``info.json`` is written last and is the commit marker. ``rng`` is the
-    run's dropout stream (default: torch's global state).
+def save_resume_point(dirpath: Path, model, optimizer, scheduler, info: dict, rng: torch.Tensor | None = None,
+                      cuda_rng: torch.Tensor | None = None) -> None:
+    """Write the resume point; ``info.json`` is written last and is the commit marker. ``rng`` and
+    ``cuda_rng`` are the run's dropout stream (default: torch's global CPU and CUDA states).
 
     The tensors go to new files named after the step (``model.<n>.safetensors``,
     ``optimizer.<n>.safetensors``) that ``info.json`` names, and the previous point's files are
@@ -51,7 +52,7 @@ def save_resume_point(dirpath: Path, model, optimizer, scheduler, info: dict, rn
                 scalars[f"{pid}.{k}"] = v
     tensors["rng.torch"] = torch.get_rng_state() if rng is None else rng
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors["rng.cuda"] = torch.cuda.get_rng_state() if cuda_rng is None else cuda_rng
     _atomic(dirpath / files["optimizer"], lambda p: safetensors.torch.save_file(tensors, str(p)))
     meta = {"param_groups": sd["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict(),
             "files": files, **info}

@@ -53,6 +53,11 @@ def cached_taps(taps: list[int], dec_taps: list[int], widen: torch.dtype | None 
     return source
 
 
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator's state on ``device`` (None off CUDA), to seed a fused variant's own stream."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
 def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
     def f(step: int) -> float:
@@ -102,6 +107,10 @@ class Variant:
     run: RunDir
     init_report: dict
     rng: torch.Tensor  # torch RNG state of this variant's dropout stream
+    # CUDA RNG state of the stream, for variants that share one CUDA device (fused): each swaps its own
+    # in around its forward, as ``rng`` on CPU. None: the global CUDA stream runs on (one variant, where a
+    # live backbone's dropout draws from the same stream between steps)
+    cuda_rng: torch.Tensor | None = None
     weights_file: str = "side.safetensors"  # where the best weights go
     epoch: int = 0  # epochs finished
     step: int = 0
@@ -140,6 +149,7 @@ class VariantRunner:
     def __init__(self, v: Variant, total_steps: int):
         self.variant = v
         self.stream = torch.Generator()
+        self.device = next(v.model.parameters()).device
         self.taps = v.model.required_taps()
         self.dec_taps = v.model.required_decoder_taps()
         self.optimizer = make_optimizer(v.model, v.cfg.lr, v.cfg.weight_decay)
@@ -158,9 +168,13 @@ class VariantRunner:
             self.stream.set_state(v.rng)
         else:
             torch.set_rng_state(v.rng)
+        if v.cuda_rng is not None:
+            torch.cuda.set_rng_state(v.cuda_rng, self.device)
         with dropout_stream(self.stream) if own_stream else nullcontext(), out_of_memory_is_a_user_error(b):
             loss = v.model.training_loss(labels=b.labels, **self.inputs(taps, b))
             v.rng = self.stream.get_state() if own_stream else torch.get_rng_state()
+            if v.cuda_rng is not None:
+                v.cuda_rng = torch.cuda.get_rng_state(self.device)
             loss.backward()
         if v.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(v.model.parameters(), v.cfg.grad_clip)
@@ -180,12 +194,14 @@ class VariantRunner:
 
     def save_resume_point(self) -> None:
         v = self.variant
-        v.run.save_resume_point(v.model, self.optimizer, self.scheduler, v.state(), v.rng)
+        v.run.save_resume_point(v.model, self.optimizer, self.scheduler, v.state(), v.rng, v.cuda_rng)
 
     def load_resume_point(self) -> None:
         v = self.variant
         v.restore(v.run.load_resume_point(v.model, self.optimizer, self.scheduler))
         v.rng = torch.get_rng_state()
+        if v.cuda_rng is not None:
+            v.cuda_rng = torch.cuda.get_rng_state(self.device)
         v.run.rewrite_metrics(v.history)
 
 

@@ -89,8 +89,8 @@ class RunDir:
     def save_best(self, model, epoch: int, score: float, name: str = "side.safetensors") -> None:
         ckpt.save_model(model, self.path / name, {"epoch": epoch, "dev_score": score})
 
-    def save_resume_point(self, model, optimizer, scheduler, state: dict, rng) -> None:
-        ckpt.save_resume_point(self.checkpoint, model, optimizer, scheduler, state, rng=rng)
+    def save_resume_point(self, model, optimizer, scheduler, state: dict, rng, cuda_rng=None) -> None:
+        ckpt.save_resume_point(self.checkpoint, model, optimizer, scheduler, state, rng=rng, cuda_rng=cuda_rng)
 
     def load_resume_point(self, model, optimizer, scheduler) -> dict:
         return ckpt.load_resume_point(self.checkpoint, model, optimizer, scheduler)
