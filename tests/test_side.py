@@ -605,27 +605,75 @@ def test_side_heads_must_divide_the_width():
         LadderSideNetwork(SideConfig(r=8, side_heads=5), bc)
 
 
+@pytest.mark.parametrize("dropout", [True, False])
+@pytest.mark.parametrize("length", [6, 20])
 @pytest.mark.parametrize("bias", [None, "mask"])
-def test_dropout_attention_function_equals_autograd_on_the_written_out_arithmetic(bias):
+def test_dropout_attention_function_equals_autograd_on_the_written_out_arithmetic(bias, length, dropout):
     """The custom Function (in-place arithmetic, probabilities recomputed in the backward) gives the
-    output and gradients autograd gives for where(keep, softmax(q k^T s + bias) c, 0) v."""
+    output and gradients autograd gives for where(keep, softmax(q k^T s + bias) c, 0) v, with the
+    written-out softmax (rows under SMALL_SOFTMAX) and torch's, and without dropout (keep None)."""
     from pipeline.side.blocks import attention as A
     from pipeline.side.blocks.context import mask_bias
 
     torch.manual_seed(2)
-    B, H, L, D = 3, 2, 6, 4
+    B, H, L, D = 3, 2, length, 4
+    assert (L < A.SMALL_SOFTMAX) == (length == 6)
     q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    b = None if bias is None else mask_bias(torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]),
+    b = None if bias is None else mask_bias(torch.tensor([[1] * L, [1] * 4 + [0] * (L - 4), [1] * 2 + [0] * (L - 2)]),
                                             torch.float64, causal=False)
-    keep = torch.rand(B, H, L, L) >= 0.3
-    got = A._DropoutAttention.apply(q, k, v, b, 0.5, 1 / 0.7, keep)
+    keep = torch.rand(B, H, L, L) >= 0.3 if dropout else None
+    c = 1 / 0.7 if dropout else 1.0
+    got = A._DropoutAttention.apply(q, k, v, b, 0.5, c, keep)
     g_got = torch.autograd.grad(got.pow(2).sum(), (q, k, v))
     probs = (q @ k.transpose(-1, -2) * 0.5 + (0 if b is None else b)).softmax(-1)
-    ref = torch.where(keep, probs * (1 / 0.7), torch.zeros((), dtype=torch.float64)) @ v
+    ref = (torch.where(keep, probs * c, torch.zeros((), dtype=torch.float64)) if dropout else probs) @ v
     g_ref = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
     torch.testing.assert_close(got, ref)
     for a, r in zip(g_got, g_ref):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("length", [1, 7, 15, 16, 33])
+def test_softmax_in_place_and_its_backward_match_torch(length):
+    """Rows under SMALL_SOFTMAX take the written-out softmax (torch's CPU kernel is a scalar loop there,
+    ~6x slower); it agrees with torch's to float rounding, and from SMALL_SOFTMAX up torch's kernel runs
+    (bit for bit). A masked key (the mask bias's large negative) gets probability 0 either way."""
+    from pipeline.side.blocks import attention as A
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, length) * 4
+    x[0, :, :, 0] = torch.finfo(torch.float32).min
+    want = torch.softmax(x, -1)
+    got = A.softmax_(x.clone())
+    g = torch.randn_like(x)
+    want_back = torch._softmax_backward_data(g, want, -1, want.dtype)
+    got_back = A.softmax_backward(g, want)
+    if length >= A.SMALL_SOFTMAX:
+        assert torch.equal(got, want) and torch.equal(got_back, want_back)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got_back, want_back, rtol=2e-6, atol=1e-6)
+    assert (got[0, :, :, 0] == 0).all() if length > 1 else torch.equal(got, torch.ones_like(got))
+
+
+def test_cpu_attention_without_dropout_on_short_rows_matches_sdpa():
+    """Eval and dropout-free training on CPU: rows under SMALL_SOFTMAX go through the written-out
+    Function (SDPA's CPU path is ~4x slower there); output and gradients match SDPA's."""
+    from pipeline.side.blocks.attention import SMALL_SOFTMAX, attend
+    from pipeline.side.blocks.context import mask_bias
+
+    torch.manual_seed(3)
+    L = SMALL_SOFTMAX - 3
+    q, k, v = (torch.randn(4, 3, L, 4, requires_grad=True) for _ in range(3))
+    bias = mask_bias(torch.tensor([[1] * L, [1] * 5 + [0] * (L - 5), [1] * L, [1] + [0] * (L - 1)]), torch.float32,
+                     causal=False)
+    for training in (True, False):
+        got = attend(q, k, v, bias, 0.5, 0.0 if training else 0.3, training=training)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.5)
+        torch.testing.assert_close(got, want)
+        ga, gw = (torch.autograd.grad(t.pow(2).sum(), (q, k, v)) for t in (got, want))
+        for a, w in zip(ga, gw):
+            torch.testing.assert_close(a, w)
+    assert got.grad_fn is not None and "DropoutAttention" in type(got.grad_fn).__name__
 
 
 def test_attention_keep_mask_drawn_in_chunks_equals_one_draw(monkeypatch):
