@@ -31,7 +31,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
 
     With attention dropout on CPU, SDPA falls back to its math path (plus a fully-masked-row check)
     and draws the mask with ``bernoulli_``; the same arithmetic written out with the cheaper CPU
-    dropout mask (``blocks.dropout``) is faster there. Everywhere else SDPA's own kernels run."""
+    dropout mask (``blocks.dropout``) is faster there. On CPU rows of fewer than ``SMALL_SOFTMAX``
+    keys take the written-out arithmetic too, dropout or not (SDPA's softmax is a scalar loop there).
+    Everywhere else SDPA's own kernels run."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
@@ -135,15 +137,16 @@ def _rows(t: Tensor | None, s: tuple[slice, slice]) -> Tensor | None:
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias), dropped out with ``keep`` and scaled by ``c``, times v.
+    """softmax(q k^T * scale + bias), dropped out with ``keep`` and scaled by ``c``, times v
+    (``keep`` None: no dropout, ``c`` unused).
 
     Autograd on the written-out arithmetic keeps three [B, H, L, L] tensors per layer for the
     backward (the probabilities in fp32, the dropped probabilities in fp32 and the bool mask): on a
     MiniLM side network at batch 100 that was most of a step's memory. Here only the mask is kept,
     as bits (1/32 of the fp32 probabilities: 3.7 MB instead of 30 MB for the bool mask at 100 x 66
     tokens), and the probabilities are recomputed in the backward, the way fused attention kernels do;
-    the forward arithmetic is the same, and the backward is the same formulas (torch's own softmax
-    backward), so values match the written-out version.
+    the forward arithmetic is the same, and the backward is the same formulas (``softmax_backward``),
+    so values match the written-out version to float rounding.
 
     Both passes run over slices of the batch (and of the heads, for long sequences) of about
     ``CHUNK_SCORES`` scores each, so their temporaries (scores, probabilities, dropped probabilities
