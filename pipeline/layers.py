@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "importance"),
     ("extract", "side"),
     ("cache", "data", "backbones"),
-    ("devices", "metrics", "memory"),
+    ("devices", "metrics", "memory", "alloc"),  # alloc: the CPU buffer cache, beside memory's mmap setting
     ("errors", "layers", "lazy", "sizes"),  # sizes: pure parsing, read by memory's environment setting
 )
 

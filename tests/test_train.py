@@ -200,3 +200,17 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["fresh_processes"] and [len(res["processes"][a]) for a in ("cached", "live")] == [2, 1]
     assert all(p["peak_mb"] > 0 and p["wall_s"] > 0 for a in res["processes"].values() for p in a)
     assert (tmp_path / "live" / "summary.json").exists() and (tmp_path / "cached" / "summary.json").exists()
+
+
+def test_cpu_buffer_cache_changes_no_loss_or_score(tmp_path, minilm_fp32):
+    """`lst train` with the bounded CPU buffer cache (the default) and without it: the same numbers."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    got = {}
+    for cap in ("0", "1MB"):
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--cache", minilm_fp32, "--out", str(tmp_path / cap),
+               "--epochs", "2", "--batch-size", "8", "--no-progress", "--json"]
+        res = subprocess.run(cmd, env={**env, "LST_CPU_CACHE": cap}, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        got[cap] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["0"]["first_losses"] == got["1MB"]["first_losses"]
+    assert got["0"]["dev_score"] == got["1MB"]["dev_score"]

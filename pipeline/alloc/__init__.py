@@ -1,0 +1,177 @@
+"""A bounded cache of freed CPU tensor buffers (``cpu_cache.cpp``), installed as torch's CPU allocator.
+
+Why: for bounded memory `lst` makes every freed buffer above 128 KiB leave the process at once
+(``pipeline.memory``). Measured on a cached MiniLM SST-2 epoch, that cost 12.7 M page faults and a
+third of the CPU time in the kernel, since each side step mapped and zero-filled its ~1 MB
+temporaries again. This cache hands freed buffers back to requests of about the same size and keeps
+at most ``cap`` bytes of them, each its own mapping: the peak RSS grows by at most ``cap``.
+
+The C++ source is compiled once per torch version with torch's own extension builder (a C++
+compiler and ninja, both found at set-up) into ``~/.cache/lst/native``; ``scripts/setup.sh`` builds it,
+and a process that finds no build makes one (~30 s) unless another process is already at it. Where
+it cannot be built, `lst` runs as before. ``LST_CPU_CACHE`` sets the cap ("0" turns the cache off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+#: environment variable: the cache's cap (a size such as "32MB"), or "0"/"off" for no cache
+ENV = "LST_CPU_CACHE"
+#: the cap without a reader budget to scale from
+DEFAULT_CAP = 32 << 20
+#: the cap as a share of the reader's budget (512 MB -> 32 MB, 128 MB -> 8 MB)
+BUDGET_SHARE = 16
+#: requests below this go to torch's own allocator (glibc's heap serves them without faults)
+MIN_BYTES = 128 << 10
+#: a cached block serves a request up to this share smaller than itself
+SLACK = 0.25
+SOURCE = Path(__file__).with_name("cpu_cache.cpp")
+MODULE = "lst_cpu_cache"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    cached_bytes: int
+    peak_cached_bytes: int
+    cap_bytes: int
+    hits: int
+    misses: int
+    live_blocks: int
+
+
+def cap_bytes(reader_budget: int | None = None, env: dict | None = None) -> int:
+    """The cap ``LST_CPU_CACHE`` asks for; by default 1/16 of the reader's budget, at most 32 MB,
+    so the cache stays a small share of what a ``--reader-memory`` run promises."""
+    from pipeline.errors import UserError
+    from pipeline.sizes import parse_size
+
+    text = (os.environ if env is None else env).get(ENV, "").strip().lower()
+    if text in ("0", "off", "none", "no"):
+        return 0
+    if text:
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise UserError(f"{ENV}={text!r}: {e}; or 0 to turn the CPU buffer cache off") from None
+    if reader_budget is None:
+        return DEFAULT_CAP
+    return min(DEFAULT_CAP, reader_budget // BUDGET_SHARE)
+
+
+def build_dir() -> Path:
+    """Where the build for this torch version and this source lives."""
+    import torch
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lst" / "native"
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return root / f"{MODULE}-{tag}"
+
+
+def _library(d: Path) -> Path:
+    return d / f"{MODULE}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the extension into ``build_dir()`` and return the library's path. Builds in a private
+    folder and renames the result into place, so concurrent builders never see half a library."""
+    from torch.utils.cpp_extension import load_inline
+
+    final = build_dir()
+    if _library(final).exists():
+        return _library(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    env_path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)  # the venv's ninja, when lst runs without activating it
+    if bindir not in env_path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + env_path
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".build-") as tmp:
+        load_inline(name=MODULE, cpp_sources=[SOURCE.read_text()], functions=["install", "stats", "release"],
+                    build_directory=tmp, verbose=verbose, extra_cflags=["-O2"])
+        staged = Path(tmp) / "out"
+        staged.mkdir()
+        os.replace(Path(tmp) / f"{MODULE}.so", staged / f"{MODULE}.so")
+        try:
+            os.replace(staged, final)
+        except OSError:  # another process published the same build first
+            pass
+    return _library(final)
+
+
+def _load(path: Path):
+    import importlib.util
+
+    import torch  # noqa: F401  (the library links against torch's)
+
+    if MODULE in sys.modules:
+        return sys.modules[MODULE]
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[MODULE] = module
+    return module
+
+
+def _build_once_here(quiet: bool) -> Path | None:
+    """Build unless another process holds the build lock (then run without the cache this time)."""
+    import fcntl
+
+    d = build_dir()
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f".{d.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None
+        if not quiet:
+            print(f"lst: compiling the CPU buffer cache once (~30 s; {ENV}=0 skips it)", file=sys.stderr)
+        return build()
+
+
+def install(cap: int, *, build_if_missing: bool = True, quiet: bool = False) -> bool:
+    """Make torch's CPU tensors come from the bounded cache (a process-wide setting, once per
+    process). Returns whether the cache is in place; False with ``cap`` 0, or where it cannot be
+    built (the reason goes to stderr, once, unless ``quiet``)."""
+    if cap <= 0:
+        return False
+    try:
+        path = _library(build_dir())
+        if not path.exists():
+            if not build_if_missing:
+                return False
+            path = _build_once_here(quiet)
+            if path is None:
+                return False
+        module = _load(path)
+        module.install(MIN_BYTES, int(cap), SLACK)
+        return True
+    except Exception as e:  # no compiler, no ninja, an unloadable library: run as before
+        if not quiet:
+            print(f"lst: CPU buffer cache unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"running without it", file=sys.stderr)
+        return False
+
+
+def stats() -> CacheStats | None:
+    """The cache's counters in this process, or None when it is not installed."""
+    module = sys.modules.get(MODULE)
+    got = module.stats() if module is not None else []
+    return CacheStats(*got[:6]) if got else None
+
+
+def release() -> None:
+    """Unmap every cached block (before measuring a baseline, say)."""
+    module = sys.modules.get(MODULE)
+    if module is not None:
+        module.release()
+
+
+def main() -> int:
+    """``python -m pipeline.alloc``: build it now (set-up does this)."""
+    print(build(verbose=False))
+    return 0

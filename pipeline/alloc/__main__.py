@@ -1,0 +1,3 @@
+from pipeline.alloc import main
+
+raise SystemExit(main())
