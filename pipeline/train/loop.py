@@ -359,4 +359,17 @@ def summary(v: Variant, task: dict, backbone_params: int, device: torch.device, 
         "device": str(device),
         "first_losses": v.step_losses[:20],
         "method": v.cfg.method,
+        **cpu_cache_summary(),
     }
+
+
+def cpu_cache_summary() -> dict:
+    """The CPU buffer cache's share of the peak (``pipeline.alloc``): absent where it is not installed."""
+    from pipeline.alloc import stats
+
+    s = stats()
+    if s is None:
+        return {}
+    asked = s.hits + s.misses
+    return {"cpu_cache_peak_mb": round(s.peak_cached_bytes / 2**20, 1), "cpu_cache_cap_mb": round(s.cap_bytes / 2**20, 1),
+            "cpu_cache_hit_rate": round(s.hits / asked, 4) if asked else None}
