@@ -136,6 +136,13 @@ def _rows(t: Tensor | None, s: tuple[slice, slice]) -> Tensor | None:
     return t[:, h] if t.shape[1] > 1 else t
 
 
+def _head_major_empty(like: Tensor, last: int) -> Tensor:
+    """An empty [B, H, L, last] tensor stored as [B, L, H, last] (a transposed view): the layout
+    ``split_heads`` reads and ``merge_heads`` writes, so neither has to copy it."""
+    b, h, n, _ = like.shape
+    return like.new_empty(b, n, h, last).transpose(1, 2)
+
+
 class _DropoutAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias), dropped out with ``keep`` and scaled by ``c``, times v
     (``keep`` None: no dropout, ``c`` unused).
@@ -167,7 +174,12 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float,
                 keep: Tensor) -> Tensor:
-        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        # q, k, v arrive as head views of [B, L, H*hd] projections; every matmul below would copy
+        # them into [B*H, L, hd] again (a strided copy of 16-byte rows at hd 4), so copy once, here,
+        # and keep the copies for the backward. The output is laid out [B, L, H, hd], so that
+        # ``merge_heads`` of it is a view.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = _head_major_empty(q, v.shape[-1])
         for s in _batch_chunks(q, k):
             probs = _DropoutAttention._probs(q[s], k[s], _rows(bias, s), scale)
             if keep is not None:  # probs * c where kept, +0 where dropped (probabilities are >= 0)
@@ -181,7 +193,9 @@ class _DropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, bias, bits = ctx.saved_tensors
         keep = _unpack_bits(bits, ctx.keep_shape) if bits is not None else None
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_out = grad_out.contiguous()  # used by two matmuls per chunk: copied once, not twice
+        # laid out [B, L, H, hd] as the projections are, so the head views' backward is a view too
+        grad_q, grad_k, grad_v = (_head_major_empty(t, t.shape[-1]) for t in (q, k, v))
         want_bias = bias is not None and ctx.needs_input_grad[3]
         grad_bias = torch.zeros_like(bias) if want_bias else None
         for s in _batch_chunks(q, k):
