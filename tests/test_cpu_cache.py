@@ -43,8 +43,11 @@ small = torch.nn.functional.gelu(torch.randn(10, 30))  # under the threshold: th
 held = [torch.ones(300_000) for _ in range(8)]           # 8 x 1.2 MB live at once, then freed together
 del held
 s = alloc.stats()
+alloc.release()
+after = alloc.stats()
 print(json.dumps({"installed": installed, "losses": losses, "small": small.sum().item(),
-                  "stats": None if s is None else s.__dict__}))
+                  "stats": None if s is None else s.__dict__,
+                  "after_release": None if after is None else after.__dict__}))
 """
 
 
@@ -87,3 +90,4 @@ def test_cache_reuses_freed_buffers_within_its_cap_and_changes_no_value():
     assert s["hits"] > s["misses"] > 0, s  # the steps' same-sized temporaries come back from the cache
     assert 0 < s["cached_bytes"] <= s["peak_cached_bytes"] <= cap, s  # 9.6 MB freed at once, at most 4 MB kept
     assert s["live_blocks"] < 20
+    assert with_cache["after_release"]["cached_bytes"] == 0  # release() unmaps what the cache holds
