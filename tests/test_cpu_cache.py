@@ -91,3 +91,44 @@ def test_cache_reuses_freed_buffers_within_its_cap_and_changes_no_value():
     assert 0 < s["cached_bytes"] <= s["peak_cached_bytes"] <= cap, s  # 9.6 MB freed at once, at most 4 MB kept
     assert s["live_blocks"] < 20
     assert with_cache["after_release"]["cached_bytes"] == 0  # release() unmaps what the cache holds
+
+
+@pytest.mark.integration
+def test_a_missing_build_is_made_once_and_a_busy_builder_is_not_waited_for(tmp_path):
+    """A fresh cache folder: a process that finds another one compiling runs without the cache at
+    once, and so does one without a compiler (saying so); `python -m pipeline.alloc` then compiles
+    it into that folder, and a process installs it."""
+    import fcntl
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path)}
+    probe = ("import torch, json; from pipeline import alloc; d = alloc.build_dir(); "
+             "print(json.dumps({'dir': str(d), 'installed': alloc.install(1 << 20)}))")
+
+    def child(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+
+    where = json.loads(child(["-c", "import json; from pipeline import alloc; print(json.dumps(str(alloc.build_dir())))"]).stdout)
+    lock_path = Path(where).parent / f".{Path(where).name}.lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as if another process were compiling
+        busy = child(["-c", probe])
+    assert busy.returncode == 0, busy.stderr
+    assert json.loads(busy.stdout.strip().splitlines()[-1])["installed"] is False
+    assert not Path(where).exists()
+
+    no_compiler = subprocess.run([sys.executable, "-c", probe], env={**env, "CXX": str(tmp_path / "no-such-c++")},
+                                 capture_output=True, text=True, timeout=600)
+    assert no_compiler.returncode == 0, no_compiler.stderr  # runs on without the cache...
+    assert json.loads(no_compiler.stdout.strip().splitlines()[-1])["installed"] is False
+    assert "CPU buffer cache unavailable" in no_compiler.stderr and "running without it" in no_compiler.stderr
+    assert not Path(where).exists() and not [p for p in Path(where).parent.iterdir() if p.name.startswith(".build-")]
+
+    built = child(["-m", "pipeline.alloc"])
+    assert built.returncode == 0, built.stderr
+    assert Path(built.stdout.strip()).is_file() and Path(built.stdout.strip()).parent == Path(where)
+    assert not [p for p in Path(where).parent.iterdir() if p.name.startswith(".build-")]  # no half builds left
+
+    ready = child(["-c", probe])
+    assert ready.returncode == 0, ready.stderr
+    assert json.loads(ready.stdout.strip().splitlines()[-1]) == {"dir": where, "installed": True}
