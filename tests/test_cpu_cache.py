@@ -63,6 +63,8 @@ def test_cap_follows_the_reader_budget_and_the_environment():
     assert cap_bytes(None, env={}) == DEFAULT_CAP == 32 * 2**20
     assert cap_bytes(512 * 2**20, env={}) == 32 * 2**20  # 1/16 of the default budget
     assert cap_bytes(128 * 2**20, env={}) == 8 * 2**20
+    assert cap_bytes("128MB", env={}) == 8 * 2**20  # --reader-memory as the command line spells it
+    assert cap_bytes("lots", env={}) == DEFAULT_CAP  # a bad budget is the command's to report
     assert cap_bytes(4 * 2**30, env={}) == DEFAULT_CAP  # never above 32 MB by default
     assert cap_bytes(128 * 2**20, env={"LST_CPU_CACHE": "64MB"}) == 64 * 2**20
     for off in ("0", "off"):

@@ -43,11 +43,14 @@ class CacheStats:
     hits: int
     misses: int
     live_blocks: int
+    min_bytes: int
 
 
-def cap_bytes(reader_budget: int | None = None, env: dict | None = None) -> int:
-    """The cap ``LST_CPU_CACHE`` asks for; by default 1/16 of the reader's budget, at most 32 MB,
-    so the cache stays a small share of what a ``--reader-memory`` run promises."""
+def cap_bytes(reader_memory: str | int | None = None, env: dict | None = None) -> int:
+    """The cap ``LST_CPU_CACHE`` asks for; by default 1/16 of the reader's budget (``reader_memory``,
+    a size such as "512MB" or bytes), at most 32 MB, so the cache stays a small share of what a
+    ``--reader-memory`` run promises. A budget that does not parse counts as none: the command that
+    reads it says what is wrong with it."""
     from pipeline.errors import UserError
     from pipeline.sizes import parse_size
 
@@ -59,9 +62,11 @@ def cap_bytes(reader_budget: int | None = None, env: dict | None = None) -> int:
             return parse_size(text)
         except ValueError as e:
             raise UserError(f"{ENV}={text!r}: {e}; or 0 to turn the CPU buffer cache off") from None
-    if reader_budget is None:
-        return DEFAULT_CAP
-    return min(DEFAULT_CAP, reader_budget // BUDGET_SHARE)
+    try:
+        budget = parse_size(reader_memory) if reader_memory else None
+    except ValueError:
+        budget = None
+    return DEFAULT_CAP if budget is None else min(DEFAULT_CAP, budget // BUDGET_SHARE)
 
 
 def build_dir() -> Path:
@@ -161,7 +166,7 @@ def stats() -> CacheStats | None:
     """The cache's counters in this process, or None when it is not installed."""
     module = sys.modules.get(MODULE)
     got = module.stats() if module is not None else []
-    return CacheStats(*got[:6]) if got else None
+    return CacheStats(*got) if got else None
 
 
 def release() -> None:

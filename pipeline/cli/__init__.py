@@ -20,7 +20,6 @@ from pipeline.errors import LstError
 from pipeline.alloc import cap_bytes as cpu_cache_cap
 from pipeline.alloc import install as install_cpu_cache
 from pipeline.memory import mmap_threshold, return_freed_memory_to_os
-from pipeline.sizes import parse_size
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,22 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def reader_budget(a: argparse.Namespace) -> int | None:
-    """The command's ``--reader-memory`` in bytes; None where it has none or it does not parse (the
-    command itself then says what is wrong with it)."""
-    try:
-        return parse_size(a.reader_memory) if getattr(a, "reader_memory", None) else None
-    except (ValueError, TypeError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         return_freed_memory_to_os(mmap_threshold())  # bounded memory: freed batch buffers leave the process's RSS
         if a.command in CPU_CACHE_COMMANDS:  # ...but the step's own buffers are reused, up to a small cap
-            install_cpu_cache(cpu_cache_cap(reader_budget(a)))
+            install_cpu_cache(cpu_cache_cap(getattr(a, "reader_memory", None)))
         return int(a.func(a) or 0)
     except LstError as e:
         print(f"lst {a.command}: error: {e}", file=sys.stderr)

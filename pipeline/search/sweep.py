@@ -338,17 +338,6 @@ def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> lis
     return results
 
 
-def _reader_budget(train: dict) -> int | None:
-    """Bytes of each trial's ``reader_memory`` (the train default where the sweep sets none)."""
-    from pipeline.sizes import parse_size
-    from pipeline.train.config import DEFAULT_READER_MEMORY
-
-    try:
-        return parse_size(train.get("reader_memory") or DEFAULT_READER_MEMORY)
-    except (ValueError, TypeError):
-        return None
-
-
 def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
     """Run trials until the study holds ``trials`` of them; what a local sweep and each Dask worker do."""
     import torch
@@ -356,13 +345,15 @@ def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
     from pipeline.alloc import cap_bytes as cpu_cache_cap
     from pipeline.alloc import install as install_cpu_cache
     from pipeline.memory import mmap_threshold, return_freed_memory_to_os
+    from pipeline.train.config import DEFAULT_READER_MEMORY
 
     if one_thread:  # a Dask worker process owns one core
         torch.set_num_threads(1)
     return_freed_memory_to_os(mmap_threshold())  # each worker process holds its own reader budget
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = SweepConfig(**cfg_dict)
-    install_cpu_cache(cpu_cache_cap(_reader_budget(cfg.train)), quiet=True)  # a no-op where lst's main did it
+    # each trial's reader budget (the train default where the sweep sets none); a no-op where lst's main did it
+    install_cpu_cache(cpu_cache_cap(cfg.train.get("reader_memory") or DEFAULT_READER_MEMORY), quiet=True)
     from pipeline.search.space import load_space
 
     space = load_space(cfg.space)
