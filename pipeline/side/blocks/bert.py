@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
+from .activations import activation
 
 from .attention import attend, merge_heads, split_heads
 from .base import SideBlock
@@ -60,7 +60,7 @@ class _Intermediate(nn.Module):
     def __init__(self, c: Any) -> None:
         super().__init__()
         self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.act = ACT2FN[c.hidden_act]
+        self.act = activation(c.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.dense(x))

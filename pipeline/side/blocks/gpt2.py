@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
+from .activations import activation
 
 from .attention import attend, merge_heads, split_heads
 from .base import SideBlock
@@ -46,7 +46,7 @@ class _MLP(nn.Module):
         super().__init__()
         self.c_fc = Conv1D(ff, c.n_embd)
         self.c_proj = Conv1D(c.n_embd, ff)
-        self.act = ACT2FN[c.activation_function]
+        self.act = activation(c.activation_function)
         self.dropout = Dropout(c.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
+from .activations import activation
 
 from .attention import apply_rotary, attend, merge_heads, rotary_cos_sin, split_heads
 from .base import SideBlock
@@ -49,7 +49,7 @@ class _MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=bias)
-        self.act = ACT2FN[c.hidden_act]
+        self.act = activation(c.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
+from .activations import activation
 
 from .attention import attend, merge_heads, relative_position_bucket, split_heads
 from .base import SideBlock
@@ -99,7 +99,7 @@ class _DenseActDense(nn.Module):
             self.wi = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
         self.dropout = Dropout(c.dropout_rate)
-        self.act = ACT2FN[c.dense_act_fn]
+        self.act = activation(c.dense_act_fn)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
