@@ -99,9 +99,10 @@ import numpy as np
 import torch
 
 from pipeline.cache import codecs as C
-from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray
+from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray, ReadScratch
 from pipeline.cache.store import ActivationCache
 from pipeline.errors import CacheError
+from pipeline.train.bufpool import WindowBufferPool
 from pipeline.sizes import MB, format_size
 
 DEFAULT_MEMORY_BUDGET = 512 * MB
@@ -130,6 +131,8 @@ class ReaderStats:
     wait_s: float = 0.0
     total_s: float = 0.0
     batches: int = 0
+    buffer_hits: int = 0  # window buffers reused from an earlier window of the epoch
+    buffer_misses: int = 0  # ... and newly allocated
 
     @property
     def stall_fraction(self) -> float:
@@ -139,7 +142,8 @@ class ReaderStats:
 class ByteAccounting:
     """Current and peak bytes the reader holds, per category and in total (thread-safe)."""
 
-    CATEGORIES = ("encoded", "scratch", "window", "batches")
+    # pool: reused window buffers beyond the requests in use (freed ones kept, tails of reused ones)
+    CATEGORIES = ("encoded", "scratch", "window", "pool", "batches")
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -239,6 +243,7 @@ class Window:
 class _Decoded:
     window: Window
     nbytes: int = 0
+    buffers: list[np.ndarray] = field(default_factory=list)  # the pool's buffers the values live in
     vals: list[list[torch.Tensor]] = field(default_factory=list)  # [piece][tap] rows in store dtype
     scales: list[list[torch.Tensor]] = field(default_factory=list)  # int8: [piece][tap] float32
     dvals: list[list[torch.Tensor]] = field(default_factory=list)  # [piece][decoder tap]
@@ -246,15 +251,18 @@ class _Decoded:
 
 
 class _Run:
-    """Reservations of one epoch's threads against the window and batch shares."""
+    """Reservations of one epoch's threads against the window and batch shares, and the epoch's
+    reused buffers (window buffers, one read scratch per decode thread)."""
 
-    def __init__(self):
+    def __init__(self, pool: WindowBufferPool | None = None):
         self.cond = threading.Condition()
         self.stopped = False
         self.window_held = 0
         self.windows = 0
         self.batch_held = 0
         self.batches = 0
+        self.pool = pool
+        self.scratches: dict[int, ReadScratch] = {}
 
     def stop(self) -> None:
         with self.cond:
@@ -637,10 +645,33 @@ class CacheReader:
         if run.stopped:
             return
         if direct is not None:
-            direct.read_into(r0, r1, out, track=self._track)
+            direct.read_into(r0, r1, out, track=self._track, scratch=self._scratch(run))
             return
         with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
             out[...] = arr[(*lead, slice(r0, r1))]
+
+    @staticmethod
+    def _pool_overhead(run: _Run) -> int:
+        return run.pool.overhead if run.pool is not None else 0
+
+    def _scratch(self, run: _Run) -> ReadScratch:
+        """This decode thread's read scratch, sized once for the largest frame and chunk (accounted
+        as held until the epoch ends: the ``encoded`` and ``scratch`` bytes a read job used to take)."""
+        tid = threading.get_ident()
+        sc = run.scratches.get(tid)
+        if sc is None:
+            chunk = max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
+            sc = ReadScratch(frame_bytes=chunk + FRAME_OVERHEAD, chunk_bytes=chunk)
+            self.accounting.add("scratch", sc.nbytes)
+            with run.cond:
+                run.scratches[tid] = sc
+        return sc
+
+    def _release_scratches(self, run: _Run) -> None:
+        with run.cond:
+            gone, run.scratches = list(run.scratches.values()), {}
+        for sc in gone:
+            self.accounting.sub("scratch", sc.nbytes)
 
     def _decode_window(self, window: Window, pool: ThreadPoolExecutor, run: _Run) -> _Decoded:
         dw = _Decoded(window)
@@ -650,9 +681,15 @@ class CacheReader:
         acc = self.accounting
 
         def alloc(shape, dtype) -> np.ndarray:
-            a = np.empty(shape, dtype=dtype)
-            acc.add("window", a.nbytes)
-            dw.nbytes += a.nbytes
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if run.pool is None:
+                a = np.empty(shape, dtype=dtype)
+            else:
+                buf = run.pool.take(nbytes, reserved=run.window_held)
+                dw.buffers.append(buf)
+                a = buf[:nbytes].view(dtype).reshape(shape)
+            acc.add("window", nbytes)
+            dw.nbytes += nbytes
             return a
 
         def split(arr, direct, lead, r0, r1, out, row_axis):
@@ -714,8 +751,11 @@ class CacheReader:
     def _free_window(self, run: _Run, dw: _Decoded) -> None:
         n = dw.nbytes
         dw.vals = dw.scales = dw.dvals = dw.dscales = []
+        buffers, dw.buffers = dw.buffers, []
         dw.nbytes = 0
         self.accounting.sub("window", n)
+        for buf in buffers:  # after the window's accounting: the pool counts them from here on
+            run.pool.give(buf)
         with run.cond:
             run.window_held -= self.window_mem_bytes(dw.window)
             run.windows -= 1
@@ -825,7 +865,7 @@ class CacheReader:
     # -- the epoch -------------------------------------------------------------------------------
     def _reserve_window(self, run: _Run, n: int) -> bool:
         with run.cond:
-            while not run.stopped and (run.window_held + n > self.layout.window_bytes
+            while not run.stopped and (run.window_held + self._pool_overhead(run) + n > self.layout.window_bytes
                                        or run.windows >= MAX_WINDOWS_IN_FLIGHT):
                 run.cond.wait()
             if run.stopped:
@@ -913,7 +953,7 @@ class CacheReader:
 
     def iter_epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan_epoch(epoch)
-        run = _Run()
+        run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d)))
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()
         pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
@@ -967,6 +1007,10 @@ class CacheReader:
                 if isinstance(dw, _Decoded):
                     self._free_window(run, dw)
             pool.shutdown(wait=True, cancel_futures=True)
+            run.pool.clear()
+            self.stats.buffer_hits += run.pool.hits
+            self.stats.buffer_misses += run.pool.misses
+            self._release_scratches(run)
             self.stats.total_s += time.perf_counter() - t0
 
 

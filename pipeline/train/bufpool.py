@@ -1,0 +1,93 @@
+"""The reader's window buffers, reused from one shuffle window to the next within an epoch.
+
+Why: each window's decoded taps (one buffer per piece and tap, ~1-3 MB each on MiniLM) were fresh
+``np.empty`` arrays. Under lst's 128 KiB mmap threshold every one is mapped, zero-filled page by page
+as it is decoded into, and unmapped when the window is freed: on a cached MiniLM SST-2 epoch that is
+~350 k page faults for 1.4 GB of decoded taps, on the CPU the training step needs. Consecutive
+windows ask for buffers of about the same sizes (pieces are cut to a common target), so a freed
+buffer serves the next request it can hold that is at most ``SLACK`` smaller than itself.
+
+Bounded: the pool never lets what it holds (buffers in use, the unused tail of reused ones, and freed
+buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped, oldest
+first, to make room; the tails of reused buffers (``overhead``) are counted: the reader's window
+reservations include them, and a tail is taken on only while it fits beside every reservation. ``clear`` drops every buffer: the reader calls it when the epoch ends,
+so evaluation, which never runs beside training, finds the memory free.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+
+#: a freed buffer serves a request up to this share smaller than itself
+SLACK = 0.25
+
+
+class WindowBufferPool:
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None):
+        """``limit``: the most bytes held at once; ``on_change(delta)``: told of every change in
+        ``overhead + pooled`` (the bytes beyond the requests in use), for the reader's accounting."""
+        self.limit = int(limit)
+        self._on_change = on_change or (lambda d: None)
+        self._lock = threading.Lock()
+        self._free: list[np.ndarray] = []  # oldest first
+        self._sizes: dict[int, int] = {}  # id(buffer in use) -> bytes requested
+        self.in_use = 0  # bytes requested by the buffers in use
+        self.overhead = 0  # capacity of the buffers in use beyond what was requested
+        self.pooled = 0  # capacity of the freed buffers kept for reuse
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def held(self) -> int:
+        return self.in_use + self.overhead + self.pooled
+
+    def take(self, nbytes: int, reserved: int = 0) -> np.ndarray:
+        """A flat uint8 buffer of capacity >= ``nbytes`` (use its first ``nbytes``), reused if one fits.
+
+        ``reserved``: the bytes the caller has promised to take in all (this request included; the
+        reader's window reservations). A reused buffer's unused tail is taken only while it and every
+        reservation still fit the limit, so each later request can be met by dropping freed buffers."""
+        n = int(nbytes)
+        with self._lock:
+            room = self.limit - max(int(reserved), self.in_use + n) - self.overhead
+            best = -1
+            for i, b in enumerate(self._free):
+                if n <= b.nbytes <= min(n + n * SLACK, n + room) and (best < 0 or b.nbytes < self._free[best].nbytes):
+                    best = i
+            if best >= 0:
+                buf = self._free.pop(best)
+                self.hits += 1
+                self._moved(pooled=-buf.nbytes, overhead=buf.nbytes - n)
+            else:
+                self.misses += 1
+                evicted = 0
+                while self._free and self.in_use + self.overhead + self.pooled - evicted + n > self.limit:
+                    evicted += self._free.pop(0).nbytes
+                self._moved(pooled=-evicted, overhead=0)
+                buf = np.empty(n, np.uint8)
+            self.in_use += n
+            self._sizes[id(buf)] = n
+            return buf
+
+    def give(self, buf: np.ndarray) -> None:
+        """Hand back a buffer from ``take`` (its data is no longer read)."""
+        with self._lock:
+            n = self._sizes.pop(id(buf))
+            self.in_use -= n
+            self._free.append(buf)
+            self._moved(pooled=buf.nbytes, overhead=-(buf.nbytes - n))
+
+    def clear(self) -> None:
+        """Drop every freed buffer (buffers still in use stay theirs)."""
+        with self._lock:
+            self._moved(pooled=-self.pooled, overhead=0)
+            self._free.clear()
+
+    def _moved(self, *, pooled: int, overhead: int) -> None:
+        self.pooled += pooled
+        self.overhead += overhead
+        if pooled + overhead:
+            self._on_change(pooled + overhead)
