@@ -32,8 +32,10 @@ Stage one extracts activations once; stage two trains side networks from them:
   lst verify data/cache/sst2-minilm.zarr
 Data: named tasks (sst2, cola, mrpc, stsb, trec) are read from $LST_DATA_DIR (default ../shared/data).
 Memory vs speed: freed buffers above $LST_MMAP_THRESHOLD (default 128KB) leave the process at once,
-  except torch's, which a bounded cache of freed buffers hands out again: $LST_CPU_CACHE (default
-  1/16 of --reader-memory, at most 32MB; 0 turns it off). LST_MMAP_THRESHOLD=glibc keeps glibc's own
+  except torch's, which a cache of freed buffers hands out again: it keeps what the live buffers
+  have shrunk below their own peak, or $LST_CPU_CACHE when more (default 1/64 of --reader-memory,
+  at most 8MB; 0 turns the cache off), so a run peaks at most that above its buffers' own peak.
+  LST_MMAP_THRESHOLD=glibc keeps glibc's own
   threshold: faster still, but ~1.5x the peak RSS.
 """
 
