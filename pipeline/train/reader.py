@@ -77,7 +77,10 @@ decoding and training alternate and the stall fraction approaches decode / (deco
 Decoding: chunk-sized read jobs (``DirectArray.read_into``: shard index plus the compressed frames
 of the overlapping inner chunks, never a whole shard file) run on ``workers`` threads (Blosc
 releases the GIL) straight into per-piece buffers; only the requested taps and the planned rows are
-read. A batch is gathered with one copy per example and tap from those buffers into a preallocated
+read. Nothing on that path is allocated per chunk or per window: each decode thread reads frames and
+cut chunks into one scratch it keeps for the epoch, and a window's piece buffers are handed to the
+next window (``bufpool.WindowBufferPool``, within the window share); both are in the byte accounting
+(``scratch``, ``pool``) and released when the epoch ends. A batch is gathered with one copy per example and tap from those buffers into a preallocated
 zero-padded [B, L, d] fp32 tensor (int8 scaled in place), with no concatenated copy of a window.
 By default (``inline``) a batch is gathered on the consumer's thread when the loop asks for it, so
 only the decode threads run beside the training step; ``inline=False`` gathers on an assembler
@@ -449,8 +452,11 @@ class CacheReader:
                            + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
         window_min = tokens_max * self._mem_row_bytes + b_max * self._mem_ex_dec_bytes  # memory
         plan_min = tokens_max * self._row_bytes + b_max * self._ex_dec_bytes  # the same rows, plan units
-        jobs = [self._job_bytes(a, d, 0) for a, d in self._acts + self._scales] + \
+        jobs = [self._job_bytes(a, d, 0) for a, d in self._acts + self._scales if d is None] + \
                [self._job_bytes(a, d, 1) for a, d in self._dec + self._dec_scales]
+        direct = [d for _, d in self._acts + self._scales if d is not None]
+        if direct:  # a decode thread's scratch (kept all epoch) plus the shard index a read job holds
+            jobs.append(self._scratch_bytes() + max(2 * d.index_nbytes for d in direct))
         job = max(jobs) if jobs else 0
         min_budget = job + batch_bound + window_min
         M = self.memory_budget
@@ -653,6 +659,11 @@ class CacheReader:
     @staticmethod
     def _pool_overhead(run: _Run) -> int:
         return run.pool.overhead if run.pool is not None else 0
+
+    def _scratch_bytes(self) -> int:
+        """Bytes of one decode thread's read scratch: the largest compressed frame and decoded chunk."""
+        chunk = max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
+        return 2 * chunk + FRAME_OVERHEAD
 
     def _scratch(self, run: _Run) -> ReadScratch:
         """This decode thread's read scratch, sized once for the largest frame and chunk (accounted
