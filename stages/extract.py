@@ -9,6 +9,8 @@ def main() -> None:
     args = ["extract", "--backbone", e["backbone"], "--dataset", e["dataset"], "--out", cache_path(p),
             "--codec", e["codec"], "--layers", str(e["layers"]), "--max-length", str(e["max_length"]),
             "--shard-tokens", str(e["shard_tokens"]), "--batch-tokens", str(e["batch_tokens"]), "--json"]
+    if e.get("compression"):
+        args += ["--compression", str(e["compression"])]
     if e.get("max_examples"):
         args += ["--max-examples", str(e["max_examples"])]
     if e.get("label_words"):

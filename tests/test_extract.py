@@ -360,3 +360,30 @@ def test_full_disk_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, caps
     monkeypatch.setattr(SplitView, "write_shard", real)
     res = _extract(out, splits=["validation"])
     assert res["resumed"] and res["complete"] and res["shards_computed"] == int(done.size - done.sum())
+
+
+@pytest.mark.integration
+def test_uncompressed_taps_read_the_same_values_through_the_direct_path(tmp_path):
+    """--compression none stores tap chunks as level-0 Blosc frames: every value reads back equal to the
+    lz4 store's, the reader's direct shard path still takes them, and a resume asking for the other
+    packing is refused (the stored bytes differ)."""
+    from pipeline.cache.fastread import DirectArray
+
+    packed, plain = tmp_path / "lz4.zarr", tmp_path / "none.zarr"
+    _extract(packed, splits=["validation"])
+    _extract(plain, splits=["validation"], compression="none")
+    a, b = ActivationCache.open(str(packed)), ActivationCache.open(str(plain))
+    assert "compression" not in a.fingerprint and b.fingerprint["compression"] == "none"
+    for tap in a.taps:
+        x, y = a.split("validation").tap_array(tap), b.split("validation").tap_array(tap)
+        np.testing.assert_array_equal(x[:], y[:])
+        blosc = y.metadata.codecs[0].codecs[1]
+        assert blosc.clevel == 0 and DirectArray.for_array(y) is not None
+        d = DirectArray.for_array(y)
+        out = np.empty((y.shape[0] - 3, y.shape[1]), dtype=d.dtype)
+        d.read_into(3, y.shape[0], out)
+        np.testing.assert_array_equal(out, x[3:])
+    assert sum(f.stat().st_size for f in plain.rglob("*") if f.is_file()) > \
+        sum(f.stat().st_size for f in packed.rglob("*") if f.is_file())
+    with pytest.raises(CacheError, match="compression"):
+        _extract(packed, splits=["validation"], compression="none")

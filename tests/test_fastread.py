@@ -211,3 +211,15 @@ def test_other_layouts_fall_back_to_zarr(tmp_path):
     split_rows = g.create_array("split", shape=(32, HIDDEN), chunks=(8, 3), shards=(16, HIDDEN),
                                 dtype="float32", compressors=C.compressors(codec="fp32"))
     assert DirectArray.for_array(split_rows) is None
+
+
+def test_compression_choices_name_their_codec_chains():
+    from pipeline.cache import codecs as C
+    from pipeline.extract.config import COMPRESSION_CHOICES
+
+    assert COMPRESSION_CHOICES == C.COMPRESSIONS
+    lz4, none = C.compressors(codec="bf16"), C.compressors(codec="bf16", compression="none")
+    assert (lz4[0].clevel, none[0].clevel) == (5, 0) and str(none[0].shuffle.value) == "noshuffle"
+    assert C.compressors(codec="int8", compression="none")[0].cname.value == "zstd"  # int8 codes keep zstd
+    with pytest.raises(ValueError, match="unknown compression 'zip'"):
+        C.compressors(codec="bf16", compression="zip")

@@ -149,6 +149,7 @@ def create_store(
     versions: dict,
     storage_options: dict | None = None,
     decoder: dict | None = None,
+    compression: str = "lz4",
 ) -> "ActivationCache":
     """Create an empty store with every array sized up front (no activations yet).
 
@@ -156,9 +157,11 @@ def create_store(
     max_length, and label_words / label_targets + decoder_taps where they apply); the manifests are
     checked before anything is written, so a bad one never replaces a store. ``decoder``
     ({'taps': [...], 'rows': D}) adds the per-example decoder arrays of a T5 label-target cache.
-    The store is marked ``layout_complete`` once every array exists.
+    The store is marked ``layout_complete`` once every array exists. ``compression``: how float tap
+    chunks are packed (``codecs.compressors``).
     """
     spec = C.codec_spec(codec)
+    C.compressors(codec=codec, compression=compression)  # an unknown name fails before anything is written
     where = f"create_store({url})"
     manifest = StoreManifest.from_attrs(
         {
@@ -218,7 +221,7 @@ def create_store(
             acts.create_array(
                 tap_name(tap), shape=(t, hidden_size), dtype=spec.storage_dtype,
                 chunks=(rows, hidden_size), shards=(shard, hidden_size),
-                compressors=C.compressors(codec=codec), fill_value=0,
+                compressors=C.compressors(codec=codec, compression=compression), fill_value=0,
                 attributes={"logical_dtype": spec.logical_dtype, "codec": codec, "tap": tap},
             )
         if spec.has_scale:
@@ -232,13 +235,14 @@ def create_store(
                     compressors=C.compressors(), fill_value=0,
                 )
         if decoder:
-            _create_decoder_arrays(g, plan, decoder, hidden_size, codec)
+            _create_decoder_arrays(g, plan, decoder, hidden_size, codec, compression)
     cache = ActivationCache(url, root, storage_options)
     cache._update_manifest(layout_complete=True)
     return cache
 
 
-def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden_size: int, codec: str) -> None:
+def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden_size: int, codec: str,
+                           compression: str = "lz4") -> None:
     spec = C.codec_spec(codec)
     padded, rows = _decoder_unit_rows(plan, decoder, hidden_size, codec)
     dec = g.create_group("dec")
@@ -247,7 +251,7 @@ def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden
         acts.create_array(
             tap_name(tap), shape=(plan.num_shards, padded, hidden_size), dtype=spec.storage_dtype,
             chunks=(1, rows, hidden_size), shards=(1, padded, hidden_size),
-            compressors=C.compressors(codec=codec), fill_value=0,
+            compressors=C.compressors(codec=codec, compression=compression), fill_value=0,
             attributes={"logical_dtype": spec.logical_dtype, "codec": codec, "tap": tap},
         )
     if spec.has_scale:

@@ -131,6 +131,9 @@ def build_fingerprint(cfg: ExtractConfig, backbone_path: Path, model_type: str, 
         "taps": taps,
         "codec": cfg.codec,
         "precision": cfg.precision,
+        # the stored bytes differ, so a resume must not mix them; lz4 (the default) stays unnamed, so
+        # stores made before the option keep their fingerprints
+        **({"compression": cfg.compression} if cfg.compression != "lz4" else {}),
     }
 
 
@@ -228,6 +231,7 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
             meta["decoder_taps"] = [tap_name(t) for t in decoder["taps"]]
         cache = create_store(
             cfg.out, fingerprint=fingerprint, meta=meta, plans=plans, taps=taps, codec=cfg.codec,
+            compression=cfg.compression,
             hidden_size=backbone.hidden_size, versions=library_versions(),
             storage_options=cfg.storage_options, decoder=decoder,
         )
