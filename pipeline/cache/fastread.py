@@ -202,6 +202,7 @@ class DirectArray:
                             else:
                                 blosc.decompress(mv[:-4], out[lo - start:hi - start])
                             del mv
+                            raw = None  # the pread's bytes go while the accounting still holds them
             finally:
                 os.close(fd)
 

@@ -80,8 +80,8 @@ releases the GIL) straight into per-piece buffers; only the requested taps and t
 read. Nothing on that path is allocated per chunk or per window: each decode thread reads frames and
 cut chunks into one scratch it keeps for the epoch, and a window's piece buffers are handed to the
 next window (``bufpool.WindowBufferPool``, within the window share); both are in the byte accounting
-(``scratch``, ``pool``) and released when the epoch ends. A batch is gathered with one copy per example and tap from those buffers into a preallocated
-zero-padded [B, L, d] fp32 tensor (int8 scaled in place), with no concatenated copy of a window.
+(``scratch``, ``pool``) and released when the epoch ends. A batch is gathered with one copy per
+example and tap from those buffers into a preallocated zero-padded [B, L, d] fp32 tensor (int8 scaled in place), with no concatenated copy of a window.
 By default (``inline``) a batch is gathered on the consumer's thread when the loop asks for it, so
 only the decode threads run beside the training step; ``inline=False`` gathers on an assembler
 thread into a queue of ``prefetch`` batches instead.
@@ -660,10 +660,13 @@ class CacheReader:
     def _pool_overhead(run: _Run) -> int:
         return run.pool.overhead if run.pool is not None else 0
 
+    def _scratch_chunk(self) -> int:
+        """Decoded bytes of the largest inner chunk the decode threads read directly."""
+        return max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
+
     def _scratch_bytes(self) -> int:
         """Bytes of one decode thread's read scratch: the largest compressed frame and decoded chunk."""
-        chunk = max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
-        return 2 * chunk + FRAME_OVERHEAD
+        return 2 * self._scratch_chunk() + FRAME_OVERHEAD
 
     def _scratch(self, run: _Run) -> ReadScratch:
         """This decode thread's read scratch, sized once for the largest frame and chunk (accounted
@@ -671,7 +674,7 @@ class CacheReader:
         tid = threading.get_ident()
         sc = run.scratches.get(tid)
         if sc is None:
-            chunk = max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
+            chunk = self._scratch_chunk()
             sc = ReadScratch(frame_bytes=chunk + FRAME_OVERHEAD, chunk_bytes=chunk)
             self.accounting.add("scratch", sc.nbytes)
             with run.cond:
