@@ -387,3 +387,6 @@ def test_uncompressed_taps_read_the_same_values_through_the_direct_path(tmp_path
         sum(f.stat().st_size for f in packed.rglob("*") if f.is_file())
     with pytest.raises(CacheError, match="compression"):
         _extract(packed, splits=["validation"], compression="none")
+    from pipeline.cache.inspect import inspect_cache
+
+    assert inspect_cache(b)["compression"] == "none" and inspect_cache(a)["compression"] == "lz4"

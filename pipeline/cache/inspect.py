@@ -52,6 +52,7 @@ def inspect_cache(cache: ActivationCache) -> dict:
         "format_version": m.format_version,
         "complete": cache.complete,
         "codec": cache.codec,
+        "compression": cache.fingerprint.get("compression", "lz4"),  # named only when not the default
         "logical_dtype": spec.logical_dtype,
         "storage_dtype": spec.storage_dtype,
         "hidden_size": cache.hidden_size,

@@ -56,7 +56,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     res = inspect_cache(ActivationCache.open(a.cache))
 
     def human(r: dict) -> str:
-        lines = [f"{r['store']}  codec={r['codec']} ({r['logical_dtype']})  d={r['hidden_size']}  complete={r['complete']}",
+        lines = [f"{r['store']}  codec={r['codec']} ({r['logical_dtype']}, {r['compression']})  d={r['hidden_size']}  complete={r['complete']}",
                  f"taps: {', '.join(r['taps'])}"]
         if r.get("label_targets"):
             t = r["label_targets"]
