@@ -35,8 +35,7 @@ Memory vs speed: freed buffers above $LST_MMAP_THRESHOLD (default 128KB) leave t
   except torch's, which a cache of freed buffers hands out again: it keeps what the live buffers
   have shrunk below their own peak, or $LST_CPU_CACHE when more (default 1/64 of --reader-memory,
   at most 8MB; 0 turns the cache off), so a run peaks at most that above its buffers' own peak.
-  LST_MMAP_THRESHOLD=glibc keeps glibc's own
-  threshold: faster still, but ~1.5x the peak RSS.
+  LST_MMAP_THRESHOLD=glibc keeps glibc's own threshold: faster still, but ~1.5x the peak RSS.
 """
 
 COMMAND_GROUPS = (extract, fisher, train, search, params, bench)
