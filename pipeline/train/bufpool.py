@@ -10,8 +10,9 @@ buffer serves the next request it can hold that is at most ``SLACK`` smaller tha
 Bounded: the pool never lets what it holds (buffers in use, the unused tail of reused ones, and freed
 buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped, oldest
 first, to make room; the tails of reused buffers (``overhead``) are counted: the reader's window
-reservations include them, and a tail is taken on only while it fits beside every reservation. ``clear`` drops every buffer: the reader calls it when the epoch ends,
-so evaluation, which never runs beside training, finds the memory free.
+reservations include them, and a tail is taken on only while it fits beside every reservation.
+``clear`` drops every buffer: the reader calls it when the epoch ends, so evaluation, which never
+runs beside training, finds the memory free.
 """
 
 from __future__ import annotations
