@@ -372,4 +372,6 @@ def cpu_cache_summary() -> dict:
         return {}
     asked = s.hits + s.misses
     return {"cpu_cache_peak_mb": round(s.peak_cached_bytes / 2**20, 1), "cpu_cache_cap_mb": round(s.cap_bytes / 2**20, 1),
-            "cpu_cache_hit_rate": round(s.hits / asked, 4) if asked else None}
+            "cpu_cache_hit_rate": round(s.hits / asked, 4) if asked else None,
+            # what the cache may keep beyond its cap: the live buffers' fall below this peak
+            "cpu_cache_peak_live_mb": round(s.peak_live_bytes / 2**20, 1)}
