@@ -81,7 +81,8 @@ read. Nothing on that path is allocated per chunk or per window: each decode thr
 cut chunks into one scratch it keeps for the epoch, and a window's piece buffers are handed to the
 next window (``bufpool.WindowBufferPool``, within the window share); both are in the byte accounting
 (``scratch``, ``pool``) and released when the epoch ends. A batch is gathered with one copy per
-example and tap from those buffers into a preallocated zero-padded [B, L, d] fp32 tensor (int8 scaled in place), with no concatenated copy of a window.
+example and tap from those buffers into a preallocated zero-padded [B, L, d] fp32 tensor (int8
+scaled in place), with no concatenated copy of a window.
 By default (``inline``) a batch is gathered on the consumer's thread when the loop asks for it, so
 only the decode threads run beside the training step; ``inline=False`` gathers on an assembler
 thread into a queue of ``prefetch`` batches instead.
@@ -257,7 +258,7 @@ class _Run:
     """Reservations of one epoch's threads against the window and batch shares, and the epoch's
     reused buffers (window buffers, one read scratch per decode thread)."""
 
-    def __init__(self, pool: WindowBufferPool | None = None):
+    def __init__(self, pool: WindowBufferPool):
         self.cond = threading.Condition()
         self.stopped = False
         self.window_held = 0
@@ -656,10 +657,6 @@ class CacheReader:
         with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
             out[...] = arr[(*lead, slice(r0, r1))]
 
-    @staticmethod
-    def _pool_overhead(run: _Run) -> int:
-        return run.pool.overhead if run.pool is not None else 0
-
     def _scratch_chunk(self) -> int:
         """Decoded bytes of the largest inner chunk the decode threads read directly."""
         return max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
@@ -696,12 +693,9 @@ class CacheReader:
 
         def alloc(shape, dtype) -> np.ndarray:
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if run.pool is None:
-                a = np.empty(shape, dtype=dtype)
-            else:
-                buf = run.pool.take(nbytes, reserved=run.window_held)
-                dw.buffers.append(buf)
-                a = buf[:nbytes].view(dtype).reshape(shape)
+            buf = run.pool.take(nbytes, reserved=run.window_held)
+            dw.buffers.append(buf)
+            a = buf[:nbytes].view(dtype).reshape(shape)
             acc.add("window", nbytes)
             dw.nbytes += nbytes
             return a
@@ -879,7 +873,7 @@ class CacheReader:
     # -- the epoch -------------------------------------------------------------------------------
     def _reserve_window(self, run: _Run, n: int) -> bool:
         with run.cond:
-            while not run.stopped and (run.window_held + self._pool_overhead(run) + n > self.layout.window_bytes
+            while not run.stopped and (run.window_held + run.pool.overhead + n > self.layout.window_bytes
                                        or run.windows >= MAX_WINDOWS_IN_FLIGHT):
                 run.cond.wait()
             if run.stopped:
