@@ -751,3 +751,48 @@ def test_training_path_does_not_import_transformers_activations():
             "print('transformers.activations' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+# -- the init pack's transformers-free config -------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_config_builds_the_same_side_network_as_the_hf_config(family):
+    """Stage two reads the pack's config as a plain ``BackboneConfig`` (no transformers import):
+    every family's side network, pruned from the same weights, must equal the one the HF config
+    builds, parameters and outputs, and ``AutoConfig`` must still rebuild the HF config from it."""
+    import copy
+    import json
+
+    from pipeline.cache.backbone_config import BackboneConfig, packed_config_json, read_packed
+    from pipeline.side import initialise_side
+
+    c = tiny_configs()[family]
+    if family == "bert":
+        c = tf.BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
+    data = json.loads(packed_config_json(c))
+    light = read_packed(data)
+    assert isinstance(light, BackboneConfig) and light.model_type == c.model_type
+    assert light.hidden_size == c.hidden_size and light.num_attention_heads == c.num_attention_heads  # aliases
+    again = tf.AutoConfig.for_model(data.pop("model_type"), **data)
+    assert again.to_dict() | {"lst_full_config": 0, "lst_attribute_map": 0} == c.to_dict() | {
+        "lst_full_config": 0, "lst_attribute_map": 0}
+    hf = _hf_model(family, c).state_dict()
+    nets = []
+    for cfg in (c, light):
+        torch.manual_seed(0)
+        m = LadderSideNetwork(SideConfig(r=4, num_labels=3, dropout=0.0), cfg)
+        initialise_side(m, "magnitude", hf)
+        nets.append(m)
+    a, b = (m.state_dict() for m in nets)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    taps, mask = random_taps(nets[0], 2, 6), torch.ones(2, 6)
+    assert torch.equal(nets[0](taps, mask), nets[1](taps, mask))
+    side = copy.deepcopy(light)
+    side.hidden_size = 7  # an alias writes through, as on a PretrainedConfig, and only on the copy
+    assert side.to_dict()[{"t5": "d_model", "gpt2": "n_embd"}.get(family, "hidden_size")] == 7
+    assert light.hidden_size == c.hidden_size
+
+
+def test_packs_that_stored_only_the_changed_values_fall_back_to_autoconfig():
+    from pipeline.cache.backbone_config import read_packed
+
+    assert read_packed(tf.BertConfig(hidden_size=64).to_diff_dict()) is None

@@ -162,7 +162,7 @@ def _import_like_training(cache_url: str):
     from pipeline.cache.store import ActivationCache
 
     cache = ActivationCache.open(cache_url)
-    config = initpack.read_config(cache.url)
+    config = initpack.read_hf_config(cache.url)
     try:
         AutoModel._model_mapping[type(config)]  # imports transformers.models.<type>.modeling_<type>
     except KeyError:

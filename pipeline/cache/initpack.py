@@ -2,8 +2,8 @@
 
 ``init/weights.safetensors`` (the backbone's state dict, which pruning-based initialisation slices
 and which carries frozen head pieces such as T5's tied LM head), ``init/config.json`` (the HF config
-the side network is shaped from), ``init/tokenizer/`` (for predict and for readers that want text),
-and optionally ``init/importance.safetensors`` (Fisher scores, same keys as the weights).
+the side network is shaped from, stored whole: see ``backbone_config``), ``init/tokenizer/`` (for
+predict and for readers that want text), and optionally ``init/importance.safetensors`` (Fisher scores, same keys as the weights).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import fsspec
 import safetensors.torch
 import torch
 
+from pipeline.cache.backbone_config import FULL_KEY, MAP_KEY, read_packed
 from pipeline.errors import CacheError
 
 INIT_DIR = "init"
@@ -209,14 +210,35 @@ def read_importance(url: str, storage_options: dict | None = None) -> Mapping[st
 
 
 def read_config(url: str, storage_options: dict | None = None):
-    """The backbone's HF config, rebuilt from the pack (no weights, no network)."""
-    from transformers import AutoConfig
+    """The backbone's config, rebuilt from the pack (no weights, no network): a plain
+    ``BackboneConfig`` where the pack stores it whole (no ``transformers`` import), else the HF
+    config. Code that builds a Hugging Face model from it uses ``read_hf_config``."""
+    data = _config_data(url, storage_options)
+    return read_packed(data) or _hf_config(url, data)
 
+
+def read_hf_config(url: str, storage_options: dict | None = None):
+    """The backbone's ``transformers`` config, rebuilt from the pack."""
+    return _hf_config(url, _config_data(url, storage_options))
+
+
+def _config_data(url: str, storage_options: dict | None) -> dict:
     raw = read_checked(url, "config.json", storage_options)
     try:
         data = json.loads(raw)
-        model_type = data.pop("model_type")
-        return AutoConfig.for_model(model_type, **data)
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise ValueError("no model_type")
+        return data
+    except ValueError as e:  # an unchecked (old) pack that is damaged
+        raise _damaged(url, f"init/config.json: {type(e).__name__}: {e}") from None
+
+
+def _hf_config(url: str, data: dict):
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in data.items() if k not in (FULL_KEY, MAP_KEY)}
+    try:
+        return AutoConfig.for_model(data.pop("model_type"), **data)
     except Exception as e:  # noqa: BLE001 - an unchecked (old) pack that is damaged
         raise _damaged(url, f"init/config.json: {type(e).__name__}: {e}") from None
 

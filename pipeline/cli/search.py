@@ -33,7 +33,7 @@ Examples:
 
 
 # TrainConfig options a sweep sets for every trial (besides the space's knobs)
-TRIAL_OPTIONS = ("max_steps", "device", "reader_memory")
+TRIAL_OPTIONS = ("max_steps", "device", "reader_memory", "recompute")
 
 
 def _sweep(a: argparse.Namespace) -> int:

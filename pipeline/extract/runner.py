@@ -26,6 +26,7 @@ from pipeline.backbones import load_backbone, resolve_backbone, tokenizer_sha256
 from pipeline.backbones import init_pack_state
 from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, lm_head_weight, t5_label_targets
 from pipeline.cache import codecs as C
+from pipeline.cache.backbone_config import packed_config_json
 from pipeline.cache.fingerprint import diff_fingerprints, library_versions
 from pipeline.cache.faultpoints import fault_point
 from pipeline.cache.store import ActivationCache, CacheError, create_store, store_state, tap_name
@@ -239,7 +240,7 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
         state = init_pack_state(backbone)
         if backbone.family == "decoder":  # base models load without their head; label scoring needs it
             state["lm_head.weight"] = lm_head_weight(backbone).detach().to("cpu", torch.float32).contiguous().clone()
-        initpack.write_init_pack(cfg.out, state, backbone.config.to_json_string(), backbone.tokenizer,
+        initpack.write_init_pack(cfg.out, state, packed_config_json(backbone.config), backbone.tokenizer,
                                  cfg.storage_options)
 
     stored = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None

@@ -50,7 +50,8 @@ PRUNERS = ("none", "asha")
 STUDY_NAME = "lst-sweep"
 # TrainConfig fields a sweep may set for every trial (beside the space's knobs)
 _TRAIN_EXTRAS = {"grad_clip", "max_steps", "batch_tokens", "patience", "device", "train_split", "eval_split",
-                 "reader_workers", "window_shards", "reader_memory", "shuffle_window", "batch_order"}
+                 "reader_workers", "window_shards", "reader_memory", "shuffle_window", "batch_order",
+                 "recompute"}
 
 
 @dataclass
@@ -428,7 +429,7 @@ def _validate(cfg: SweepConfig):
 
 def _identity(cfg: SweepConfig, space, cache) -> dict:
     return {"space": space.describe(), "sampler": cfg.sampler, "pruner": cfg.pruner, "seed": cfg.seed,
-            "train": {k: v for k, v in cfg.train.items() if k not in ("device", "reader_workers", "reader_memory")}, "cache_fingerprint_sha256": hashlib.sha256(
+            "train": {k: v for k, v in cfg.train.items() if k not in ("device", "reader_workers", "reader_memory", "recompute")}, "cache_fingerprint_sha256": hashlib.sha256(
                 json.dumps(cache.fingerprint, sort_keys=True, default=str).encode()).hexdigest()}
 
 
