@@ -26,6 +26,7 @@ from pipeline.errors import TrainError
 from pipeline.memory import peak_rss_bytes
 from pipeline.metrics import compute_metrics
 from pipeline.side.blocks.dropout import dropout_stream
+from pipeline.train.adamw import FusedAdamW, LinearWarmupDecay
 from pipeline.train.config import TrainConfig
 from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
@@ -67,11 +68,11 @@ def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> FusedAdamW:
     """AdamW with the fused kernel: a side network has many small tensors, so one fused update
-    instead of a dozen ops per tensor is a visible share of a cached step."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay, fused=True)
+    instead of a dozen ops per tensor is a visible share of a cached step. Ours, not torch.optim's,
+    which imports torch._dynamo (see ``adamw``)."""
+    return FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -139,7 +140,7 @@ class Variant:
 
 
 class VariantRunner:
-    """One variant as a plain module with torch's AdamW, LambdaLR and clip_grad_norm_.
+    """One variant as a plain module with (fused) AdamW, a warm-up/decay schedule and clip_grad_norm_.
 
     The runner swaps its own RNG state in around each step, so K variants trained on one batch
     stream each see exactly the dropout draws a run of their own would. A step on a thread of its
@@ -153,8 +154,7 @@ class VariantRunner:
         self.taps = v.model.required_taps()
         self.dec_taps = v.model.required_decoder_taps()
         self.optimizer = make_optimizer(v.model, v.cfg.lr, v.cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, int(v.cfg.warmup_ratio * total_steps)))
+        self.scheduler = LinearWarmupDecay(self.optimizer, lr_lambda(total_steps, int(v.cfg.warmup_ratio * total_steps)))
 
     def inputs(self, taps: TapMap, b: Batch) -> dict:
         out = {"taps": [taps[t] for t in self.taps], "attention_mask": b.attention_mask}

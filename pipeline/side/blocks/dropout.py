@@ -10,8 +10,8 @@ Where the uniforms come from: torch's global generator, unless ``dropout_stream(
 generator for the current thread (a ``ContextVar``). A fused sweep trains variants on several
 threads at once, so they cannot take turns swapping one global RNG state in and out; each gets its
 own generator, holding exactly the state the global one would have had, so every mask (and so every
-number) equals a run of its own. ``checkpoint`` reruns a block in the backward from the stream state
-it had in the forward, as torch's ``preserve_rng_state`` does for the global generator.
+number) equals a run of its own. ``checkpoint`` reruns a block in the backward from the RNG state
+it had in the forward: the stream's, or the global generator's as torch's ``preserve_rng_state``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils import checkpoint as torch_checkpoint
 
 __all__ = ["Dropout", "dropout", "dropout_stream", "uniform", "normal", "checkpoint"]
 
@@ -74,21 +73,54 @@ class Dropout(nn.Dropout):
 
 
 def checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
-    """``torch.utils.checkpoint`` (non-reentrant) whose rerun draws the forward's dropout masks again,
-    from the global generator (torch restores it) or from this thread's stream (restored here)."""
-    g = _STREAM.get()
-    if g is None:
-        return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
-    state = g.get_state()
-    calls = [0]
+    """``fn(*args)`` keeping none of its activations for the backward, which reruns it.
 
-    def run(*a: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 1:
-            return fn(*a)
-        replay = torch.Generator(device=g.device)
-        replay.set_state(state)
-        with dropout_stream(replay):
-            return fn(*a)
+    The algorithm of ``torch.utils.checkpoint(use_reentrant=False)``, written here because torch's
+    imports ``torch._dynamo`` at its first rerun (~1 s and ~69 MB of every stage-two process; see
+    ``pipeline.train.adamw``). Every tensor the forward saves for the backward is replaced by its
+    index; the first one the backward asks for reruns ``fn`` once, with grad on, on detached copies of
+    the inputs and from the forward's RNG state (this thread's dropout stream, or torch's global CPU
+    and CUDA generators, which it leaves where they were), and the rerun's saved tensors, taken in
+    the same order, are handed out. Gradients reach ``fn``'s parameters, and anything else outside,
+    through the first pass's graph, so they equal a plain step's bit for bit.
+    """
+    stream = _STREAM.get()
+    state = stream.get_state() if stream is not None else None
+    cpu_state = torch.get_rng_state() if stream is None else None
+    cuda = [a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"][:1]
+    cuda_state = torch.cuda.get_rng_state(cuda[0]) if cuda and stream is None else None
+    saved: dict[int, Tensor] = {}
+    count = [0]
 
-    return torch_checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+    def pack(_t: Tensor) -> int:
+        count[0] += 1
+        return count[0] - 1
+
+    def rerun() -> None:
+        inputs = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a for a in args]
+
+        def keep(t: Tensor) -> int:
+            saved[len(saved)] = t
+            return len(saved) - 1
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda i: saved[i]):
+            if stream is not None:
+                replay = torch.Generator(device=stream.device)
+                replay.set_state(state)
+                with dropout_stream(replay):
+                    fn(*inputs)
+                return
+            with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"):
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, cuda[0])
+                fn(*inputs)
+
+    def unpack(i: int) -> Tensor:
+        if i not in saved:  # the first the backward needs (or a second backward): rerun
+            saved.clear()
+            rerun()
+        return saved.pop(i)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return fn(*args)
