@@ -372,3 +372,54 @@ def test_window_buffer_pool_reuses_within_slack_and_never_holds_more_than_its_li
     pool.clear()
     assert pool.held == pool.in_use == pool.overhead == pool.pooled == 0
     assert sum(changes) == 0  # every byte reported beyond the requests in use was reported back
+
+
+# -- dropout draws (`lst extract --dropout-draws`) ------------------------------------------------
+def test_dropout_draws_are_seeded_train_mode_passes_that_epochs_read_in_turn(tmp_path_factory, backbones):
+    """Each draw split holds the train split's rows with other (train-mode) values, the same on a
+    second extraction; a reader given the draws reads draw e mod N + 1 at epoch e, through its
+    budgeted windows (tiny budget: sub-shard windows), and the eval-mode split otherwise."""
+    from pipeline.cache.draws import draws_of
+
+    paths = [_extract(tmp_path_factory, backbones["bert"], "bf16", n=120, dropout_draws=2) for _ in range(2)]
+    cache, again = (ActivationCache.open(p) for p in paths)
+    draws = draws_of(cache.splits, "train")
+    assert draws == ["train.dropout1", "train.dropout2"] and cache.fingerprint["dropout_draws"] == 2
+    train = cache.split("train")
+    tap = cache.taps[-1]
+    rows = (0, int(train.offsets[-1]))
+    values = {s: cache.split(s).read_rows(tap, *rows) for s in ["train", *draws]}
+    assert all(np.array_equal(cache.split(s).offsets, train.offsets) for s in draws)
+    assert not torch.equal(values["train"], values[draws[0]]) and not torch.equal(values[draws[0]], values[draws[1]])
+    assert all(torch.equal(values[s], again.split(s).read_rows(tap, *rows)) for s in draws)  # seeded
+    noise = (values[draws[0]] - values["train"]).abs().mean() / values["train"].abs().mean()
+    assert 0.01 < float(noise) < 1.0  # dropout noise, not another model
+
+    probe = CacheReader(cache, "train", [tap], memory_budget=BIG, batch_size=16, seed=3)
+    budget = probe.layout.min_budget + probe.layout.window_min
+    reader = CacheReader(cache, "train", [tap], memory_budget=budget, batch_size=16, seed=3, value_splits=draws)
+    plain = CacheReader(cache, "train", [tap], memory_budget=budget, batch_size=16, seed=3)
+    assert reader.dropout_draws == 2 and plain.dropout_draws == 0
+    for epoch in range(3):
+        want = values[draws[epoch % 2]]
+        assert reader.values_split(epoch) == draws[epoch % 2]
+        for b, ref in zip(reader.iter_epoch(epoch), plain.iter_epoch(epoch), strict=True):
+            assert np.array_equal(b.index, ref.index)  # the same batches
+            for row, i in enumerate(b.index):
+                o0, o1 = int(train.offsets[i]), int(train.offsets[i + 1])
+                assert torch.equal(b.taps[0][row, : o1 - o0], want[o0:o1])
+                assert torch.equal(ref.taps[0][row, : o1 - o0], values["train"][o0:o1])
+    assert reader.peak_bytes <= reader.memory_budget
+
+
+def test_dropout_draws_need_the_train_split_and_change_the_fingerprint(tmp_path_factory, backbones):
+    from pipeline.errors import ExtractError
+
+    with pytest.raises(ExtractError, match="--dropout-draws draws the 'train' split"):
+        _extract(tmp_path_factory, backbones["bert"], "bf16", n=20, dropout_draws=1, splits=["validation"])
+    out = _extract(tmp_path_factory, backbones["bert"], "bf16", n=20)
+    with pytest.raises(CacheError, match="dropout_draws: store has None, requested 1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(S, "CHUNK_TARGET_BYTES", 16 * 32 * 2)
+            run_extract(ExtractConfig(backbone=backbones["bert"], dataset="sst2", out=out, max_examples=20,
+                                      shard_tokens=512, progress=False, dropout_draws=1))

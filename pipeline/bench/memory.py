@@ -62,6 +62,7 @@ class MemoryBenchConfig:
     device: str = "auto"
     workdir: str | None = None
     label_words: str | None = None  # T5: cache label-word targets (full-FT: T5's LM loss on them)
+    dropout_draws: int = 0  # `lst extract --dropout-draws N`: train-mode passes the cached LST rows read in turn
     methods: tuple[str, ...] = DEFAULT_METHODS
     train_args: list[str] = field(default_factory=list)  # extra `lst train` arguments for every method
     progress: bool = True
@@ -237,6 +238,8 @@ def extract_cache(cfg: MemoryBenchConfig, work: Path) -> str:
         args += ["--max-examples", str(cfg.max_examples)]
     if cfg.label_words:
         args += ["--label-words", cfg.label_words]
+    if cfg.dropout_draws:
+        args += ["--dropout-draws", str(cfg.dropout_draws)]
     if not cfg.progress:
         args.append("--no-progress")
     err = None if cfg.progress else subprocess.DEVNULL

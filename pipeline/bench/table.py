@@ -107,6 +107,7 @@ class TableBenchConfig:
     max_length: int = 128
     max_steps: int | None = None  # quick checks only
     fisher_samples: int | None = None  # `lst fisher --samples` (default: its own, the paper's 1024)
+    dropout_draws: int = 0  # `lst extract --dropout-draws N` (the cached LST rows read one draw per epoch)
     device: str = "auto"
     workdir: str | None = None  # caches, runs and logs (default: a temp dir, kept: the runs are the evidence)
     results_dir: str = "benchmarks/results"
@@ -175,7 +176,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     tw.mkdir(parents=True, exist_ok=True)
     mcfg = MemoryBenchConfig(backbone=cfg.backbone, dataset=task, max_examples=cfg.max_train, batch_size=cfg.batch_size,
                              max_length=cfg.max_length, max_steps=cfg.max_steps, device=device,
-                             train_args=list(cfg.train_args), progress=False)
+                             train_args=list(cfg.train_args), dropout_draws=cfg.dropout_draws, progress=False)
     _log(cfg, f"{task}: extract")
     t0 = time.perf_counter()
     url = extract_cache(mcfg, tw)  # an identical cache already there is reused (resumed: nothing to do)
@@ -254,6 +255,8 @@ def render_markdown(res: dict) -> str:
              "(3e-4 full FT / LoRA / Adapter / BitFit, 3e-3 LST and the linear probe); LST: defaults with "
              f"`--init {cfg.get('lst_init', 'fisher')}`"
              + (f", extra `lst train` flags `{' '.join(cfg['train_args'])}`" if cfg.get("train_args") else "")
+             + (f"; caches with {cfg['dropout_draws']} train-mode dropout draws of the train split (`lst extract "
+                f"--dropout-draws {cfg['dropout_draws']}`), one read per epoch in turn" if cfg.get("dropout_draws") else "")
              + (" (`--recompute`: the same run with each side block recomputed in the backward, so the same "
                 "scores at less memory)" if "cached-recompute" in res["methods"] else "") + ".",
              "Training examples per task: " + ", ".join(

@@ -11,8 +11,8 @@ COMPARED_KEYS = (
     "backbone", "model_type", "weights_sha256", "tokenizer_sha256", "dataset", "dataset_files_sha256",
     "splits", "columns", "max_length", "max_examples", "dev_carve", "taps", "codec", "precision",
     # present only when set (absent on stores made before them, which then still match): the prompt
-    # changes the token ids, the compression the stored bytes
-    "prompt_template", "compression",
+    # changes the token ids, the compression the stored bytes, dropout draws add splits
+    "prompt_template", "compression", "dropout_draws",
 )
 
 

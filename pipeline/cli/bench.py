@@ -317,7 +317,8 @@ def _table(a: argparse.Namespace) -> int:
         tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()), backbone=a.backbone,
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else TABLE_METHODS,
         max_train=a.max_train, epochs=a.epochs, lst_epochs=a.lst_epochs, batch_size=a.batch_size, max_length=a.max_length,
-        max_steps=a.max_steps, fisher_samples=a.fisher_samples, device=a.device, workdir=a.workdir,
+        max_steps=a.max_steps, fisher_samples=a.fisher_samples, dropout_draws=a.dropout_draws, device=a.device,
+        workdir=a.workdir,
         results_dir=a.results_dir, tag=a.tag, progress=not a.no_progress, lst_init=a.lst_init,
         train_args=shlex.split(a.train_args or ""))
     res = run_table_bench(cfg, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
@@ -371,6 +372,9 @@ def _register_table(bsub) -> None:
     p.add_argument("--max-length", type=int, default=128, help="extraction max length (default 128)")
     p.add_argument("--max-steps", type=int, help="cap each run (quick checks)")
     p.add_argument("--fisher-samples", type=int, help="`lst fisher --samples` (default: its own, 1024)")
+    p.add_argument("--dropout-draws", type=int, default=0, metavar="N",
+                   help="extract with `lst extract --dropout-draws N`: the cached LST rows then read one train-mode "
+                        "dropout draw of the taps per epoch, as the paper's live backbone (default 0: eval-mode taps)")
     p.add_argument("--results-dir", default="benchmarks/results",
                    help="where the table's .md/.json/.png go (default benchmarks/results)")
     p.add_argument("--tag", help="appended to the output file names, e.g. train2000; a tagged table keeps its runs "

@@ -32,6 +32,10 @@ class ExtractConfig:
     compression: str = opt("lz4", "how float tap chunks are stored: lz4 (bitshuffled, ~1.4x smaller) or none "
                                   "(as they are: ~1.4x the disk, a third less CPU for stage two's reader)",
                            choices=COMPRESSION_CHOICES)
+    dropout_draws: int = opt(0, "also store N passes of the train split with the backbone's dropout on, as splits "
+                                "train.dropout1..N: `lst train` then reads one per epoch in turn, as the paper's "
+                                "live backbone gives every epoch new dropout noise (N more times the train split's "
+                                "extraction time and disk)", metavar="N")
     max_length: int = opt(128, "truncate longer inputs (counted and reported)")
     max_examples: int | None = opt(None, "keep the first N examples of each split", aliases=("--examples",))
     device: str = opt("auto", "where the backbone runs", choices=("auto", "cpu", "cuda"))

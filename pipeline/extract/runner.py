@@ -27,6 +27,7 @@ from pipeline.backbones import init_pack_state
 from pipeline.backbones.seq2seq import LabelTargets, label_first_tokens, lm_head_weight, t5_label_targets
 from pipeline.cache import codecs as C
 from pipeline.cache.backbone_config import packed_config_json
+from pipeline.cache.draws import draw_split, parse_draw
 from pipeline.cache.fingerprint import diff_fingerprints, library_versions
 from pipeline.cache.faultpoints import fault_point
 from pipeline.cache.store import ActivationCache, CacheError, create_store, store_state, tap_name
@@ -135,7 +136,11 @@ def build_fingerprint(cfg: ExtractConfig, backbone_path: Path, model_type: str, 
         # the stored bytes differ, so a resume must not mix them; lz4 (the default) stays unnamed, so
         # stores made before the option keep their fingerprints
         **({"compression": cfg.compression} if cfg.compression != "lz4" else {}),
+        **({"dropout_draws": cfg.dropout_draws} if cfg.dropout_draws else {}),
     }
+
+
+DRAWN_SPLIT = "train"  # the split --dropout-draws passes again with dropout on
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
@@ -151,6 +156,11 @@ def run_extract(cfg: ExtractConfig) -> dict:
         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column, splits=cfg.splits,
         max_examples=cfg.max_examples, dev_fraction=cfg.dev_fraction, seed=cfg.seed,
     )
+    if cfg.dropout_draws < 0:
+        raise ExtractError(f"--dropout-draws {cfg.dropout_draws}: give 0 (none) or a number of draws")
+    if cfg.dropout_draws and DRAWN_SPLIT not in bundle.splits:
+        raise ExtractError(f"--dropout-draws draws the {DRAWN_SPLIT!r} split, but the extracted splits are "
+                           f"{sorted(bundle.splits)}: add it to --splits or drop --dropout-draws")
     if cfg.prompt_template is not None:  # a bad template fails before the backbone loads
         normalize_prompt_template(cfg.prompt_template,
                                   any(sp.text_pairs is not None for sp in bundle.splits.values()))
@@ -207,8 +217,10 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
         raise CacheError(f"{cfg.out} is an lst cache this lst cannot read; pass --overwrite to replace it")
     if not resumed:
         plans = []
-        for name in sorted(bundle.splits):
-            plans.append(build_split_plan(name, backbone.tokenizer, bundle.splits[name], cfg.max_length, cfg.shard_tokens,
+        names = sorted(bundle.splits) + [draw_split(DRAWN_SPLIT, d) for d in range(1, cfg.dropout_draws + 1)]
+        for name in names:
+            data = bundle.splits[(parse_draw(name) or (name,))[0]]  # a draw holds its split's examples
+            plans.append(build_split_plan(name, backbone.tokenizer, data, cfg.max_length, cfg.shard_tokens,
                                           cfg.prompt_template))
         meta = {
             "task": {

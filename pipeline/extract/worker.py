@@ -7,6 +7,7 @@ budget), so whichever process computes a shard, first run or resume, produces th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from pipeline.backbones import Backbone, forward_taps
 from pipeline.backbones.seq2seq import LabelTargets, forward_label_taps
 from pipeline.cache import codecs as C
+from pipeline.cache.draws import parse_draw
 from pipeline.cache.store import SplitView
 from pipeline.extract.plan import batches_by_token_budget
 
@@ -89,6 +91,28 @@ def _forward_real_tokens(
 Encoded = dict[int, tuple[np.ndarray, np.ndarray | None]]
 
 
+@contextlib.contextmanager
+def dropout_draw(backbone: Backbone, split: str, shard: int) -> Iterator[None]:
+    """A dropout draw's shard (``pipeline.cache.draws``) runs with the backbone in train mode, its
+    dropout drawn from a generator seeded by (draw, shard) alone: a resume, or another Dask worker,
+    computes the same values. The global RNG state and the eval mode are restored after. An example
+    that straddles two shards is computed in both, so its two parts come from different draws."""
+    drawn = parse_draw(split)
+    if drawn is None:
+        yield
+        return
+    model = backbone.model
+    device = next(model.parameters()).device
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"):
+        torch.manual_seed(drawn[1] * 1_000_003 + shard)
+        model.train()
+        try:
+            yield
+        finally:
+            model.eval()
+
+
 def compute_shard(
     backbone: Backbone, split: SplitView, shard: int, settings: ComputeSettings, device: torch.device
 ) -> tuple[Encoded, Encoded | None]:
@@ -102,14 +126,16 @@ def compute_shard(
     lengths = np.diff(offsets[i0 : i1 + 1])
     parts: list[list[torch.Tensor]] = [[] for _ in settings.taps]
     dec_parts: list[list[torch.Tensor]] = [[] for _ in settings.decoder_taps]
-    for a, b in batches_by_token_budget(lengths, settings.batch_tokens):
-        seqs = [input_ids[offsets[i] : offsets[i + 1]] for i in range(i0 + a, i0 + b)]
-        types = None if token_types is None else [token_types[offsets[i] : offsets[i + 1]] for i in range(i0 + a, i0 + b)]
-        enc, dec = _forward_real_tokens(backbone, seqs, settings, device, types)
-        for k, t in enumerate(enc):
-            parts[k].append(t)
-        for k, t in enumerate(dec):
-            dec_parts[k].append(t)
+    with dropout_draw(backbone, split.name, shard):
+        for a, b in batches_by_token_budget(lengths, settings.batch_tokens):
+            seqs = [input_ids[offsets[i] : offsets[i + 1]] for i in range(i0 + a, i0 + b)]
+            types = None if token_types is None else [token_types[offsets[i] : offsets[i + 1]]
+                                                      for i in range(i0 + a, i0 + b)]
+            enc, dec = _forward_real_tokens(backbone, seqs, settings, device, types)
+            for k, t in enumerate(enc):
+                parts[k].append(t)
+            for k, t in enumerate(dec):
+                dec_parts[k].append(t)
     lo, hi = start - int(offsets[i0]), end - int(offsets[i0])
     out = {}
     for tap, chunks in zip(settings.taps, parts):

@@ -214,7 +214,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
                   "train_s": round(v.train_s, 3), "amortised_s": round(v.train_s / len(variants), 3),
                   "side_mem_mb": mem_of[stack_key(v.model)], "fuse": mode, "stack_size": 1,
                   "variant_threads": threads if pool is not None else 1,
-                  "reader_peak_mb": shared_reader_mb})
+                  "reader_peak_mb": shared_reader_mb, "dropout_draws": train_reader.dropout_draws})
         v.run.write_summary(s)
         out.append(s)
     return out

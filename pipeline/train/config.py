@@ -62,6 +62,10 @@ class TrainConfig:
     live_dropout: bool = opt(False, "with --live: the backbone's own dropout stays on while it computes the taps, "
                                     "as in the paper's live LST (a cache holds one deterministic eval-mode pass; "
                                     "this measures what that costs)")
+    dropout_draws: str = opt("auto", "auto: when the cache holds dropout draws of the train split (`lst extract "
+                                     "--dropout-draws N`), epoch e reads draw e mod N + 1, the noisy taps of a "
+                                     "train-mode backbone, as the paper's live LST; off: always the eval-mode taps",
+                             choices=("auto", "off"))
     device: str = opt("auto", "auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
     recompute: str = opt("ffn", "what the LST side network reruns in the backward instead of keeping (the same "
                                 "dropout draws: the same losses and gradients bit for bit); ffn: each block's "

@@ -314,7 +314,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                    "dev_loss": ev["loss"], "dev_score": ev["score"],
                    **{f"dev_{k}": x for k, x in ev.items() if k not in ("score", "loss")},
                    "lr": r.lr, "epoch_s": round(epoch_s, 3), "stall_fraction": round(wait / max(1e-9, total), 4),
-                   "padding_share": round(1.0 - real / grid, 4) if grid else None}
+                   "padding_share": round(1.0 - real / grid, 4) if grid else None,
+                   **({"tap_values": train_reader.values_split(epoch)} if train_reader.dropout_draws else {})}
             v.history.append(row)
             v.run.append_metrics(row)
             v.epoch = epoch + 1

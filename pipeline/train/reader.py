@@ -296,6 +296,7 @@ class CacheReader:
         window_cap: int | None = None,
         by_length: bool = False,
         inline: bool = True,
+        value_splits: list[str] | None = None,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -350,6 +351,9 @@ class CacheReader:
         starts = self.offsets[:-1]
         unit_of = starts // self.view.shard_tokens
         self.units = [np.flatnonzero(unit_of == s) for s in range(self.view.num_shards)]
+        # where the tap values come from: the split itself, or splits of the same rows (its dropout
+        # draws, ``pipeline.cache.draws``) that the epochs take in turn
+        self.value_splits = list(value_splits or [split])
         self._open_arrays()
         self.layout = self._layout()
         self._pieces_cache: list[Piece] | None = None
@@ -368,25 +372,46 @@ class CacheReader:
         self.hidden = self.cache.hidden_size
         self._itemsize = np.dtype(spec.storage_dtype).itemsize
         self._has_scale = spec.has_scale
-        self._acts: list[tuple] = []  # (zarr array, DirectArray | None) per tap
-        self._scales: list[tuple] = []
-        self._dec: list[tuple] = []
-        self._dec_scales: list[tuple] = []
+        views = [self.cache.split(s) for s in self.value_splits]
+        for v in views:
+            if v.num_shards != self.view.num_shards or v.shard_tokens != self.view.shard_tokens or \
+                    not np.array_equal(v.offsets, self.offsets):
+                raise CacheError(f"split {v.name} of {self.cache.url} does not hold the rows of split "
+                                 f"{self.view.name}: re-extract the cache")
+        self._values = [self._value_arrays(v) for v in views]
+        self._acts, self._scales, self._dec, self._dec_scales = self._values[0]
+
+    def _value_arrays(self, view) -> tuple[list, list, list, list]:
+        """(taps, their scales, decoder taps, their scales) of ``view``: (zarr array, DirectArray | None) each."""
+        acts: list[tuple] = []
+        scales: list[tuple] = []
+        dec: list[tuple] = []
+        dec_scales: list[tuple] = []
         if not self.load_acts:
-            return
+            return acts, scales, dec, dec_scales
         direct = self.cache.direct_reads
 
         def pair(arr):
             return arr, (DirectArray.for_array(arr) if direct else None)
 
         for t in self.taps:
-            self._acts.append(pair(self.view.tap_array(t)))
+            acts.append(pair(view.tap_array(t)))
             if self._has_scale:
-                self._scales.append(pair(self.view.scale_array(t)))
+                scales.append(pair(view.scale_array(t)))
         for t in self.decoder_taps:
-            self._dec.append((self.view.decoder_array(t), None))
+            dec.append((view.decoder_array(t), None))
             if self._has_scale:
-                self._dec_scales.append((self.view.decoder_array(t, scale=True), None))
+                dec_scales.append((view.decoder_array(t, scale=True), None))
+        return acts, scales, dec, dec_scales
+
+    @property
+    def dropout_draws(self) -> int:
+        """How many splits other than its own the reader takes tap values from (its dropout draws)."""
+        return 0 if self.value_splits == [self.view.name] else len(self.value_splits)
+
+    def values_split(self, epoch: int) -> str:
+        """The split whose tap values epoch ``epoch`` reads."""
+        return self.value_splits[epoch % len(self.value_splits)]
 
     def _tap_row_bytes(self) -> int:
         """Stored bytes of one row of one tap (values, plus its int8 scale)."""
@@ -961,6 +986,7 @@ class CacheReader:
 
     def iter_epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan_epoch(epoch)
+        self._acts, self._scales, self._dec, self._dec_scales = self._values[epoch % len(self._values)]
         run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d)))
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()

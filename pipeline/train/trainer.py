@@ -14,6 +14,7 @@ import torch
 
 from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache import initpack
+from pipeline.cache.draws import draws_of
 from pipeline.cache.store import ActivationCache
 from pipeline.devices import resolve_device
 from pipeline.errors import TrainError
@@ -216,6 +217,7 @@ def train(cfg: TrainConfig) -> dict:
              max_steps=cfg.max_steps, resumable=True, progress=cfg.progress)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
     s["reader_peak_mb"] = reader_peak_mb(train_reader, eval_reader)
+    s["dropout_draws"] = train_reader.dropout_draws
     run.write_summary(s)
     return s
 
@@ -259,8 +261,9 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
               inline=cfg.reader_inline,
               window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps,
               packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window))
+    draws = draws_of(cache.splits, cfg.train_split) if cfg.dropout_draws == "auto" and load_acts else []
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget,
-                               by_length=cfg.batch_order == "by-length")
+                               by_length=cfg.batch_order == "by-length", value_splits=draws or None)
     # evaluation in the training batch size, so it holds no more than training does: on SmolLM2's int8
     # cache (11 taps, scaled to fp32 as gathered) the 256-example eval batches used before held 195 MB
     # each and made evaluation, not training, the run's peak (944 MB against ~650 MB while training)
