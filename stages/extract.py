@@ -13,6 +13,8 @@ def main() -> None:
         args += ["--compression", str(e["compression"])]
     if e.get("max_examples"):
         args += ["--max-examples", str(e["max_examples"])]
+    if e.get("dropout_draws"):
+        args += ["--dropout-draws", str(e["dropout_draws"])]
     if e.get("label_words"):
         args += ["--label-words", str(e["label_words"])]
     run_lst(args, p.get("data_dir"))

@@ -218,3 +218,19 @@ def test_cpu_buffer_cache_changes_no_loss_or_score(tmp_path, minilm_fp32):
     s = got["1MB"]  # the cache keeps at most its cap, or what the live buffers fell below their peak
     assert s["cpu_cache_cap_mb"] == 1.0 and 0 < s["cpu_cache_peak_mb"] <= max(1.0, s["cpu_cache_peak_live_mb"]) + 0.1
     assert 0 < got["1MB"]["cpu_cache_hit_rate"] <= 1
+
+
+def test_cached_dropout_draws_are_read_one_per_epoch_and_off_is_the_plain_cache(tmp_path, tmp_path_factory,
+                                                                                 minilm_fp32):
+    """A cache with dropout draws trains epoch e on draw e mod N + 1 (metrics.jsonl names it), and
+    with --dropout-draws off gives exactly the run of the same cache without draws."""
+    drawn = _cache(tmp_path_factory, "minilm-draws", dropout_draws=2)
+    common = dict(epochs=3, max_steps=9, batch_size=16, progress=False, side={"dropout": 0.0})
+    plain = train(TrainConfig(cache=minilm_fp32, out=str(tmp_path / "plain"), **common))
+    off = train(TrainConfig(cache=drawn, out=str(tmp_path / "off"), dropout_draws="off", **common))
+    on = train(TrainConfig(cache=drawn, out=str(tmp_path / "on"), **common))
+    assert off["first_losses"] == plain["first_losses"] and off["dropout_draws"] == 0
+    assert on["dropout_draws"] == 2 and on["first_losses"] != plain["first_losses"]
+    rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tap_values"] for r in rows] == ["train.dropout1", "train.dropout2", "train.dropout1"]
+    assert on["dev_score"] > 0 and rows[-1]["step"] == 9
