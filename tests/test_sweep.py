@@ -346,3 +346,21 @@ def test_side_memory_probe_runs_on_the_models_device():
     model = LadderSideNetwork(SideConfig(r=4, dropout=0.1, num_labels=2), cfg)
     on_cpu = side_train_memory_mb(model, 8, 16, 32)
     assert on_cpu > side_train_memory_mb(model.to("meta"), 8, 16, 32) > 0  # meta: parameters only, no error
+
+
+def test_sweep_trials_keep_their_activations_unless_told_to_recompute(tmp_path):
+    """`lst sweep` trials default to --recompute none (a fused sweep steps few variants at once);
+    the flag, or a sweep train option, still chooses, and the CLI passes it through."""
+    from pipeline.cli import build_parser
+    from pipeline.cli.options import given
+    from pipeline.cli.search import TRIAL_OPTIONS
+    from pipeline.search.sweep import SWEEP_RECOMPUTE, _trial_config
+
+    space = load_space({"lr": [1e-3]})
+    base = dict(cache="c.zarr", space={"lr": [1e-3]}, out=str(tmp_path / "s"))
+    assert SWEEP_RECOMPUTE == "none"
+    assert _trial_config(SweepConfig(**base), space, {"lr": 1e-3}, 0).recompute == "none"
+    assert _trial_config(SweepConfig(**base, train={"recompute": "ffn"}), space, {"lr": 1e-3}, 0).recompute == "ffn"
+    for argv, want in (([], {}), (["--recompute", "blocks"], {"recompute": "blocks"})):
+        a = build_parser().parse_args(["sweep", "--cache", "c", "--space", "s.yaml", "--out", "o", *argv])
+        assert given(a, TrainConfig, TRIAL_OPTIONS) == want

@@ -3,7 +3,8 @@
 ``init/weights.safetensors`` (the backbone's state dict, which pruning-based initialisation slices
 and which carries frozen head pieces such as T5's tied LM head), ``init/config.json`` (the HF config
 the side network is shaped from, stored whole: see ``backbone_config``), ``init/tokenizer/`` (for
-predict and for readers that want text), and optionally ``init/importance.safetensors`` (Fisher scores, same keys as the weights).
+predict and for readers that want text), and optionally ``init/importance.safetensors`` (Fisher
+scores, same keys as the weights).
 """
 
 from __future__ import annotations

@@ -73,7 +73,11 @@ def register(sub) -> None:
     )
     add_options(p, SweepConfig, exclusive={"dask"},
                 overrides={n: {"required": True} for n in ("cache", "space", "out")})
-    add_options(p, TrainConfig, TRIAL_OPTIONS, title="every trial")
+    add_options(p, TrainConfig, TRIAL_OPTIONS, title="every trial", overrides={"recompute": {
+        "help": "what each trial's side network reruns in the backward instead of keeping: none (default here: "
+                "a fused sweep steps only --variant-threads variants at once, so keeping their activations "
+                "costs little and saves the rerun, ~8%% of a sweep), ffn (as `lst train`) or blocks; the same "
+                "numbers either way"}})
     add_output_flags(p)
     p.set_defaults(func=_sweep)
 
