@@ -57,10 +57,12 @@ _TRAIN_EXTRAS = {"grad_clip", "max_steps", "batch_tokens", "patience", "device",
 # Trials keep every activation for the backward unless told otherwise (`lst sweep --recompute ffn`),
 # where `lst train` reruns each side block's FFN. A fused sweep steps its variants in turn, at most
 # --variant-threads at once, so what recomputing would save is those few steps' FFN activations, not
-# K variants' worth; the rerun costs every step its FFN forward again. Measured on 2 cores (16 fused
-# MiniLM variants, 2,000 SST-2 examples): 28.8 s against 31.1 s, peak 784 MB against 730 MB. The
+# K variants' worth; the rerun costs every step its FFN forward again. `lst bench sweep --k 16` on 2
+# cores (MiniLM, 2,000 SST-2 examples): 26.3 s against 28.8 s, peak 677 MB against 621 MB. The
 # numbers are the same either way (the rerun is bit-identical).
 SWEEP_RECOMPUTE = "none"
+# trial options that change no number, so a resumed sweep may change them
+_RESULT_FREE = ("device", "reader_workers", "reader_memory", "recompute")
 
 
 @dataclass
@@ -438,7 +440,8 @@ def _validate(cfg: SweepConfig):
 
 def _identity(cfg: SweepConfig, space, cache) -> dict:
     return {"space": space.describe(), "sampler": cfg.sampler, "pruner": cfg.pruner, "seed": cfg.seed,
-            "train": {k: v for k, v in cfg.train.items() if k not in ("device", "reader_workers", "reader_memory", "recompute")}, "cache_fingerprint_sha256": hashlib.sha256(
+            "train": {k: v for k, v in cfg.train.items() if k not in _RESULT_FREE},
+            "cache_fingerprint_sha256": hashlib.sha256(
                 json.dumps(cache.fingerprint, sort_keys=True, default=str).encode()).hexdigest()}
 
 

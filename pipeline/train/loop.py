@@ -154,7 +154,8 @@ class VariantRunner:
         self.taps = v.model.required_taps()
         self.dec_taps = v.model.required_decoder_taps()
         self.optimizer = make_optimizer(v.model, v.cfg.lr, v.cfg.weight_decay)
-        self.scheduler = LinearWarmupDecay(self.optimizer, lr_lambda(total_steps, int(v.cfg.warmup_ratio * total_steps)))
+        self.scheduler = LinearWarmupDecay(self.optimizer,
+                                           lr_lambda(total_steps, int(v.cfg.warmup_ratio * total_steps)))
 
     def inputs(self, taps: TapMap, b: Batch) -> dict:
         out = {"taps": [taps[t] for t in self.taps], "attention_mask": b.attention_mask}
