@@ -24,8 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pipeline.bench.memory import (CHILD_ENV, METHODS, MemoryBenchConfig, _lst, _self, extract_cache,
-                                   resolve_bench_device, run_measured, train_command)
+from pipeline.bench.memory import (CHILD_ENV, METHODS, STAGE_TWO_METHODS, MemoryBenchConfig, _lst, _self,
+                                   extract_cache, measure_baseline, resolve_bench_device, run_measured,
+                                   train_command)
 from pipeline.bench.resume import finished_row, save_row
 
 TABLE_METHODS = ("full", "lora", "adapter", "bitfit", "linear-probe", "live", "cached", "cached-recompute")
@@ -185,10 +186,11 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
     fisher_s = ensure_fisher(cfg, url, tw / "fisher.log", device)
     cache = ActivationCache.open(url)
     splits = {s: cache.split(s).num_examples for s in cache.splits}
-    baseline = run_measured(_self("baseline", "--cache", url))
-    base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
+    base_mb = measure_baseline(url)
+    stage_two_mb = measure_baseline(url, stage_two=True)  # what the cached rows import: no transformers
     out: dict = {"task": task, "metric": cache.attrs["task"]["metric"], "cache": url, "examples": splits,
-                 "extract_s": extract_s, "fisher_s": fisher_s, "baseline_mb": round(base_mb, 1), "methods": {}}
+                 "extract_s": extract_s, "fisher_s": fisher_s, "baseline_mb": round(base_mb, 1),
+                 "stage_two_baseline_mb": round(stage_two_mb, 1), "methods": {}}
     own = tw / cfg.tag if cfg.tag else tw  # tagged tables (ablations) share the caches, not the runs
     for m in cfg.methods:
         run = own / "runs" / m
@@ -208,7 +210,8 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
         s = got["result"]
         host = got["polled_peak_mb"] if device == "cuda" else max(got["polled_peak_mb"], s["peak_mem_mb"])
         d = {"command": " ".join(["lst", *cmd[3:]]), **_scored(task, best_row(run, task)),
-             "abs_mb": round(host, 1), "above_baseline_mb": round(host - base_mb, 1),
+             "abs_mb": round(host, 1),
+             "above_baseline_mb": round(host - (stage_two_mb if m in STAGE_TWO_METHODS else base_mb), 1),
              "trainable_params": s["trainable_params"], "trainable_pct": s["trainable_pct"],
              "backbone_params": s["backbone_params"], "epoch_s": s["epoch_s"], "wall_s": got["wall_s"],
              "epochs_run": s.get("epochs_run", 1), "steps": s["steps"], "examples_per_s": s["examples_per_s"]}
