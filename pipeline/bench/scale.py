@@ -9,7 +9,7 @@ two needs only the init pack's ``config.json``.
 
 Then ``lst train --cache C --layers <the cached blocks> --max-steps N`` runs in a fresh process per
 ``--reader-memory`` budget and reports its peak RSS against the budget (absolute and above the
-post-import baseline of `lst bench memory`), stall fraction and side step time, next to the
+stage-two post-import baseline of `lst bench memory`: what a cached process imports), stall fraction and side step time, next to the
 read+decode MB/s of the cache and a GPU memory account of the same run counted from shapes.
 """
 
@@ -247,7 +247,8 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
     try:
         written = write_synthetic_cache(url, cfg, shape)
         read = read_decode_mb_s(url)
-        baseline = run_measured(_self("baseline", "--cache", url))
+        # the run is a cached `lst train`, which imports no transformers: its own (stage-two) baseline
+        baseline = run_measured(_self("baseline-stage-two", "--cache", url))
         base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
         base_anon, base_file = baseline["polled_anon_peak_mb"], baseline["polled_file_peak_mb"]
         flag = reader_memory_supported()
