@@ -192,6 +192,11 @@ def _import_like_cached_training(cache_url: str):
 STAGE_TWO_METHODS = ("cached", "cached-recompute", "linear-probe")
 
 
+def baseline_for(method: str, base_mb: float, stage_two_mb: float) -> float:
+    """The baseline ``method``'s peak is measured above: the one of what its process imports."""
+    return stage_two_mb if method in STAGE_TWO_METHODS else base_mb
+
+
 def child_baseline(cache_url: str, stage_two: bool = False) -> dict:
     from pipeline.memory import peak_rss_bytes
 
@@ -349,7 +354,7 @@ def run_memory_bench(cache_url: str | None = None, batch_size: int = 100, steps:
             got = run_measured(cmd, stderr_to=str(work / f"{m}.log"))
             s = got["result"]
             host = got["polled_peak_mb"] if device == "cuda" else max(got["polled_peak_mb"], s["peak_mem_mb"])
-            own = stage_two_mb if m in STAGE_TWO_METHODS else base_mb
+            own = baseline_for(m, base_mb, stage_two_mb)
             d = {"command": " ".join(["lst", *cmd[3:]]), "abs_mb": _r(host), "baseline_mb": _r(own),
                  "above_baseline_mb": _r(host - own),
                  "dev_score": s.get("dev_score"), "epoch_s": s.get("epoch_s"), "wall_s": got["wall_s"],

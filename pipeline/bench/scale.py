@@ -9,8 +9,9 @@ two needs only the init pack's ``config.json``.
 
 Then ``lst train --cache C --layers <the cached blocks> --max-steps N`` runs in a fresh process per
 ``--reader-memory`` budget and reports its peak RSS against the budget (absolute and above the
-stage-two post-import baseline of `lst bench memory`: what a cached process imports), stall fraction and side step time, next to the
-read+decode MB/s of the cache and a GPU memory account of the same run counted from shapes.
+stage-two post-import baseline of `lst bench memory`: what a cached process imports), stall fraction
+and side step time, next to the read+decode MB/s of the cache and a GPU memory account of the same
+run counted from shapes.
 """
 
 from __future__ import annotations

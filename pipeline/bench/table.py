@@ -24,9 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pipeline.bench.memory import (CHILD_ENV, METHODS, STAGE_TWO_METHODS, MemoryBenchConfig, _lst, _self,
-                                   extract_cache, measure_baseline, resolve_bench_device, run_measured,
-                                   train_command)
+from pipeline.bench.memory import (CHILD_ENV, METHODS, MemoryBenchConfig, _lst, baseline_for, extract_cache,
+                                   measure_baseline, resolve_bench_device, run_measured, train_command)
 from pipeline.bench.resume import finished_row, save_row
 
 TABLE_METHODS = ("full", "lora", "adapter", "bitfit", "linear-probe", "live", "cached", "cached-recompute")
@@ -211,7 +210,7 @@ def run_task(cfg: TableBenchConfig, task: str, work: Path, device: str) -> dict:
         host = got["polled_peak_mb"] if device == "cuda" else max(got["polled_peak_mb"], s["peak_mem_mb"])
         d = {"command": " ".join(["lst", *cmd[3:]]), **_scored(task, best_row(run, task)),
              "abs_mb": round(host, 1),
-             "above_baseline_mb": round(host - (stage_two_mb if m in STAGE_TWO_METHODS else base_mb), 1),
+             "above_baseline_mb": round(host - baseline_for(m, base_mb, stage_two_mb), 1),
              "trainable_params": s["trainable_params"], "trainable_pct": s["trainable_pct"],
              "backbone_params": s["backbone_params"], "epoch_s": s["epoch_s"], "wall_s": got["wall_s"],
              "epochs_run": s.get("epochs_run", 1), "steps": s["steps"], "examples_per_s": s["examples_per_s"]}

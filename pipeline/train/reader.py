@@ -682,13 +682,14 @@ class CacheReader:
         with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
             out[...] = arr[(*lead, slice(r0, r1))]
 
-    def _scratch_chunk(self) -> int:
-        """Decoded bytes of the largest inner chunk the decode threads read directly."""
-        return max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
+    def _scratch_sizes(self) -> tuple[int, int]:
+        """(frame, chunk) bytes of one decode thread's read scratch: the largest compressed frame and
+        decoded inner chunk the decode threads read directly."""
+        chunk = max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
+        return chunk + FRAME_OVERHEAD, chunk
 
     def _scratch_bytes(self) -> int:
-        """Bytes of one decode thread's read scratch: the largest compressed frame and decoded chunk."""
-        return 2 * self._scratch_chunk() + FRAME_OVERHEAD
+        return sum(self._scratch_sizes())
 
     def _scratch(self, run: _Run) -> ReadScratch:
         """This decode thread's read scratch, sized once for the largest frame and chunk (accounted
@@ -696,8 +697,8 @@ class CacheReader:
         tid = threading.get_ident()
         sc = run.scratches.get(tid)
         if sc is None:
-            chunk = self._scratch_chunk()
-            sc = ReadScratch(frame_bytes=chunk + FRAME_OVERHEAD, chunk_bytes=chunk)
+            frame, chunk = self._scratch_sizes()
+            sc = ReadScratch(frame_bytes=frame, chunk_bytes=chunk)
             self.accounting.add("scratch", sc.nbytes)
             with run.cond:
                 run.scratches[tid] = sc
