@@ -103,6 +103,12 @@ def test_scale_bench_writes_an_llm_shaped_cache_and_accounts_for_it(tmp_path):
     assert cache.split("train").num_tokens >= 3000 and cache.complete
     x = cache.split("train").read_rows(4, 0, 1024)
     assert x.abs().max() > 10 * x.abs().median()  # heavy tails and outlier dimensions
+    # its config is packed as `lst extract` packs it: stage two reads it without transformers
+    from pipeline.cache import initpack
+    from pipeline.cache.backbone_config import BackboneConfig
+
+    config = initpack.read_config(cache.url)
+    assert isinstance(config, BackboneConfig) and config.hidden_size == 64 and config.model_type == "llama"
     assert res["cache"]["read_decode_mb_s"] > 0 and res["baseline_mb"] > 0
     for r in res["runs"].values():
         for k in ("peak_abs_mb", "peak_above_baseline_mb", "budget_mb", "stall_fraction", "side_step_s", "goals"):

@@ -144,6 +144,7 @@ class _Values:
 def write_synthetic_cache(url: str, cfg: ScaleBenchConfig, shape: dict) -> dict:
     from pipeline.cache.fingerprint import library_versions
     from pipeline.cache import initpack
+    from pipeline.cache.backbone_config import packed_config_json
     from pipeline.cache.store import create_store
 
     t0 = time.perf_counter()
@@ -168,8 +169,9 @@ def write_synthetic_cache(url: str, cfg: ScaleBenchConfig, shape: dict) -> dict:
     cache = create_store(url, fingerprint=fingerprint, meta=meta, plans=plans, taps=taps, codec="bf16",
                          hidden_size=shape["hidden"], versions=library_versions())
     cache.root.attrs["layout_complete"] = True
-    # stage two needs only the init pack's config.json (random init); no weights, no tokenizer
-    initpack.write_init_pack(url, {}, llama_config(shape).to_json_string(), _NoTokenizer())
+    # stage two needs only the init pack's config.json (random init); no weights, no tokenizer. It is
+    # packed as `lst extract` packs it, so `lst train` reads it without importing transformers
+    initpack.write_init_pack(url, {}, packed_config_json(llama_config(shape)), _NoTokenizer())
     values = _Values(shape["hidden"], min(cfg.shard_tokens, 16384), cfg.seed + 1)
     stored = 0
     for plan in plans:
