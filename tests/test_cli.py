@@ -84,6 +84,7 @@ def test_every_option_explains_itself(cmd):
     (["params", "--backbone", "nope"], "'nope'"),
     (["bench", "scale", "--budgets", "default,128MB@lots"], "128MB@lots"),  # before writing the cache
     (["bench", "scale", "--budgets", "12 apples"], "'12 apples' is not a size"),
+    (["bench", "table-merge", "/nonexistent.yaml"], "table spec /nonexistent.yaml not found"),
     (["train"], "give --cache CACHE and --out"),  # may come from --config, so checked after parsing
     (["train", "--cache", "c.zarr", "--out", "r", "--method", "full-ft", "--recompute"], "drop --recompute"),
 ])

@@ -257,6 +257,7 @@ def _register_llm(bsub) -> None:
     p.add_argument("--results", help="write <path>.json and <path>.md, e.g. benchmarks/results/smollm2-sst2-cpu")
     p.set_defaults(func=_llm)
     _register_table(bsub)
+    _register_table_merge(bsub)
 
 
 def _sweep(a: argparse.Namespace) -> int:
@@ -380,6 +381,36 @@ def _register_table(bsub) -> None:
     p.add_argument("--tag", help="appended to the output file names, e.g. train2000; a tagged table keeps its runs "
                                  "in WORKDIR/<task>/<tag>/, so ablations share the untagged table's caches")
     p.set_defaults(func=_table)
+
+
+def _table_merge(a: argparse.Namespace) -> int:
+    import sys
+
+    from pipeline.bench.table_merge import render_markdown, run_table_merge
+
+    res = run_table_merge(a.spec, a.results_dir, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    if a.json:
+        emit(res, True)
+    else:
+        print(render_markdown(res))
+    return 0
+
+
+def _register_table_merge(bsub) -> None:
+    p = bsub.add_parser(
+        "table-merge", help="one comparison table from `lst bench table` runs made apart (schedules, seeds)",
+        description="Reads a YAML spec (title, backbone, device, tag, tasks, notes, and rows of label, method and "
+                    "files: committed table-*.json files) and writes "
+                    "<results-dir>/table-<backbone>-<device>-<tag>.md/.json/.png with every number read from those "
+                    "files: per task the mean over a row's files (seeds, reruns) with their count, the largest "
+                    "peak above baseline, training seconds, the average, and each cached-LST row against the "
+                    "first full fine-tuning and LoRA rows. Example: lst bench table-merge "
+                    "benchmarks/tables/minilm-converged.yaml")
+    p.add_argument("spec", help="the YAML spec, e.g. benchmarks/tables/minilm-converged.yaml")
+    p.add_argument("--results-dir", default="benchmarks/results",
+                   help="where the rows' files are and the merged table goes (default benchmarks/results)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line (for scripts)")
+    p.set_defaults(func=_table_merge)
 
 
 def _faults(a: argparse.Namespace) -> int:
