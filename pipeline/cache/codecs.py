@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from pipeline.cache.compression import COMPRESSIONS, DEFAULT_COMPRESSION  # noqa: F401 - re-exported
+
 CODECS = ("bf16", "fp16", "fp32", "int8")
-#: how float tap chunks are packed: lz4 (bitshuffled, the default) or none (Blosc frames stored as is)
-COMPRESSIONS = ("lz4", "none")
 LOSSLESS = {"bf16": "bf16 rounding of fp32 compute", "fp16": "fp16 rounding", "fp32": "exact"}
 INT8_MAX = 127.0
 
@@ -49,7 +49,7 @@ def codec_spec(name: str) -> CodecSpec:
     return SPECS[name]
 
 
-def compressors(clevel: int = 1, codec: str | None = None, compression: str = "lz4") -> list:
+def compressors(clevel: int = 1, codec: str | None = None, compression: str = DEFAULT_COMPRESSION) -> list:
     """Bytes-to-bytes chain for every chunk: Blosc, then a crc32c checksum.
 
     Activation tap chunks (``codec`` given): floats are bitshuffled (exponent bits line up and

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 
+from pipeline.cache.compression import DEFAULT_COMPRESSION
 from pipeline.cache.store import ActivationCache, tap_name
 from pipeline.errors import CacheError
 
@@ -52,7 +53,7 @@ def inspect_cache(cache: ActivationCache) -> dict:
         "format_version": m.format_version,
         "complete": cache.complete,
         "codec": cache.codec,
-        "compression": cache.fingerprint.get("compression", "lz4"),  # named only when not the default
+        "compression": cache.fingerprint.get("compression", DEFAULT_COMPRESSION),  # named only when not the default
         "logical_dtype": spec.logical_dtype,
         "storage_dtype": spec.storage_dtype,
         "hidden_size": cache.hidden_size,

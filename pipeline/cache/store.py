@@ -149,7 +149,7 @@ def create_store(
     versions: dict,
     storage_options: dict | None = None,
     decoder: dict | None = None,
-    compression: str = "lz4",
+    compression: str = C.DEFAULT_COMPRESSION,
 ) -> "ActivationCache":
     """Create an empty store with every array sized up front (no activations yet).
 
@@ -242,7 +242,7 @@ def create_store(
 
 
 def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden_size: int, codec: str,
-                           compression: str = "lz4") -> None:
+                           compression: str = C.DEFAULT_COMPRESSION) -> None:
     spec = C.codec_spec(codec)
     padded, rows = _decoder_unit_rows(plan, decoder, hidden_size, codec)
     dec = g.create_group("dec")

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.cache.compression import COMPRESSIONS as COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+
 CODEC_CHOICES = ("bf16", "fp16", "fp32", "int8")
-COMPRESSION_CHOICES = ("lz4", "none")  # pipeline.cache.codecs.COMPRESSIONS, without importing torch here
 
 
 def opt(default: Any = None, help: str = "", **meta: Any) -> Any:
@@ -29,7 +30,7 @@ class ExtractConfig:
     layers: str = opt("all", "'all' or tap indices, e.g. 0,1,3 (0 = embeddings, i = block i)")
     codec: str = opt("bf16", "bf16 (lossless vs bf16 compute), fp16, fp32 (exact), int8 (lossy, per-token scale)",
                      choices=CODEC_CHOICES)
-    compression: str = opt("lz4", "how float tap chunks are stored: lz4 (bitshuffled, ~1.4x smaller) or none "
+    compression: str = opt(DEFAULT_COMPRESSION, "how float tap chunks are stored: lz4 (bitshuffled, ~1.4x smaller) or none "
                                   "(as they are: ~1.4x the disk, a third less CPU for stage two's reader)",
                            choices=COMPRESSION_CHOICES)
     dropout_draws: int = opt(0, "also store N passes of the train split with the backbone's dropout on, as splits "

@@ -135,7 +135,7 @@ def build_fingerprint(cfg: ExtractConfig, backbone_path: Path, model_type: str, 
         "precision": cfg.precision,
         # the stored bytes differ, so a resume must not mix them; lz4 (the default) stays unnamed, so
         # stores made before the option keep their fingerprints
-        **({"compression": cfg.compression} if cfg.compression != "lz4" else {}),
+        **({"compression": cfg.compression} if cfg.compression != C.DEFAULT_COMPRESSION else {}),
         **({"dropout_draws": cfg.dropout_draws} if cfg.dropout_draws else {}),
     }
 
