@@ -82,3 +82,23 @@ def test_the_committed_converged_spec_reads_its_files():
     res = run_table_merge(spec.source, root / "benchmarks" / "results", write=False)
     assert [r["label"] for r in res["rows"]] == [r.label for r in spec.rows]
     assert all(r["scores"]["sst2"] is not None for r in res["rows"])
+    # the README's copy is the one these files give (`lst bench table-merge ... --readme README.md`)
+    from pipeline.bench.table_merge import README_END, README_START, readme_block, render_markdown
+
+    readme = (root / "README.md").read_text()
+    carried = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    assert carried == readme_block(render_markdown(res)).strip()
+
+
+def test_readme_markers_are_required_and_the_block_is_replaced(tmp_path):
+    from pipeline.bench.table_merge import update_readme
+
+    md = "# t\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- LST: full average -1.00\n\nSources:\n- x: `f.json`\n"
+    r = tmp_path / "README.md"
+    r.write_text("no markers\n")
+    with pytest.raises(UserError, match="markers"):
+        update_readme(r, md)
+    r.write_text("top\n<!-- merged-table:start -->\nold\n<!-- merged-table:end -->\nbottom\n")
+    assert update_readme(r, md) and not update_readme(r, md)
+    assert r.read_text() == ("top\n<!-- merged-table:start -->\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+                             "- LST: full average -1.00\n<!-- merged-table:end -->\nbottom\n")

@@ -212,6 +212,31 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START, README_END = "<!-- merged-table:start -->", "<!-- merged-table:end -->"
+
+
+def readme_block(md: str) -> str:
+    """The part of a merged table's markdown a README carries: the table and the comparisons."""
+    lines = md.splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    notes = [ln for ln in lines if ln.startswith("- ") and " average " in ln]
+    return "\n".join(table + ([""] + notes if notes else []))
+
+
+def update_readme(readme: str | Path, md: str) -> bool:
+    """Put ``readme_block(md)`` between the README's merged-table markers; whether it changed."""
+    p = Path(readme)
+    text = p.read_text()
+    if README_START not in text or README_END not in text:
+        raise UserError(f"{p} has no {README_START} ... {README_END} markers: add them where the table goes")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{readme_block(md)}\n{README_END}{tail}"
+    if new != text:
+        p.write_text(new)
+    return new != text
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -242,7 +267,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run_table_merge(spec_path: str | Path, results_dir: str | Path, command: str = "",
-                    write: bool = True) -> dict:
+                    write: bool = True, readme: str | Path | None = None) -> dict:
     spec = load_spec(spec_path)
     rdir = Path(results_dir)
     cache: dict[str, dict] = {}
@@ -257,7 +282,10 @@ def run_table_merge(spec_path: str | Path, results_dir: str | Path, command: str
         (rdir / f"{stem}.md").write_text(render_markdown(res))
         (rdir / f"{stem}.json").write_text(json.dumps(res, indent=2))
         plot(res, rdir / f"{stem}.png")
+    if readme is not None:
+        res["readme_updated"] = update_readme(readme, render_markdown(res))
     return res
 
 
-__all__ = ["MergeRow", "MergeSpec", "load_spec", "merge_row", "comparisons", "render_markdown", "run_table_merge"]
+__all__ = ["MergeRow", "MergeSpec", "load_spec", "merge_row", "comparisons", "render_markdown", "readme_block",
+           "update_readme", "run_table_merge"]

@@ -388,7 +388,8 @@ def _table_merge(a: argparse.Namespace) -> int:
 
     from pipeline.bench.table_merge import render_markdown, run_table_merge
 
-    res = run_table_merge(a.spec, a.results_dir, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    res = run_table_merge(a.spec, a.results_dir, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+                          readme=a.readme)
     if a.json:
         emit(res, True)
     else:
@@ -409,6 +410,9 @@ def _register_table_merge(bsub) -> None:
     p.add_argument("spec", help="the YAML spec, e.g. benchmarks/tables/minilm-converged.yaml")
     p.add_argument("--results-dir", default="benchmarks/results",
                    help="where the rows' files are and the merged table goes (default benchmarks/results)")
+    p.add_argument("--readme", metavar="PATH",
+                   help="also put the table between the <!-- merged-table:start --> and <!-- merged-table:end --> "
+                        "markers of this file (e.g. README.md)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line (for scripts)")
     p.set_defaults(func=_table_merge)
 
