@@ -539,7 +539,9 @@ def test_cpu_attention_with_dropout_is_softmax_dropout_matmul():
     got = attend(q, k, v, bias, 0.5, 0.2, training=True)
     torch.manual_seed(7)
     probs = (q @ k.transpose(-1, -2) * 0.5 + bias).softmax(-1)
-    ref = torch.where(torch.rand_like(probs) >= 0.2, probs / 0.8, torch.zeros(())) @ v
+    from pipeline.side.blocks.dropout import drop_mask
+
+    ref = torch.where(~drop_mask(probs.shape, 0.2, probs), probs / 0.8, torch.zeros(())) @ v
     torch.testing.assert_close(got, ref)
     # no dropout: SDPA, same arithmetic
     torch.testing.assert_close(attend(q, k, v, bias, 0.5, 0.2, training=False), probs @ v)
@@ -677,22 +679,44 @@ def test_cpu_attention_without_dropout_on_short_rows_matches_sdpa():
 
 
 def test_attention_keep_mask_drawn_in_chunks_equals_one_draw(monkeypatch):
-    """The attention-dropout mask is drawn a chunk at a time to bound its fp32 draws; the values (and
-    so every run's masks) are those of one draw over the whole [B, H, L, L]."""
+    """The attention-dropout mask is drawn a chunk at a time to bound its random lanes; the mask (and
+    so every run's masks) is that of one draw over the whole [B, H, L, L], odd chunk sizes too."""
     from pipeline.side.blocks import attention as A
+    from pipeline.side.blocks.dropout import drop_mask
 
     like = torch.zeros(1)
-    shape = torch.Size((5, 3, 7, 9))
+    shape = torch.Size((5, 3, 7, 9))  # 945 elements: an odd count, so the last draw's second lane is unused
     torch.manual_seed(4)
-    want = torch.rand(shape) >= 0.1
-    monkeypatch.setattr(A, "CHUNK_SCORES", 100)
-    torch.manual_seed(4)
-    got = A.keep_mask(shape, 0.1, like)
-    assert got.dtype == torch.bool and got.shape == shape
-    assert torch.equal(got, want)
-    after = torch.rand(3)  # the stream moved on by exactly the draws of one whole mask
-    torch.manual_seed(4)
-    assert torch.equal(after, torch.rand(shape.numel() + 3)[-3:])
+    want = ~drop_mask(shape, 0.1, like)
+    after_one = torch.rand(3)
+    for chunk in (100, 101, 1):
+        monkeypatch.setattr(A, "CHUNK_SCORES", chunk)
+        torch.manual_seed(4)
+        got = A.keep_mask(shape, 0.1, like)
+        assert got.dtype == torch.bool and got.shape == shape
+        assert torch.equal(got, want), chunk
+        assert torch.equal(torch.rand(3), after_one)  # the stream moved on by exactly one whole mask's draws
+
+
+def test_dropout_masks_take_15_bits_per_element_two_per_draw():
+    """A mask element needs 15 random bits, not a float: two per 32-bit draw, in order, so a mask's
+    rate is p on a 2**-15 grid and the stream moves by (n + 1) // 2 draws."""
+    from pipeline.side.blocks.dropout import drop_mask, mask_threshold, random_lanes
+
+    like = torch.zeros(1)
+    assert mask_threshold(0.1) == 3277 and mask_threshold(0.0) == 0 and mask_threshold(1.0) == 32768
+    with pytest.raises(ValueError):
+        mask_threshold(1.5)
+    g = torch.Generator().manual_seed(3)
+    words = torch.empty(5, dtype=torch.int32).random_(generator=g)
+    torch.manual_seed(3)
+    lanes = random_lanes(9, like)
+    assert lanes.dtype == torch.int16 and int(lanes.min()) >= 0 and int(lanes.max()) < 1 << 15
+    assert lanes.tolist() == [(int(w) >> s) & 0x7FFF for w in words.tolist() for s in (0, 16)][:9]
+    torch.manual_seed(0)
+    m = drop_mask((400, 500), 0.1, like)
+    assert abs(m.float().mean().item() - 3277 / 32768) < 0.003
+    assert drop_mask((7,), 1.0, like).all() and not drop_mask((7,), 0.0, like).any()
 
 
 @pytest.mark.parametrize("bias_shape", ["per-example", "shared", "mask"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .blocks.dropout import normal, uniform
+from .blocks.dropout import drop_mask, normal
 
 __all__ = ["PackedTap", "apply_ladder", "packed_dropout", "tap_noise"]
 
@@ -91,9 +91,7 @@ def packed_dropout(tap: PackedTap, p: float, training: bool, dtype: torch.dtype)
         return PackedTap(v, tap.rows, tap.batch, tap.length)
     if v.device.type != "cpu":
         return PackedTap(nn.functional.dropout(v, p, True), tap.rows, tap.batch, tap.length)
-    draws = uniform((tap.batch * tap.length, v.shape[-1]), v)
-    drop = draws.index_select(0, tap.rows) < p
-    del draws
+    drop = drop_mask((tap.batch * tap.length, v.shape[-1]), p, v).index_select(0, tap.rows)
     return PackedTap((v * (1.0 / (1.0 - p))).masked_fill_(drop, 0.0), tap.rows, tap.batch, tap.length)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dropout import uniform
+from .dropout import MASK_BITS, mask_threshold, random_lanes
 
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
 
@@ -80,15 +80,21 @@ def softmax_backward(grad: Tensor, probs: Tensor) -> Tensor:
 
 
 def keep_mask(shape: torch.Size, p: float, like: Tensor) -> Tensor:
-    """``uniform(shape) >= p`` as blocks.dropout draws it, but ``CHUNK_SCORES`` draws at a time: the CPU
-    generator hands out its numbers in order, so the values are the same, and the fp32 draws never
-    exist for the whole [B, H, L, L] at once (4x the bool mask: 128 MB for one example of 32 heads at
-    1,024 tokens, and drawn again when a recomputed block reruns in the backward)."""
+    """``~drop_mask(shape, p)`` as blocks.dropout draws it, but ``CHUNK_SCORES`` lanes at a time (an even
+    count: two lanes a draw): the CPU generator hands out its numbers in order, so the mask is the
+    same, and the random lanes never exist for the whole [B, H, L, L] at once (2x the bool mask: 64 MB
+    for one example of 32 heads at 1,024 tokens, drawn again when a recomputed block reruns)."""
     keep = torch.empty(shape, dtype=torch.bool, device=like.device)
     flat = keep.view(-1)
-    for i in range(0, flat.numel(), CHUNK_SCORES):
-        n = min(CHUNK_SCORES, flat.numel() - i)
-        torch.ge(uniform((n,), like), p, out=flat[i:i + n])
+    t = mask_threshold(p)
+    step = max(2, CHUNK_SCORES - CHUNK_SCORES % 2)
+    for i in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - i)
+        if t >= 1 << MASK_BITS:  # p = 1: nothing kept
+            random_lanes(n, like)
+            flat[i:i + n] = False
+        else:
+            torch.ge(random_lanes(n, like), t, out=flat[i:i + n])
     return keep
 
 
