@@ -9,7 +9,7 @@ generator, and compares them with round(p * 2**15) (so p is rounded to a multipl
 uniforms compared with p (session 18), which cost 60% of ``bernoulli_``. Off CPU, ``nn.Dropout`` is
 used as is (CUDA's kernel is fused and fast).
 
-Where the uniforms come from: torch's global generator, unless ``dropout_stream(g)`` names a
+Where the random bits come from: torch's global generator, unless ``dropout_stream(g)`` names a
 generator for the current thread (a ``ContextVar``). A fused sweep trains variants on several
 threads at once, so they cannot take turns swapping one global RNG state in and out; each gets its
 own generator, holding exactly the state the global one would have had, so every mask (and so every
@@ -27,8 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Dropout", "dropout", "dropout_stream", "drop_mask", "random_lanes", "mask_threshold", "uniform", "normal",
-           "checkpoint"]
+__all__ = ["Dropout", "dropout", "dropout_stream", "drop_mask", "random_lanes", "mask_threshold", "normal", "checkpoint"]
 
 #: random bits behind one mask element
 MASK_BITS = 15
@@ -44,11 +43,6 @@ def dropout_stream(generator: torch.Generator | None) -> Iterator[None]:
         yield
     finally:
         _STREAM.reset(token)
-
-
-def uniform(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
-    """U[0, 1) draws of ``like``'s dtype and device from the current stream (``torch.rand``'s values)."""
-    return torch.rand(shape, dtype=like.dtype, device=like.device, generator=_STREAM.get())
 
 
 def normal(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
