@@ -278,12 +278,13 @@ def run_table_merge(spec_path: str | Path, results_dir: str | Path, command: str
                            "comparisons": comparisons(rows)}
     stem = f"table-{spec.backbone}-{spec.device}-{spec.tag}"
     res["outputs"] = {k: str(rdir / f"{stem}.{k}") for k in ("md", "json", "png")}
+    md = render_markdown(res)
     if write:
-        (rdir / f"{stem}.md").write_text(render_markdown(res))
+        (rdir / f"{stem}.md").write_text(md)
         (rdir / f"{stem}.json").write_text(json.dumps(res, indent=2))
         plot(res, rdir / f"{stem}.png")
     if readme is not None:
-        res["readme_updated"] = update_readme(readme, render_markdown(res))
+        res["readme_updated"] = update_readme(readme, md)
     return res
 
 

@@ -390,10 +390,7 @@ def _table_merge(a: argparse.Namespace) -> int:
 
     res = run_table_merge(a.spec, a.results_dir, command="lst " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                           readme=a.readme)
-    if a.json:
-        emit(res, True)
-    else:
-        print(render_markdown(res))
+    emit(res, a.json, human=render_markdown)
     return 0
 
 
@@ -413,7 +410,7 @@ def _register_table_merge(bsub) -> None:
     p.add_argument("--readme", metavar="PATH",
                    help="also put the table between the <!-- merged-table:start --> and <!-- merged-table:end --> "
                         "markers of this file (e.g. README.md)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line (for scripts)")
+    add_output_flags(p, progress=False)
     p.set_defaults(func=_table_merge)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dropout import MASK_BITS, mask_threshold, random_lanes
+from .dropout import lane_mask
 
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
 
@@ -86,15 +86,10 @@ def keep_mask(shape: torch.Size, p: float, like: Tensor) -> Tensor:
     for one example of 32 heads at 1,024 tokens, drawn again when a recomputed block reruns)."""
     keep = torch.empty(shape, dtype=torch.bool, device=like.device)
     flat = keep.view(-1)
-    t = mask_threshold(p)
     step = max(2, CHUNK_SCORES - CHUNK_SCORES % 2)
     for i in range(0, flat.numel(), step):
         n = min(step, flat.numel() - i)
-        if t >= 1 << MASK_BITS:  # p = 1: nothing kept
-            random_lanes(n, like)
-            flat[i:i + n] = False
-        else:
-            torch.ge(random_lanes(n, like), t, out=flat[i:i + n])
+        lane_mask(n, p, like, keep=True, out=flat[i:i + n])
     return keep
 
 

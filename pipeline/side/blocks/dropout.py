@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Dropout", "dropout", "dropout_stream", "drop_mask", "random_lanes", "mask_threshold", "normal", "checkpoint"]
+__all__ = ["Dropout", "dropout", "dropout_stream", "drop_mask", "lane_mask", "random_lanes", "mask_threshold", "normal", "checkpoint"]
 
 #: random bits behind one mask element
 MASK_BITS = 15
@@ -65,14 +65,23 @@ def mask_threshold(p: float) -> int:
     return round(p * (1 << MASK_BITS))
 
 
+def lane_mask(n: int, p: float, like: Tensor, *, keep: bool, out: Tensor | None = None) -> Tensor:
+    """``n`` mask elements from ``random_lanes``: True where dropped (``keep=False``) or where kept
+    (``keep=True``), dropped with probability p on ``mask_threshold``'s grid; written into ``out`` when
+    given. The lanes are drawn whatever p is, so the stream moves the same way."""
+    lanes = random_lanes(n, like)
+    t = mask_threshold(p)
+    if out is None:
+        out = torch.empty((n,), dtype=torch.bool, device=like.device)
+    if t >= 1 << MASK_BITS:  # p = 1 (int16 cannot hold the threshold): every element dropped
+        return out.fill_(not keep)
+    return torch.ge(lanes, t, out=out) if keep else torch.lt(lanes, t, out=out)
+
+
 def drop_mask(shape: tuple[int, ...] | torch.Size, p: float, like: Tensor) -> Tensor:
     """A bool mask of ``shape``, True with probability p (on ``mask_threshold``'s grid) where an
     element is dropped, drawn from the current stream (``random_lanes``)."""
-    lanes = random_lanes(math.prod(shape), like)
-    t = mask_threshold(p)
-    if t >= 1 << MASK_BITS:  # p = 1 (int16 cannot hold the threshold): every element dropped
-        return torch.ones(shape, dtype=torch.bool, device=like.device)
-    return torch.lt(lanes, t).view(shape)
+    return lane_mask(math.prod(shape), p, like, keep=False).view(shape)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
