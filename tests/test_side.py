@@ -720,7 +720,7 @@ def test_dropout_masks_take_15_bits_per_element_two_per_draw():
 
 
 @pytest.mark.parametrize("bias_shape", ["per-example", "shared", "mask"])
-@pytest.mark.parametrize("chunk,n_chunks", [(3 * 11 * 11 * 2, 4), (11 * 11 * 2, 14)])
+@pytest.mark.parametrize("chunk,n_chunks", [(3 * 11 * 11 * 2, 4), (11 * 11 * 2, 21)])
 def test_dropout_attention_in_batch_slices_equals_the_whole_batch(monkeypatch, bias_shape, chunk, n_chunks):
     """The CPU attention-dropout path runs over slices of the batch (of the heads too, when one example
     is over the chunk) to bound its temporaries; every output and gradient (the bias's too, summed over

@@ -53,6 +53,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
 #: scores one step of ``_DropoutAttention`` computes at a time (fp32: 4 MB per [b, H, L, L] tensor)
 CHUNK_SCORES = 1 << 20
 
+#: a long example (one example's heads over ``CHUNK_SCORES``) goes in groups of heads of at most
+#: ``CHUNK_SCORES // HEAD_CHUNK_DIVISOR`` scores: its backward holds four to five chunk-sized
+#: temporaries, 16-20 MB at a whole chunk, and such chunks are large enough that more of them cost
+#: no measurable time. Whole short examples keep ``CHUNK_SCORES`` (smaller batch slices would
+#: multiply a MiniLM step's small attention calls).
+HEAD_CHUNK_DIVISOR = 4
+
 #: rows shorter than this take the written-out softmax. torch's CPU softmax kernels (forward,
 #: backward, and inside SDPA) vectorise along the row and fall back to a scalar loop for rows
 #: shorter than one AVX-512 vector: on the 2-core box at [100, 12, L, L], L = 15, softmax took 4.6 ms
@@ -115,14 +122,15 @@ def _scaled_keep(keep: Tensor, c: float, dtype: torch.dtype) -> Tensor:
 
 def _batch_chunks(q: Tensor, k: Tensor) -> list[tuple[slice, slice]]:
     """(batch, head) slices holding about ``CHUNK_SCORES`` attention scores each: whole examples
-    while one example's heads fit, else one example at a time in groups of heads (long sequences:
-    at 32 heads and 1,024 tokens one example alone has 32 M scores, 128 MB per fp32 tensor)."""
+    while one example's heads fit, else one example at a time in groups of heads of at most a
+    ``HEAD_CHUNK_DIVISOR``-th of that (long sequences: at 32 heads and 1,024 tokens one example alone
+    has 32 M scores, 128 MB per fp32 tensor)."""
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
     everything = slice(None)
     if H * Lq * Lk <= CHUNK_SCORES:
         step = max(1, CHUNK_SCORES // max(1, H * Lq * Lk))
         return [(slice(i, min(B, i + step)), everything) for i in range(0, B, step)]
-    step = max(1, CHUNK_SCORES // max(1, Lq * Lk))
+    step = max(1, CHUNK_SCORES // HEAD_CHUNK_DIVISOR // max(1, Lq * Lk))
     return [(slice(i, i + 1), slice(h, min(H, h + step))) for i in range(B) for h in range(0, H, step)]
 
 
