@@ -247,6 +247,11 @@ def aggregate(cfg: TableBenchConfig, tasks: dict[str, dict], device: str) -> dic
     return rows
 
 
+def fmt(v: float | None, n: int = 1) -> str:
+    """A table cell: ``v`` to ``n`` decimals, or "-" where a run gave no number."""
+    return "-" if v is None else f"{v:.{n}f}"
+
+
 def render_markdown(res: dict) -> str:
     tasks = res["tasks_order"]
     cfg = res["config"]
@@ -275,9 +280,7 @@ def render_markdown(res: dict) -> str:
              + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
 
-    def f(v, n=1):
-        return "-" if v is None else f"{v:.{n}f}"
-
+    f = fmt
     for m, r in res["methods"].items():
         lines.append(f"| {r['label']} | {r['trainable_pct']:.3f} | {f(r['peak_abs_mb'], 0)} | "
                      f"{f(r['peak_above_baseline_mb'], 0)} | {f(r['train_epoch_s'], 0)} ({f(r['wall_s'], 0)}) | "

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.bench.table import CACHED, SHORT, TASK_LABELS
+from pipeline.bench.table import CACHED, SHORT, TASK_LABELS, fmt
 from pipeline.errors import UserError
 
 
@@ -181,8 +181,7 @@ def comparisons(rows: list[dict]) -> dict[str, dict]:
 def render_markdown(res: dict) -> str:
     tasks = res["tasks_order"]
 
-    def f(v, n=1):
-        return "-" if v is None else f"{v:.{n}f}"
+    f = fmt
 
     def cell(r: dict, t: str) -> str:
         n = len(r["runs"][t])
