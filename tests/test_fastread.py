@@ -223,3 +223,31 @@ def test_compression_choices_name_their_codec_chains():
     assert C.compressors(codec="int8", compression="none")[0].cname.value == "zstd"  # int8 codes keep zstd
     with pytest.raises(ValueError, match="unknown compression 'zip'"):
         C.compressors(codec="bf16", compression="zip")
+
+
+def test_shared_context_decode_equals_numcodecs_from_worker_threads_and_rejects_bad_frames():
+    """``decompress_into`` (c-blosc's shared context, the reader's decode threads' path) gives
+    numcodecs' bytes for every shuffle and codec the store writes, from several threads at once, and
+    a frame that does not fit its destination or is cut short is an error, not a partial write."""
+    from numcodecs import Blosc, blosc
+
+    from pipeline.cache.blosc_decode import decompress_into
+
+    rng = np.random.default_rng(0)
+    raw = (rng.standard_normal((1024, 384)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    frames = [Blosc(cname=c, clevel=lvl, shuffle=s).encode(raw) for c, lvl, s in
+              [("lz4", 5, Blosc.BITSHUFFLE), ("lz4", 0, Blosc.NOSHUFFLE), ("zstd", 1, Blosc.SHUFFLE)]]
+
+    def decode(frame):
+        out = np.empty_like(raw)
+        decompress_into(memoryview(frame), out)
+        return out
+
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(decode, frames * 4))
+    assert all(np.array_equal(o, raw) for o in outs)
+    assert np.array_equal(blosc.decompress(frames[0]), raw.tobytes())
+    with pytest.raises(ValueError, match="too small"):
+        decompress_into(frames[0], np.empty(100, np.uint16))
+    with pytest.raises(RuntimeError, match="blosc decompression"):
+        decompress_into(bytes(frames[0])[:200], np.empty_like(raw))

@@ -423,3 +423,45 @@ def test_dropout_draws_need_the_train_split_and_change_the_fingerprint(tmp_path_
             mp.setattr(S, "CHUNK_TARGET_BYTES", 16 * 32 * 2)
             run_extract(ExtractConfig(backbone=backbones["bert"], dataset="sst2", out=out, max_examples=20,
                                       shard_tokens=512, progress=False, dropout_draws=1))
+
+
+def test_gather_buffers_reuse_only_what_no_tensor_uses():
+    """The buffer of a key is handed out again only once every tensor made from it is gone; one still
+    in use is left to its holder (a fresh one is kept instead), so reuse never overwrites live data."""
+    from pipeline.train.bufpool import SLACK, GatherBuffers
+
+    changes = []
+    g = GatherBuffers(on_change=changes.append)
+    a = g.take(0, 1_000)
+    t = torch.from_numpy(a)[:800].view(torch.bfloat16)  # a batch's tap, as the reader makes it
+    del a
+    b = g.take(0, 900)  # `t` still holds the first buffer: a new one
+    assert g.misses == 2 and g.held == 900 and not np.shares_memory(b, t.view(torch.uint8).numpy())
+    del b
+    view = t[:10]  # a view keeps the storage, and so the buffer, alive
+    del t
+    c = g.take(0, 900)  # the second buffer: nothing uses it
+    assert g.hits == 1 and g.held == 900
+    del c
+    assert g.take(0, 2_000).nbytes == g.held == int(2_000 * (1 + SLACK))  # too short: replaced, with room
+    g.take(1, 10)
+    g.clear()
+    assert g.held == 0 and sum(changes) == 0 and view.shape == (10,)
+
+
+def test_packed_batches_reuse_their_buffers_unless_the_consumer_keeps_them(caches):
+    """A consumer that drops each batch before asking for the next gets every batch after the first
+    gathered into the same buffers; one that keeps them all (a list) gets fresh ones: the same
+    batches either way, and the byte accounting stays within the budget."""
+    cache = caches["bf16"]
+    kw = dict(batch_size=None, batch_tokens=120, seed=2, packed=True)
+    kept = list(_tiny(cache, **kw).iter_epoch(0))
+    r = _tiny(cache, **kw)
+    n = 0
+    for b in r.iter_epoch(0):  # (enumerate would hold the previous batch while asking for the next)
+        assert b.index.tolist() == kept[n].index.tolist()
+        assert all(torch.equal(p.values, q.values) for p, q in zip(b.taps, kept[n].taps))
+        n += 1
+        del b
+    assert n == len(kept) > 2 and r.stats.gather_hits > 0
+    assert r.peak_bytes <= r.memory_budget and r.accounting.current["gather"] == 0

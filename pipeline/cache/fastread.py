@@ -13,8 +13,6 @@ Only arrays whose codec chain is exactly that, in a local store, take this path;
 
 from __future__ import annotations
 
-from pipeline.errors import ChecksumError
-
 import os
 from concurrent.futures import Executor
 from contextlib import nullcontext
@@ -25,6 +23,9 @@ import crc32c
 import numpy as np
 import zarr
 from numcodecs import blosc
+
+from pipeline.cache.blosc_decode import decompress_into
+from pipeline.errors import ChecksumError
 
 EMPTY = np.uint64(2**64 - 1)
 # most bytes a Blosc frame adds to its payload (header; incompressible data is stored verbatim) plus
@@ -150,6 +151,8 @@ class DirectArray:
         buffers are alive, so a caller can account for them. With a ``scratch`` (one per thread) the
         frame and the cut chunk land in its reused buffers instead, and ``track`` sees only the index:
         the caller accounts for the scratch as long as it keeps it. Checksums are verified as in ``read``.
+        Frames decode through c-blosc's shared context (``decompress_into``): the reader's decode threads
+        would otherwise allocate and fault in a context's temporaries on every frame.
         """
         if end <= start:
             return
@@ -196,11 +199,11 @@ class DirectArray:
                                 shape = (self.chunk_rows, *self.row_shape)
                                 tmp = np.empty(shape, self.dtype) if scratch is None else \
                                     scratch.chunk(self.chunk_nbytes).view(self.dtype).reshape(shape)
-                                blosc.decompress(mv[:-4], tmp)
+                                decompress_into(mv[:-4], tmp)
                                 out[lo - start:hi - start] = tmp[lo - c0:hi - c0]
                                 del tmp
                             else:
-                                blosc.decompress(mv[:-4], out[lo - start:hi - start])
+                                decompress_into(mv[:-4], out[lo - start:hi - start])
                             del mv
                             raw = None  # the pread's bytes go while the accounting still holds them
             finally:

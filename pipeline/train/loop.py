@@ -240,6 +240,7 @@ def evaluate(runners: list[VariantRunner], reader: CacheReader, source: TapSourc
         for out, got in zip(outs, _each(pool, eval_on(taps, b), runners)):
             out.append(got)
         gold.append(b.labels.cpu())
+        del b, taps  # before the next batch is gathered: the reader then reuses its buffers
     for r in runners:
         r.variant.model.train()
     labels = torch.cat(gold).numpy()
@@ -294,6 +295,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                 bar.set_postfix(loss=f"{lv:.4f}")
             if max_steps is not None and step >= max_steps:
                 break
+            del b, taps  # before the next batch is gathered: the reader then reuses its buffers
         bar.close()
         epoch_s = time.perf_counter() - t0
         wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0

@@ -106,7 +106,7 @@ from pipeline.cache import codecs as C
 from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray, ReadScratch
 from pipeline.cache.store import ActivationCache
 from pipeline.errors import CacheError
-from pipeline.train.bufpool import WindowBufferPool
+from pipeline.train.bufpool import GatherBuffers, WindowBufferPool
 from pipeline.sizes import MB, format_size
 
 DEFAULT_MEMORY_BUDGET = 512 * MB
@@ -137,6 +137,8 @@ class ReaderStats:
     batches: int = 0
     buffer_hits: int = 0  # window buffers reused from an earlier window of the epoch
     buffer_misses: int = 0  # ... and newly allocated
+    gather_hits: int = 0  # packed taps gathered into the buffer the batch before used
+    gather_misses: int = 0  # ... and into a new one (the first, a longer batch, or one still in use)
 
     @property
     def stall_fraction(self) -> float:
@@ -147,7 +149,9 @@ class ByteAccounting:
     """Current and peak bytes the reader holds, per category and in total (thread-safe)."""
 
     # pool: reused window buffers beyond the requests in use (freed ones kept, tails of reused ones)
-    CATEGORIES = ("encoded", "scratch", "window", "pool", "batches")
+    # gather: the kept buffers packed batches are gathered into (``GatherBuffers``); the batches in them
+    # count here, not under "batches"
+    CATEGORIES = ("encoded", "scratch", "window", "pool", "batches", "gather")
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -258,8 +262,9 @@ class _Run:
     """Reservations of one epoch's threads against the window and batch shares, and the epoch's
     reused buffers (window buffers, one read scratch per decode thread)."""
 
-    def __init__(self, pool: WindowBufferPool):
+    def __init__(self, pool: WindowBufferPool, gather: GatherBuffers | None = None):
         self.cond = threading.Condition()
+        self.gather = gather or GatherBuffers()
         self.stopped = False
         self.window_held = 0
         self.windows = 0
@@ -429,6 +434,12 @@ class CacheReader:
 
     def _chunk_rows(self, arr, direct: DirectArray | None, row_axis: int) -> int:
         return direct.chunk_rows if direct is not None else int(arr.chunks[row_axis])
+
+    def _gathered_nbytes(self, real: int) -> int:
+        """Bytes of a packed batch's taps (``real`` token rows), which go to the gather buffers."""
+        if not (self.packed and self.load_acts):
+            return 0
+        return self._value_bytes() * self.hidden * len(self.taps) * real
 
     def _value_bytes(self) -> int:
         """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
@@ -796,8 +807,10 @@ class CacheReader:
             run.cond.notify_all()
 
     # -- assembling ------------------------------------------------------------------------------
-    def _assemble(self, idx: np.ndarray, locs=None, window: _Decoded | None = None) -> Batch:
-        """One padded batch; taps gathered from a decoded window when one is given (ids only otherwise)."""
+    def _assemble(self, idx: np.ndarray, locs=None, window: _Decoded | None = None,
+                  gather: GatherBuffers | None = None) -> Batch:
+        """One padded batch; taps gathered from a decoded window when one is given (ids only otherwise),
+        a packed batch's into ``gather``'s buffers when given (``_gathered_nbytes`` of them)."""
         lens = self.lengths[idx]
         L = int(lens.max())
         B = len(idx)
@@ -811,7 +824,7 @@ class CacheReader:
         taps = dec = None
         if window is not None and self.load_acts:
             if self.packed:
-                return self._assemble_packed(idx, locs, window, ids, valid, tt)
+                return self._assemble_packed(idx, locs, window, ids, valid, tt, gather)
             piece, row, drow = locs
             pin = self.device.type == "cuda" and torch.cuda.is_available()
             taps = []
@@ -842,7 +855,7 @@ class CacheReader:
         )
 
     def _assemble_packed(self, idx: np.ndarray, locs, window: _Decoded, ids: np.ndarray, valid: np.ndarray,
-                         tt: torch.Tensor | None) -> Batch:
+                         tt: torch.Tensor | None, gather: GatherBuffers | None) -> Batch:
         """The batch's real rows per tap, in the store's dtype (int8 scaled to fp32), plus their flat
         positions in the padded [B, L] grid. Rows are grouped by the window piece they come from and
         gathered with one ``index_select`` per piece and tap (a few per batch, instead of one copy per
@@ -865,7 +878,11 @@ class CacheReader:
         taps = []
         for k in range(len(self.taps)):
             dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
-            out = torch.empty((N, self.hidden), dtype=dtype)
+            if gather is None:
+                out = torch.empty((N, self.hidden), dtype=dtype)
+            else:
+                nbytes = N * self.hidden * dtype.itemsize
+                out = torch.from_numpy(gather.take(k, nbytes))[:nbytes].view(dtype).view(N, self.hidden)
             o = 0
             for j, src, _ in groups:
                 n = len(src)
@@ -908,7 +925,9 @@ class CacheReader:
             run.windows += 1
             return True
 
-    def _reserve_batch(self, run: _Run, n: int) -> bool:
+    def _reserve_batch(self, run: _Run, n: int, kept: int = 0) -> bool:
+        """Wait for room for a batch of ``n`` bytes; ``kept`` of them will live in the gather buffers
+        (which the accounting counts under "gather" as long as they are kept)."""
         with run.cond:
             while not run.stopped and (run.batch_held + n > self.layout.batch_bytes
                                        or run.batches >= self.prefetch + 1):
@@ -917,11 +936,12 @@ class CacheReader:
                 return False
             run.batch_held += n
             run.batches += 1
-        self.accounting.add("batches", n)
+        self.accounting.add("batches", n - kept)
         return True
 
-    def _release_batch(self, run: _Run, n: int) -> None:
-        self.accounting.sub("batches", n)
+    def _release_batch(self, run: _Run, n: int, kept: int = 0) -> None:
+        """Release a batch reserved as ``n`` bytes, ``kept`` of which live in the gather buffers (counted there)."""
+        self.accounting.sub("batches", n - kept)
         with run.cond:
             run.batch_held -= n
             run.batches -= 1
@@ -937,9 +957,9 @@ class CacheReader:
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             handoff.put(e)
 
-    def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int]]:
+    def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
-        (released by the consumer). A batch is a copy, so every window is freed as soon as its last
+        (released by the consumer) and how many of them live in the gather buffers. A batch is a copy, so every window is freed as soon as its last
         batch is gathered, before that batch is handed out: the decode thread then decodes the next
         window while the step on that batch runs (freeing it only when the next batch was asked for
         left the loop waiting for each window's whole decode: ~7% of an inline epoch)."""
@@ -956,17 +976,18 @@ class CacheReader:
                 for i, idx in enumerate(dw.window.batches):
                     lens = self.lengths[idx]
                     n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
-                    if not self._reserve_batch(run, n):
+                    kept = self._gathered_nbytes(int(lens.sum()))
+                    if not self._reserve_batch(run, n, kept):
                         return
                     try:
-                        b = self._assemble(idx, locate(idx), dw)
+                        b = self._assemble(idx, locate(idx), dw, run.gather)
                     except BaseException:
-                        self._release_batch(run, n)
+                        self._release_batch(run, n, kept)
                         raise
                     if i == last:
                         held = False
                         self._free_window(run, dw)
-                    yield b, n
+                    yield b, n, kept
                     del b
             finally:
                 if held:
@@ -988,7 +1009,8 @@ class CacheReader:
     def iter_epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan_epoch(epoch)
         self._acts, self._scales, self._dec, self._dec_scales = self._values[epoch % len(self._values)]
-        run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d)))
+        run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d)),
+                   GatherBuffers(on_change=lambda d: self.accounting.add("gather", d)))
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()
         pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
@@ -1000,12 +1022,12 @@ class CacheReader:
         td.start()
         if ta is not None:
             ta.start()
-        held = 0  # bytes of the batch last handed out
+        held = kept = 0  # bytes of the batch last handed out, and of them in the gather buffers
         try:
             while True:
                 if held:
-                    self._release_batch(run, held)
-                    held = 0
+                    self._release_batch(run, held, kept)
+                    held = kept = 0
                 w0 = time.perf_counter()
                 item = next(inline, None) if inline is not None else out.get()
                 self.stats.wait_s += time.perf_counter() - w0
@@ -1013,7 +1035,8 @@ class CacheReader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                b, held = item
+                b, held, kept = item
+                item = None  # the consumer's reference is the batch's last: its gather buffers serve the next
                 self.stats.batches += 1
                 if self.device.type != "cpu":
                     b = _to_device(b, self.device)
@@ -1021,7 +1044,7 @@ class CacheReader:
                 del b
         finally:
             if held:
-                self._release_batch(run, held)
+                self._release_batch(run, held, kept)
             if inline is not None:
                 inline.close()  # frees the window it holds
             run.stop()
@@ -1034,7 +1057,7 @@ class CacheReader:
                 except queue.Empty:
                     continue
                 if isinstance(item, tuple):
-                    self._release_batch(run, item[1])
+                    self._release_batch(run, item[1], item[2])
             if ta is not None:
                 ta.join()
             while not handoff.empty():
@@ -1043,8 +1066,11 @@ class CacheReader:
                     self._free_window(run, dw)
             pool.shutdown(wait=True, cancel_futures=True)
             run.pool.clear()
+            run.gather.clear()
             self.stats.buffer_hits += run.pool.hits
             self.stats.buffer_misses += run.pool.misses
+            self.stats.gather_hits += run.gather.hits
+            self.stats.gather_misses += run.gather.misses
             self._release_scratches(run)
             self.stats.total_s += time.perf_counter() - t0
 
