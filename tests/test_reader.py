@@ -428,7 +428,7 @@ def test_dropout_draws_need_the_train_split_and_change_the_fingerprint(tmp_path_
 def test_gather_buffers_reuse_only_what_no_tensor_uses():
     """The buffer of a key is handed out again only once every tensor made from it is gone; one still
     in use is left to its holder (a fresh one is kept instead), so reuse never overwrites live data."""
-    from pipeline.train.bufpool import SLACK, GatherBuffers
+    from pipeline.train.bufpool import GatherBuffers
 
     changes = []
     g = GatherBuffers(on_change=changes.append)
@@ -443,7 +443,7 @@ def test_gather_buffers_reuse_only_what_no_tensor_uses():
     c = g.take(0, 900)  # the second buffer: nothing uses it
     assert g.hits == 1 and g.held == 900
     del c
-    assert g.take(0, 2_000).nbytes == g.held == int(2_000 * (1 + SLACK))  # too short: replaced, with room
+    assert g.take(0, 2_000).nbytes == g.held == 2_000  # too short: replaced
     g.take(1, 10)
     g.clear()
     assert g.held == 0 and sum(changes) == 0 and view.shape == (10,)
