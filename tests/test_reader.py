@@ -119,12 +119,15 @@ def test_a_budget_that_holds_whole_windows_keeps_the_old_plan(caches, shuffle):
                    [b.tolist() for b in _legacy_plan(r, epoch)]
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("size", ["tiny", "big"])
-def test_accounting_stays_within_the_budget(caches, size, inline):
+def test_accounting_stays_within_the_budget(caches, size, inline, packed):
+    """Packed batches are gathered into the kept gather buffers, counted under "gather" instead of
+    "batches": together they stay within the batch share."""
     cache = caches["int8"]
-    r = _tiny(cache, batch_size=4, inline=inline) if size == "tiny" else CacheReader(
-        cache, "train", cache.taps, batch_size=4, memory_budget=BIG, inline=inline)
+    r = _tiny(cache, batch_size=4, inline=inline, packed=packed) if size == "tiny" else CacheReader(
+        cache, "train", cache.taps, batch_size=4, memory_budget=BIG, inline=inline, packed=packed)
     lay = r.layout
     assert lay.transient_bytes + lay.window_bytes + lay.batch_bytes <= r.memory_budget
     for epoch in (0, 1):
@@ -133,7 +136,9 @@ def test_accounting_stays_within_the_budget(caches, size, inline):
     acc = r.accounting.as_dict()
     assert 0 < r.peak_bytes <= r.memory_budget, acc
     assert all(v == 0 for v in acc["current"].values()), acc  # everything released at the end
-    assert acc["peak"]["window"] <= lay.window_bytes and acc["peak"]["batches"] <= lay.batch_bytes
+    assert acc["peak"]["window"] <= lay.window_bytes
+    assert acc["peak"]["batches"] + acc["peak"]["gather"] <= lay.batch_bytes
+    assert (acc["peak"]["gather"] > 0) == packed
     assert acc["peak"]["encoded"] + acc["peak"]["scratch"] <= 2 * lay.transient_bytes
     assert acc["peak"]["encoded"] + acc["peak"]["scratch"] > 0 and acc["peak"]["window"] > 0
     if size == "tiny":  # many windows an epoch: later ones decode into the earlier ones' buffers
