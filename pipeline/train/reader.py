@@ -959,10 +959,14 @@ class CacheReader:
 
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
-        (released by the consumer) and how many of them live in the gather buffers. A batch is a copy, so every window is freed as soon as its last
-        batch is gathered, before that batch is handed out: the decode thread then decodes the next
-        window while the step on that batch runs (freeing it only when the next batch was asked for
-        left the loop waiting for each window's whole decode: ~7% of an inline epoch)."""
+        (released by the consumer) and how many of them live in the gather buffers. A batch is a copy,
+        so every window is freed as soon as its last batch is gathered, before that batch is handed out:
+        the decode thread then decodes the next window while the step on that batch runs (freeing it
+        only when the next batch was asked for left the loop waiting for each window's whole decode:
+        ~7% of an inline epoch). Only an inline reader gathers into the kept buffers: an assembler
+        thread gathers the next batch while the consumer still reads the last, so it would never find
+        one free."""
+        gather = run.gather if self.inline else None
         while not run.stopped:
             dw = handoff.get()
             if dw is None:
@@ -976,11 +980,11 @@ class CacheReader:
                 for i, idx in enumerate(dw.window.batches):
                     lens = self.lengths[idx]
                     n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
-                    kept = self._gathered_nbytes(int(lens.sum()))
+                    kept = self._gathered_nbytes(int(lens.sum())) if gather is not None else 0
                     if not self._reserve_batch(run, n, kept):
                         return
                     try:
-                        b = self._assemble(idx, locate(idx), dw, run.gather)
+                        b = self._assemble(idx, locate(idx), dw, gather)
                     except BaseException:
                         self._release_batch(run, n, kept)
                         raise
