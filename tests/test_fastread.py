@@ -251,3 +251,34 @@ def test_shared_context_decode_equals_numcodecs_from_worker_threads_and_rejects_
         decompress_into(frames[0], np.empty(100, np.uint16))
     with pytest.raises(RuntimeError, match="blosc decompression"):
         decompress_into(bytes(frames[0])[:200], np.empty_like(raw))
+
+
+def _decode_in_child(frame: bytes, n: int, q) -> None:
+    from pipeline.cache.blosc_decode import decompress_into
+
+    out = np.empty(n, np.uint16)
+    decompress_into(frame, out)
+    q.put(out.tobytes())
+
+
+def test_a_forked_child_decodes_without_the_parents_blosc_threads():
+    """c-blosc's thread pool does not survive a fork: a child forked after the parent decoded through
+    the shared context (Dask or multiprocessing workers) decodes through numcodecs instead, and gets
+    the same bytes instead of hanging."""
+    import multiprocessing as mp
+
+    from numcodecs import Blosc
+
+    from pipeline.cache.blosc_decode import decompress_into
+
+    raw = np.arange(300_000, dtype=np.uint16)
+    frame = bytes(Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE).encode(raw))
+    out = np.empty_like(raw)
+    decompress_into(frame, out)  # the parent's pool is up
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_decode_in_child, args=(frame, raw.size, q))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and got == raw.tobytes() and np.array_equal(out, raw)
