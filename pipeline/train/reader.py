@@ -260,11 +260,11 @@ class _Decoded:
 
 class _Run:
     """Reservations of one epoch's threads against the window and batch shares, and the epoch's
-    reused buffers (window buffers, one read scratch per decode thread)."""
+    reused buffers (window buffers, one read scratch per decode thread, the gather buffers)."""
 
-    def __init__(self, pool: WindowBufferPool, gather: GatherBuffers | None = None):
+    def __init__(self, pool: WindowBufferPool, gather: GatherBuffers):
         self.cond = threading.Condition()
-        self.gather = gather or GatherBuffers()
+        self.gather = gather
         self.stopped = False
         self.window_held = 0
         self.windows = 0
@@ -435,11 +435,14 @@ class CacheReader:
     def _chunk_rows(self, arr, direct: DirectArray | None, row_axis: int) -> int:
         return direct.chunk_rows if direct is not None else int(arr.chunks[row_axis])
 
+    def _tap_nbytes(self, rows: int) -> int:
+        """Bytes of ``rows`` token rows of every requested tap, as a batch hands them out."""
+        K = len(self.taps) if self.load_acts else 0
+        return self._value_bytes() * self.hidden * K * rows
+
     def _gathered_nbytes(self, real: int) -> int:
         """Bytes of a packed batch's taps (``real`` token rows), which go to the gather buffers."""
-        if not (self.packed and self.load_acts):
-            return 0
-        return self._value_bytes() * self.hidden * len(self.taps) * real
+        return self._tap_nbytes(real) if self.packed else 0
 
     def _value_bytes(self) -> int:
         """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
@@ -448,11 +451,10 @@ class CacheReader:
 
     def _batch_nbytes(self, B: int, L: int, real: int | None = None) -> int:
         """Bytes of a batch of B examples padded to L (``real`` token rows when packed)."""
-        K = len(self.taps) if self.load_acts else 0
         Kd = len(self.decoder_taps) if self.load_acts else 0
         rows = real if self.packed and real is not None else B * L
         packed_index = 8 * rows if self.packed else 0
-        return (self._value_bytes() * self.hidden * K * rows + 4 * self.hidden * Kd * B * self.dec_rows
+        return (self._tap_nbytes(rows) + 4 * self.hidden * Kd * B * self.dec_rows
                 + META_BYTES_PER_TOKEN * B * L + 8 * B + packed_index)
 
     def _layout(self) -> ReaderLayout:
