@@ -194,6 +194,8 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert len(res["cached_epoch_s_samples"]) == 2 and len(res["floor_s_samples"]) == 2
     assert res["cached_epoch_s_min"] == min(res["cached_epoch_s_samples"])
     assert res["floor_s"] == min(res["floor_s_samples"]) > 0
+    # the floor runs in its own fresh process, twice over the batches: the first (cold) pass is reported too
+    assert res["floor_fresh_process"] and len(res["floor_cold_s_samples"]) == 2 and min(res["floor_cold_s_samples"]) > 0
     assert res["cached_over_floor"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
     assert res["floor_batches"] == "all" and res["cached_dev_score"] is not None
     # both arms ran as `lst train` processes: two cached, one live, each with its own peak
