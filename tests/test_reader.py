@@ -454,6 +454,23 @@ def test_gather_buffers_reuse_only_what_no_tensor_uses():
     assert g.held == 0 and sum(changes) == 0 and view.shape == (10,)
 
 
+def test_gather_buffers_free_the_pages_a_shorter_batch_hands_back():
+    """Pages past a shorter batch are freed, not just unmapped: a private mapping reads them back as
+    zeros. (A shared anonymous mapping, Python's default, kept them as shmem with their old bytes:
+    out of the process's RSS but still allocated.)"""
+    import mmap
+
+    from pipeline.train.bufpool import GatherBuffers
+
+    g = GatherBuffers()
+    a = g.take(0, 64 * mmap.PAGESIZE)
+    a[:] = 7
+    del a
+    b = g.take(0, 8 * mmap.PAGESIZE)  # the same buffer, its batch now 8 pages long
+    assert g.hits == 1 and g.held == 8 * mmap.PAGESIZE
+    assert (b[:8 * mmap.PAGESIZE] == 7).all() and not b[8 * mmap.PAGESIZE:].any()
+
+
 def test_packed_batches_reuse_their_buffers_unless_the_consumer_keeps_them(caches):
     """A consumer that drops each batch before asking for the next gets every batch after the first
     gathered into the same buffers; one that keeps them all (a list) gets fresh ones: the same

@@ -154,10 +154,17 @@ class GatherBuffers:
 
 
 class _Mapped:
-    """A flat uint8 array in its own anonymous mapping, and how much of it the current batch uses."""
+    """A flat uint8 array in its own private anonymous mapping, and how much of it the current batch uses.
+
+    Private, not Python's default shared mapping: ``MADV_DONTNEED`` frees a private mapping's pages,
+    whereas a shared anonymous mapping is shmem, whose pages only leave the process's RSS and stay
+    allocated (system ``Shmem``) until the mapping closes. Measured: 200 MB touched then handed back
+    left 200 MB of ``Shmem`` shared, none private. Until session 22 the buffers were shared, so RSS
+    saw the current batch while the longest one stayed allocated."""
 
     def __init__(self, nbytes: int):
-        self._map = mmap.mmap(-1, max(1, nbytes))
+        private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # (not on Windows)
+        self._map = mmap.mmap(-1, max(1, nbytes), **private)
         self.array = np.frombuffer(self._map, np.uint8, count=nbytes)
         self.used = 0
 
