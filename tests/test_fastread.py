@@ -226,8 +226,8 @@ def test_compression_choices_name_their_codec_chains():
 
 
 def test_shared_context_decode_equals_numcodecs_from_worker_threads_and_rejects_bad_frames():
-    """``decompress_into`` (c-blosc's shared context, the reader's decode threads' path) gives
-    numcodecs' bytes for every shuffle and codec the store writes, from several threads at once, and
+    """``decompress_into`` (a shared context, the reader's decode threads' path) gives numcodecs'
+    bytes for every shuffle and codec the store writes, from several threads at once, and
     a frame that does not fit its destination or is cut short is an error, not a partial write."""
     from numcodecs import Blosc, blosc
 
@@ -246,6 +246,17 @@ def test_shared_context_decode_equals_numcodecs_from_worker_threads_and_rejects_
     with ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(decode, frames * 4))
     assert all(np.array_equal(o, raw) for o in outs)
+    # both shared contexts, each called directly: c-blosc2 (the first choice, installed with lst) and
+    # numcodecs' c-blosc (the fallback)
+    from pipeline.cache import blosc_decode as D
+
+    assert D.shared_decoder() == "blosc2"
+    for find in (D._blosc2_decompress, D._blosc1_decompress):
+        fn = find()
+        for frame in frames:
+            src, out = np.frombuffer(frame, np.uint8), np.empty_like(raw)
+            assert fn(src.ctypes.data, src.nbytes, out.ctypes.data, out.nbytes) == raw.nbytes
+            assert np.array_equal(out, raw)
     assert np.array_equal(blosc.decompress(frames[0]), raw.tobytes())
     with pytest.raises(ValueError, match="too small"):
         decompress_into(frames[0], np.empty(100, np.uint16))

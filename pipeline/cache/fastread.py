@@ -151,8 +151,8 @@ class DirectArray:
         buffers are alive, so a caller can account for them. With a ``scratch`` (one per thread) the
         frame and the cut chunk land in its reused buffers instead, and ``track`` sees only the index:
         the caller accounts for the scratch as long as it keeps it. Checksums are verified as in ``read``.
-        Frames decode through c-blosc's shared context (``decompress_into``): the reader's decode threads
-        would otherwise allocate and fault in a context's temporaries on every frame.
+        Frames decode through a shared context (``decompress_into``: c-blosc2's, else c-blosc's): the
+        reader's decode threads would otherwise allocate and fault in a context's temporaries on every frame.
         """
         if end <= start:
             return
