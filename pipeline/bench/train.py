@@ -188,7 +188,6 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
-
 def _main() -> None:
     """The floor's own process (``floor_in_fresh_process``): prints ``floor_passes`` as one JSON line."""
     import argparse
