@@ -110,6 +110,7 @@ def test_scale_bench_writes_an_llm_shaped_cache_and_accounts_for_it(tmp_path):
     config = initpack.read_config(cache.url)
     assert isinstance(config, BackboneConfig) and config.hidden_size == 64 and config.model_type == "llama"
     assert res["cache"]["read_decode_mb_s"] > 0 and res["baseline_mb"] > 0
+    assert res["cache"]["reader_decode_mb_s"] > 0 and res["cache"]["reader_decode_tokens"] > 0
     for r in res["runs"].values():
         for k in ("peak_abs_mb", "peak_above_baseline_mb", "budget_mb", "stall_fraction", "side_step_s", "goals"):
             assert k in r, k

@@ -209,6 +209,32 @@ def read_decode_mb_s(url: str, max_shards: int = 2) -> dict:
             "read_decode_note": "decoded bf16 bytes/s over whole shards, page cache warm (just written)"}
 
 
+def reader_decode_mb_s(url: str, batch_tokens: int, max_tokens: int = 2 * 16384) -> dict:
+    """Decoded bf16 bytes/s of the stage-two reader itself (``CacheReader`` at the default budget, packed
+    batches, every tap: preads, checksums, the shared-context decode and the gather), over its first
+    batches up to ``max_tokens`` real tokens. ``read_decode_mb_s`` times whole-shard reads instead, which
+    decode through numcodecs: a path no training run takes."""
+    from pipeline.cache.store import ActivationCache
+    from pipeline.train.reader import DEFAULT_MEMORY_BUDGET, CacheReader
+
+    cache = ActivationCache.open(url)
+    taps = list(cache.taps)
+    reader = CacheReader(cache, "train", taps, batch_size=None, batch_tokens=batch_tokens, shuffle=True, seed=0,
+                         memory_budget=DEFAULT_MEMORY_BUDGET, packed=True, by_length=True)
+    row_bytes = len(taps) * cache.hidden_size * 2
+    t0, tokens = time.perf_counter(), 0
+    it = reader.iter_epoch(0)
+    for b in it:
+        tokens += b.num_tokens
+        del b
+        if tokens >= max_tokens:
+            break
+    s = time.perf_counter() - t0
+    it.close()
+    return {"reader_decode_mb_s": round(tokens * row_bytes / MB / s, 1), "reader_decode_tokens": tokens,
+            "reader_decode_note": "the reader's own path (CacheReader, default budget, packed batches, one process)"}
+
+
 # -- GPU account ----------------------------------------------------------------------------------
 def gpu_account(shape: dict, side_params: int, r: int, batch_tokens: int, mean_len: float, attn_math: bool) -> dict:
     """Bytes a GPU run of the same side network needs, from shapes (activations: an estimate)."""
@@ -249,7 +275,7 @@ def run_scale_bench(cfg: ScaleBenchConfig) -> dict:
     url = str(work / "synthetic.zarr")
     try:
         written = write_synthetic_cache(url, cfg, shape)
-        read = read_decode_mb_s(url)
+        read = {**read_decode_mb_s(url), **reader_decode_mb_s(url, cfg.batch_tokens)}
         # the run is a cached `lst train`, which imports no transformers: its own (stage-two) baseline
         baseline = run_measured(_self("baseline-stage-two", "--cache", url))
         base_mb = max(baseline["polled_peak_mb"], baseline["result"]["peak_rss_mb"])
