@@ -140,3 +140,46 @@ def test_a_missing_build_is_made_once_and_a_busy_builder_is_not_waited_for(tmp_p
     ready = child(["-c", probe])
     assert ready.returncode == 0, ready.stderr
     assert json.loads(ready.stdout.strip().splitlines()[-1]) == {"dir": where, "installed": True}
+
+
+# A miss beside a cached block of a near size: the block is remapped, so only its growth is faulted in.
+RESIZE_CHILD = r"""
+import json, resource, sys
+import torch
+from pipeline import alloc
+assert alloc.install(4 << 20)
+MB = 1 << 20
+
+def touched(n_bytes, value):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(n_bytes // 4).fill_(value)
+    return t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+out = {}
+a, out["fresh_faults"] = touched(2 * MB, 1.0)
+del a                                              # cached: 2 MB
+b, out["grow_faults"] = touched(5 * MB, 2.0)       # beyond the slack: the 2 MB block grows to 5 MB
+out["grow_sum"] = b.sum().item()
+out["after_grow"] = alloc.stats().__dict__
+del b
+c, out["shrink_faults"] = touched(2 * MB, 3.0)     # 5 MB is over the slack: that block shrinks to 2 MB
+out["shrink_sum"] = c.sum().item()
+out["after_shrink"] = alloc.stats().__dict__
+print(json.dumps(out))
+"""
+
+
+def test_a_miss_remaps_the_nearest_cached_block_so_only_growth_is_faulted():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", RESIZE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    page = os.sysconf("SC_PAGE_SIZE")
+    mb_pages = 2**20 // page
+    assert got["fresh_faults"] >= 2 * mb_pages  # a fresh mapping faults every page in
+    assert got["after_grow"]["resized"] == 1 and got["after_grow"]["cached_bytes"] == 0, got
+    # only the 3 MB of growth is new: the 2 MB the block held stay resident (a little slack for the rest)
+    assert 3 * mb_pages <= got["grow_faults"] < 3 * mb_pages + mb_pages // 2, got
+    assert got["after_shrink"]["resized"] == 2 and got["shrink_faults"] < mb_pages // 8, got
+    # the remapped buffers hold what was written into them (kTail past the end included in the size)
+    assert got["grow_sum"] == 2.0 * (5 * 2**20 // 4) and got["shrink_sum"] == 3.0 * (2 * 2**20 // 4)

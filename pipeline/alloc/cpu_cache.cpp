@@ -14,9 +14,18 @@
 // the process peaks where its own buffers peak, plus at most `cap`, as with a fixed cap. Oldest
 // buffers are unmapped first when that bound is reached (also after a miss maps a new one), and
 // requests under `min_bytes` go to torch's own allocator (glibc's heap) as before.
+//
+// A request that no cached block fits (within `slack`) resizes the nearest one with mremap rather
+// than mapping a fresh block: the pages it already holds stay resident, so only the growth is
+// faulted in (a shrink faults nothing). Batches vary in shape, so a step's buffers vary in size from
+// step to step; a fresh mapping for each such miss zero-filled every page again (measured on a cached
+// MiniLM SST-2 epoch: 0.92 hit rate, yet ~440 k page faults and ~1 s of kernel time on the training
+// thread).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
+
+#include <iterator>
 
 #include <cstdint>
 #include <map>
@@ -48,7 +57,8 @@ class BoundedCachingCPUAllocator final : public c10::Allocator {
     auto [p, size] = take(want);
     if (!p) {
       size = want;
-      p = map(want);
+      p = resize_nearest(want);
+      if (!p) p = map(want);
       if (!p) {
         release_all();
         p = map(want);
@@ -117,7 +127,7 @@ class BoundedCachingCPUAllocator final : public c10::Allocator {
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> g(mu_);
     return {int64_t(cached_), int64_t(peak_cached_), int64_t(cap_), hits_, misses_, int64_t(live_.size()),
-            int64_t(min_bytes_), int64_t(live_bytes_), int64_t(peak_live_)};
+            int64_t(min_bytes_), int64_t(live_bytes_), int64_t(peak_live_), resized_};
   }
 
   static void Delete(void* p);
@@ -138,6 +148,36 @@ class BoundedCachingCPUAllocator final : public c10::Allocator {
     peak_live_ = std::max(peak_live_, live_bytes_);
     hits_++;
     return {p, size};
+  }
+
+  // A miss: the cached block nearest `want` in size, remapped to `want` bytes, or nullptr. The largest
+  // smaller block is grown when it is at least a quarter of `want` (its pages need no fault); else the
+  // smallest larger one is shrunk when at most 4x `want` (the tail goes back to the OS). Blocks further
+  // off stay for the requests they fit.
+  void* resize_nearest(size_t want) {
+    void* p = nullptr;
+    size_t size = 0;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto hi = free_.lower_bound(want);
+      FreeMap::iterator pick = free_.end();
+      if (hi != free_.begin() && std::prev(hi)->first >= want / 4) {
+        pick = std::prev(hi);
+      } else if (hi != free_.end() && hi->first <= 4 * want) {
+        pick = hi;
+      }
+      if (pick == free_.end()) return nullptr;
+      p = pick->second.ptr;
+      size = pick->first;
+      order_.erase(pick->second.seq);
+      free_.erase(pick);
+      cached_ -= size;
+      resized_++;
+    }
+    void* q = mremap(p, size, want, MREMAP_MAYMOVE);
+    if (q != MAP_FAILED) return q;
+    munmap(p, size);
+    return nullptr;
   }
 
   // The most the cache may hold now: `cap`, or what the live buffers have shrunk below their peak.
@@ -170,6 +210,7 @@ class BoundedCachingCPUAllocator final : public c10::Allocator {
   size_t live_bytes_ = 0, peak_live_ = 0;  // bytes of the blocks handed out (now, and at most so far)
   uint64_t seq_ = 0;
   int64_t hits_ = 0, misses_ = 0;
+  int64_t resized_ = 0;  // misses served by remapping a cached block
 };
 
 BoundedCachingCPUAllocator* g_cache = nullptr;
@@ -185,7 +226,8 @@ bool install(int64_t min_bytes, int64_t cap, double slack) {
   return true;
 }
 
-// [cached bytes, peak cached bytes, cap, hits, misses, live blocks, min bytes, live bytes, peak live bytes];
+// [cached bytes, peak cached bytes, cap, hits, misses, live blocks, min bytes, live bytes, peak live bytes,
+//  misses served by resizing a cached block];
 // empty when not installed.
 std::vector<int64_t> stats() { return g_cache ? g_cache->stats() : std::vector<int64_t>{}; }
 
