@@ -142,7 +142,7 @@ def test_a_missing_build_is_made_once_and_a_busy_builder_is_not_waited_for(tmp_p
     assert json.loads(ready.stdout.strip().splitlines()[-1]) == {"dir": where, "installed": True}
 
 
-# A miss beside a cached block of a near size: the block is remapped, so only its growth is faulted in.
+# A miss beside a smaller cached block: that block is grown (mremap), so only its growth is faulted in.
 RESIZE_CHILD = r"""
 import json, resource, sys
 import torch
@@ -162,14 +162,14 @@ b, out["grow_faults"] = touched(5 * MB, 2.0)       # beyond the slack: the 2 MB 
 out["grow_sum"] = b.sum().item()
 out["after_grow"] = alloc.stats().__dict__
 del b
-c, out["shrink_faults"] = touched(2 * MB, 3.0)     # 5 MB is over the slack: that block shrinks to 2 MB
-out["shrink_sum"] = c.sum().item()
-out["after_shrink"] = alloc.stats().__dict__
+c, out["small_faults"] = touched(2 * MB, 3.0)      # 5 MB is over the slack, and is not shrunk for it
+out["small_sum"] = c.sum().item()
+out["after_small"] = alloc.stats().__dict__
 print(json.dumps(out))
 """
 
 
-def test_a_miss_remaps_the_nearest_cached_block_so_only_growth_is_faulted():
+def test_a_miss_grows_a_smaller_cached_block_so_only_the_growth_is_faulted():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", RESIZE_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -180,6 +180,8 @@ def test_a_miss_remaps_the_nearest_cached_block_so_only_growth_is_faulted():
     assert got["after_grow"]["resized"] == 1 and got["after_grow"]["cached_bytes"] == 0, got
     # only the 3 MB of growth is new: the 2 MB the block held stay resident (a little slack for the rest)
     assert 3 * mb_pages <= got["grow_faults"] < 3 * mb_pages + mb_pages // 2, got
-    assert got["after_shrink"]["resized"] == 2 and got["shrink_faults"] < mb_pages // 8, got
-    # the remapped buffers hold what was written into them (kTail past the end included in the size)
-    assert got["grow_sum"] == 2.0 * (5 * 2**20 // 4) and got["shrink_sum"] == 3.0 * (2 * 2**20 // 4)
+    # a larger block is never shrunk for a smaller request: the 2 MB one is a fresh mapping
+    small = got["after_small"]
+    assert small["resized"] == 1 and got["small_faults"] >= 2 * mb_pages, got
+    # the grown buffer holds what was written into it (kTail past the end included in the size)
+    assert got["grow_sum"] == 2.0 * (5 * 2**20 // 4) and got["small_sum"] == 3.0 * (2 * 2**20 // 4)

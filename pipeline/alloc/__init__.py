@@ -53,7 +53,7 @@ class CacheStats:
     min_bytes: int
     live_bytes: int  # bytes of the blocks handed out now
     peak_live_bytes: int  # ... at most so far (since install or release)
-    resized: int = 0  # misses served by remapping the nearest cached block (only the growth faults)
+    resized: int = 0  # misses served by growing a smaller cached block (only the growth faults)
 
 
 def cap_bytes(reader_memory: str | int | None = None, env: dict | None = None) -> int:

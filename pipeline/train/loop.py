@@ -377,7 +377,7 @@ def cpu_cache_summary() -> dict:
     asked = s.hits + s.misses
     return {"cpu_cache_peak_mb": round(s.peak_cached_bytes / 2**20, 1), "cpu_cache_cap_mb": round(s.cap_bytes / 2**20, 1),
             "cpu_cache_hit_rate": round(s.hits / asked, 4) if asked else None,
-            # misses served by remapping a cached block of a near size (only its growth faulted in)
+            # misses served by growing a smaller cached block (only its growth faulted in)
             "cpu_cache_resized_rate": round(s.resized / asked, 4) if asked else None,
             # what the cache may keep beyond its cap: the live buffers' fall below this peak
             "cpu_cache_peak_live_mb": round(s.peak_live_bytes / 2**20, 1)}
