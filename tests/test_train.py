@@ -47,6 +47,8 @@ def test_cache_and_live_give_the_same_first_losses(tmp_path, tmp_path_factory, t
     assert len(cached["first_losses"]) == 6
     np.testing.assert_allclose(cached["first_losses"], live["first_losses"], atol=1e-4, rtol=0)
     assert live["live"] and not cached["live"]
+    # the reader's own threads' CPU an epoch, in the summary and each epoch's row (test_reader checks it counts)
+    assert cached["reader_cpu_s"] >= 0 and cached["final"]["reader_cpu_s"] >= 0
 
 
 @pytest.mark.integration
@@ -83,7 +85,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, minilm_fp32):
     assert got["dev_score"] == ref["dev_score"]
     ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     got_rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_s", "stall_fraction")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_s", "stall_fraction", "reader_cpu_s")} for r in rows]
     assert strip(got_rows) == strip(ref_rows)
 
 
@@ -197,6 +199,9 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     # the floor runs in its own fresh process, twice over the batches: the first (cold) pass is reported too
     assert res["floor_fresh_process"] and len(res["floor_cold_s_samples"]) == 2 and min(res["floor_cold_s_samples"]) > 0
     assert res["cached_over_floor"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
+    # the cached runs' reader-thread CPU, set against the floor
+    assert len(res["cached_reader_cpu_s_samples"]) == 2 and all(x >= 0 for x in res["cached_reader_cpu_s_samples"])
+    assert res["reader_cpu_over_floor"] == pytest.approx(min(res["cached_reader_cpu_s_samples"]) / res["floor_s"], abs=2e-3)
     assert res["floor_batches"] == "all" and res["cached_dev_score"] is not None
     # both arms ran as `lst train` processes: two cached, one live, each with its own peak
     assert res["fresh_processes"] and [len(res["processes"][a]) for a in ("cached", "live")] == [2, 1]

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 TRACEBACK = "Traceback (most recent call last)"
-TIMING_KEYS = ("epoch_s", "stall_fraction", "examples_per_s", "train_s", "peak_mem_mb")
+TIMING_KEYS = ("epoch_s", "stall_fraction", "reader_cpu_s", "examples_per_s", "train_s", "peak_mem_mb")
 
 
 @dataclass

@@ -142,11 +142,13 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                                           cfg.floor_batches, log=work / "floor.log")
 
         floor_runs = [floor_run()]
-        epochs = [cached["epoch_s"]]
+        cached_runs = [cached]
         for _ in range(cfg.repeats - 1):
-            epochs.append(run("cached")["epoch_s"])
+            cached_runs.append(run("cached"))
             floor_runs.append(floor_run())
+        epochs = [c["epoch_s"] for c in cached_runs]
         floors = [f["floor_s"] for f in floor_runs]
+        reader_cpu = [c.get("reader_cpu_s") for c in cached_runs]
         cold = [f["floor_cold_s"] for f in floor_runs]
         cached_s, floor = min(epochs), min(floors)
         live = run("live", "--live")
@@ -173,6 +175,11 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "cached_stall_fraction": cached["stall_fraction"],
             "floor_s": round(floor, 3), "cached_over_floor": round(cached_s / floor, 3),
             "floor_cold_s_samples": [round(f, 3) for f in cold],
+            # CPU seconds an epoch of the cached runs' reader threads (read, checksum, decode), against the
+            # floor: where the step keeps every core busy the epoch pays about this share beside its steps
+            "cached_reader_cpu_s_samples": reader_cpu,
+            "reader_cpu_over_floor": (round(min(x for x in reader_cpu if x is not None) / floor, 3)
+                                      if any(x is not None for x in reader_cpu) and floor > 0 else None),
             "side_flops_per_s": round(side_flops / cached_s),
             # the backbone's share of the live epoch; None where it is lost in the noise (tiny runs)
             "backbone_flops_per_s": (round(bb_flops / (live["epoch_s"] - cached["epoch_s"]))

@@ -129,6 +129,7 @@ class Variant:
     epochs_here: int = 0
     stall_wait: float = 0.0
     stall_total: float = 0.0
+    reader_cpu: float = 0.0  # CPU seconds of the reader's own threads over the epochs run here
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in STATE_KEYS}
@@ -268,7 +269,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         if not active or (max_steps is not None and step >= max_steps):
             break
         t0 = time.perf_counter()
-        w0, tot0 = train_reader.stats.wait_s, train_reader.stats.total_s
+        w0, tot0, c0 = train_reader.stats.wait_s, train_reader.stats.total_s, train_reader.stats.decode_cpu_s
         for r in active:
             r.variant.epoch_losses = []
         name = f"epoch {epoch + 1}/{epochs}" if len(runners) == 1 else f"fused x{len(active)} epoch {epoch + 1}/{epochs}"
@@ -299,6 +300,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         bar.close()
         epoch_s = time.perf_counter() - t0
         wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
+        reader_cpu = train_reader.stats.decode_cpu_s - c0
         evals = evaluate(active, eval_reader, source, metric, pool)
         for r, ev in zip(active, evals):
             v = r.variant
@@ -307,6 +309,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
             v.epochs_here += 1
             v.stall_wait += wait
             v.stall_total += total
+            v.reader_cpu += reader_cpu
             if ev["score"] > v.best_score:
                 v.best_score, v.best_epoch, v.bad_epochs = ev["score"], epoch + 1, 0
                 v.run.save_best(v.model, epoch + 1, ev["score"], v.weights_file)
@@ -317,6 +320,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                    "dev_loss": ev["loss"], "dev_score": ev["score"],
                    **{f"dev_{k}": x for k, x in ev.items() if k not in ("score", "loss")},
                    "lr": r.lr, "epoch_s": round(epoch_s, 3), "stall_fraction": round(wait / max(1e-9, total), 4),
+                   "reader_cpu_s": round(reader_cpu, 3),
                    "padding_share": round(1.0 - real / grid, 4) if grid else None,
                    **({"tap_values": train_reader.values_split(epoch)} if train_reader.dropout_draws else {})}
             v.history.append(row)
@@ -359,6 +363,9 @@ def summary(v: Variant, task: dict, backbone_params: int, device: torch.device, 
         "epoch_s": round(v.train_s / v.epochs_here, 3) if v.epochs_here else None,
         "examples_per_s": round(v.seen / v.train_s, 1) if v.train_s else None,
         "stall_fraction": round(v.stall_wait / v.stall_total, 4) if v.stall_total else None,
+        # CPU seconds an epoch of the reader's own threads (read, checksum, decode; the gather runs in the
+        # step's thread and is in the stall): what the epoch pays beside its steps when they fill every core
+        "reader_cpu_s": round(v.reader_cpu / v.epochs_here, 3) if v.epochs_here else None,
         "live": live,
         "device": str(device),
         "first_losses": v.step_losses[:20],

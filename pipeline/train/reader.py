@@ -139,6 +139,14 @@ class ReaderStats:
     buffer_misses: int = 0  # ... and newly allocated
     gather_hits: int = 0  # packed taps gathered into the buffer the batch before used
     gather_misses: int = 0  # ... and into a new one (the first, a longer batch, or one still in use)
+    # CPU seconds of the reader's own threads (decode loop and read jobs), not the consumer's gather: on
+    # a machine whose cores the step keeps busy, an epoch pays about this much beside its steps
+    decode_cpu_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_decode_cpu(self, seconds: float) -> None:
+        with self._lock:
+            self.decode_cpu_s += seconds
 
     @property
     def stall_fraction(self) -> float:
@@ -689,11 +697,15 @@ class CacheReader:
         """Rows [r0, r1) (within one inner chunk) of an array into ``out``."""
         if run.stopped:
             return
-        if direct is not None:
-            direct.read_into(r0, r1, out, track=self._track, scratch=self._scratch(run))
-            return
-        with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
-            out[...] = arr[(*lead, slice(r0, r1))]
+        c0 = time.thread_time()
+        try:
+            if direct is not None:
+                direct.read_into(r0, r1, out, track=self._track, scratch=self._scratch(run))
+                return
+            with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
+                out[...] = arr[(*lead, slice(r0, r1))]
+        finally:
+            self.stats.add_decode_cpu(time.thread_time() - c0)
 
     def _scratch_sizes(self) -> tuple[int, int]:
         """(frame, chunk) bytes of one decode thread's read scratch: the largest compressed frame and
@@ -950,6 +962,7 @@ class CacheReader:
             run.cond.notify_all()
 
     def _decode_loop(self, plan: list[Window], run: _Run, handoff: queue.Queue, pool) -> None:
+        c0 = time.thread_time()
         try:
             for w in plan:
                 if not self._reserve_window(run, self.window_mem_bytes(w)):
@@ -958,6 +971,8 @@ class CacheReader:
             handoff.put(None)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             handoff.put(e)
+        finally:
+            self.stats.add_decode_cpu(time.thread_time() - c0)
 
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
