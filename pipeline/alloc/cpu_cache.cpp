@@ -17,17 +17,15 @@
 //
 // A request that no cached block fits (within `slack`) grows the largest smaller one with mremap
 // rather than mapping a fresh block: the pages it already holds stay resident, so only the growth is
-// faulted in. Batches vary in shape, so a step's buffers vary in size from
-// step to step; a fresh mapping for each such miss zero-filled every page again (measured on a cached
-// MiniLM SST-2 epoch: 0.92 hit rate, yet ~440 k page faults and ~1 s of kernel time on the training
-// thread).
+// faulted in. Batches vary in shape, so a step's buffers vary in size from step to step; a fresh
+// mapping for each such miss zero-filled every page again (measured on a cached MiniLM SST-2 epoch:
+// 0.92 hit rate, yet ~440 k page faults and ~1 s of kernel time on the training thread).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
-#include <iterator>
-
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -224,7 +222,7 @@ bool install(int64_t min_bytes, int64_t cap, double slack) {
 }
 
 // [cached bytes, peak cached bytes, cap, hits, misses, live blocks, min bytes, live bytes, peak live bytes,
-//  misses served by resizing a cached block];
+//  misses served by growing a smaller cached block];
 // empty when not installed.
 std::vector<int64_t> stats() { return g_cache ? g_cache->stats() : std::vector<int64_t>{}; }
 
