@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,8 +217,6 @@ def reader_decode_mb_s(url: str, batch_tokens: int, max_tokens: int = 2 * 16384)
     decode through numcodecs: a path no training run takes."""
     from pipeline.cache.store import ActivationCache
     from pipeline.train.reader import DEFAULT_MEMORY_BUDGET, CacheReader
-
-    from contextlib import closing
 
     cache = ActivationCache.open(url)
     reader = CacheReader(cache, "train", list(cache.taps), batch_size=None, batch_tokens=batch_tokens, shuffle=True,

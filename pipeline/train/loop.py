@@ -269,7 +269,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         if not active or (max_steps is not None and step >= max_steps):
             break
         t0 = time.perf_counter()
-        w0, tot0, c0 = train_reader.stats.wait_s, train_reader.stats.total_s, train_reader.stats.decode_cpu_s
+        w0, tot0, c0 = train_reader.stats.wait_s, train_reader.stats.total_s, train_reader.stats.cpu_s
         for r in active:
             r.variant.epoch_losses = []
         name = f"epoch {epoch + 1}/{epochs}" if len(runners) == 1 else f"fused x{len(active)} epoch {epoch + 1}/{epochs}"
@@ -300,7 +300,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         bar.close()
         epoch_s = time.perf_counter() - t0
         wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
-        reader_cpu = train_reader.stats.decode_cpu_s - c0
+        reader_cpu = train_reader.stats.cpu_s - c0
         evals = evaluate(active, eval_reader, source, metric, pool)
         for r, ev in zip(active, evals):
             v = r.variant

@@ -141,12 +141,12 @@ class ReaderStats:
     gather_misses: int = 0  # ... and into a new one (the first, a longer batch, or one still in use)
     # CPU seconds of the reader's own threads (decode loop and read jobs), not the consumer's gather: on
     # a machine whose cores the step keeps busy, an epoch pays about this much beside its steps
-    decode_cpu_s: float = 0.0
+    cpu_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add_decode_cpu(self, seconds: float) -> None:
+    def add_cpu(self, seconds: float) -> None:
         with self._lock:
-            self.decode_cpu_s += seconds
+            self.cpu_s += seconds
 
     @property
     def stall_fraction(self) -> float:
@@ -705,7 +705,7 @@ class CacheReader:
             with self._track(0, self._job_bytes(arr, None, len(lead))):  # Zarr's own buffers, estimated
                 out[...] = arr[(*lead, slice(r0, r1))]
         finally:
-            self.stats.add_decode_cpu(time.thread_time() - c0)
+            self.stats.add_cpu(time.thread_time() - c0)
 
     def _scratch_sizes(self) -> tuple[int, int]:
         """(frame, chunk) bytes of one decode thread's read scratch: the largest compressed frame and
@@ -972,7 +972,7 @@ class CacheReader:
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             handoff.put(e)
         finally:
-            self.stats.add_decode_cpu(time.thread_time() - c0)
+            self.stats.add_cpu(time.thread_time() - c0)
 
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
