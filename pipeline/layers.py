@@ -17,7 +17,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "importance"),
     ("extract", "side"),
     ("cache", "data", "backbones"),
-    ("devices", "metrics", "memory", "alloc"),  # alloc: the CPU buffer cache, beside memory's mmap setting
+    ("alloc",),  # the CPU buffer cache, set up with memory's mmap setting (``alloc.prepare_process``)
+    ("devices", "metrics", "memory"),
     ("errors", "layers", "lazy", "sizes"),  # sizes: pure parsing, read by memory's environment setting
 )
 

@@ -172,6 +172,18 @@ def install(cap: int, *, build_if_missing: bool = True, quiet: bool = False) -> 
         return False
 
 
+def prepare_process(reader_memory: str | int | None = None, *, cpu_cache: bool = True, quiet: bool = False) -> bool:
+    """Set up a process's memory as `lst` does when it starts: glibc hands freed buffers above the mmap
+    threshold back at once (``pipeline.memory``), and, with ``cpu_cache``, torch's CPU tensors come from
+    this cache, capped from the reader's budget (``cap_bytes``). One place for `lst`'s main, the sweep's
+    worker processes and the bench's floor child, so each runs as `lst train` does. Returns whether the
+    cache is in place."""
+    from pipeline.memory import mmap_threshold, return_freed_memory_to_os
+
+    return_freed_memory_to_os(mmap_threshold())
+    return cpu_cache and install(cap_bytes(reader_memory), quiet=quiet)
+
+
 def stats() -> CacheStats | None:
     """The cache's counters in this process, or None when it is not installed."""
     module = sys.modules.get(MODULE)

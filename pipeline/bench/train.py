@@ -200,8 +200,7 @@ def _main() -> None:
     import argparse
     import json
 
-    from pipeline.alloc import cap_bytes, install
-    from pipeline.memory import mmap_threshold, return_freed_memory_to_os
+    from pipeline.alloc import prepare_process
 
     p = argparse.ArgumentParser(prog="python -m pipeline.bench.train")
     p.add_argument("mode", choices=["floor"])
@@ -211,8 +210,7 @@ def _main() -> None:
     p.add_argument("--batches", type=int, default=0)
     a = p.parse_args()
     run_cfg = TrainConfig.from_dict(yaml.safe_load(Path(a.config).read_text())["train"])
-    return_freed_memory_to_os(mmap_threshold())  # as `lst train` starts
-    install(cap_bytes(run_cfg.reader_memory), quiet=True)
+    prepare_process(run_cfg.reader_memory, quiet=True)  # as `lst train` starts
     print(json.dumps(floor_passes(ActivationCache.open(a.cache), replace(run_cfg, out=a.out), a.batches)))
 
 

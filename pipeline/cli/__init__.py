@@ -17,9 +17,7 @@ import sys
 
 from pipeline.cli import bench, extract, fisher, params, search, train
 from pipeline.errors import LstError
-from pipeline.alloc import cap_bytes as cpu_cache_cap
-from pipeline.alloc import install as install_cpu_cache
-from pipeline.memory import mmap_threshold, return_freed_memory_to_os
+from pipeline.alloc import prepare_process
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        return_freed_memory_to_os(mmap_threshold())  # bounded memory: freed batch buffers leave the process's RSS
-        if a.command in CPU_CACHE_COMMANDS:  # ...but the step's own buffers are reused, up to a small cap
-            install_cpu_cache(cpu_cache_cap(getattr(a, "reader_memory", None)))
+        # bounded memory: freed batch buffers leave the process's RSS, but the step's own buffers are
+        # reused, up to a small cap, by the commands that train
+        prepare_process(getattr(a, "reader_memory", None), cpu_cache=a.command in CPU_CACHE_COMMANDS)
         return int(a.func(a) or 0)
     except LstError as e:
         print(f"lst {a.command}: error: {e}", file=sys.stderr)

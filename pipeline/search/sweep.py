@@ -354,18 +354,15 @@ def _worker_loop(cfg_dict: dict, worker: int, one_thread: bool = False) -> dict:
     """Run trials until the study holds ``trials`` of them; what a local sweep and each Dask worker do."""
     import torch
 
-    from pipeline.alloc import cap_bytes as cpu_cache_cap
-    from pipeline.alloc import install as install_cpu_cache
-    from pipeline.memory import mmap_threshold, return_freed_memory_to_os
-    from pipeline.train.config import DEFAULT_READER_MEMORY
+    from pipeline.alloc import prepare_process
 
     if one_thread:  # a Dask worker process owns one core
         torch.set_num_threads(1)
-    return_freed_memory_to_os(mmap_threshold())  # each worker process holds its own reader budget
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = SweepConfig(**cfg_dict)
-    # each trial's reader budget (the train default where the sweep sets none); a no-op where lst's main did it
-    install_cpu_cache(cpu_cache_cap(cfg.train.get("reader_memory") or DEFAULT_READER_MEMORY), quiet=True)
+    # each worker process holds its own reader budget (the train default where the sweep sets none);
+    # the cache's part is a no-op where lst's main already did it
+    prepare_process(cfg.train.get("reader_memory"), quiet=True)
     from pipeline.search.space import load_space
 
     space = load_space(cfg.space)
