@@ -81,6 +81,41 @@ def test_a_bad_cap_is_a_one_line_user_error(capsys, monkeypatch, tmp_path):
     assert err.startswith("lst train: error: LST_CPU_CACHE='lots'") and "0 to turn" in err
 
 
+PREPARE = r"""
+import json, sys
+import torch
+import pipeline.memory as memory
+from pipeline import alloc
+thresholds = []
+set_threshold = memory.return_freed_memory_to_os
+memory.return_freed_memory_to_os = lambda t: thresholds.append(t) or set_threshold(t)
+kw = json.loads(sys.argv[1])
+installed = alloc.prepare_process(**kw)
+s = alloc.stats()
+print(json.dumps({"installed": installed, "thresholds": thresholds, "cap": None if s is None else s.cap_bytes}))
+"""
+
+
+@pytest.mark.parametrize("kw,env,want", [
+    ({"reader_memory": "128MB", "quiet": True}, {}, (True, 2 * 2**20)),  # the cap from the reader's budget
+    ({"quiet": True}, {}, (True, DEFAULT_CAP)),  # a sweep that sets no budget: the default's cap
+    ({"reader_memory": "128MB", "cpu_cache": False}, {}, (False, None)),  # commands that do not train
+    ({"quiet": True}, {"LST_CPU_CACHE": "0"}, (False, None)),
+])
+def test_prepare_process_sets_the_threshold_then_the_cache_as_lst_does(kw, env, want):
+    """`lst`'s main, the sweep's workers and the bench's floor child all start through ``prepare_process``:
+    glibc's mmap threshold always (lst's default, or LST_MMAP_THRESHOLD), the cache where asked for."""
+    from pipeline.memory import DEFAULT_THRESHOLD
+
+    child_env = {k: v for k, v in os.environ.items() if k not in ("LST_CPU_CACHE", "LST_MMAP_THRESHOLD")}
+    res = subprocess.run([sys.executable, "-c", PREPARE, json.dumps(kw)], capture_output=True, text=True,
+                         env={**child_env, **env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["thresholds"] == [DEFAULT_THRESHOLD]
+    assert (got["installed"], got["cap"]) == want
+
+
 def test_cache_reuses_freed_buffers_within_its_cap_and_changes_no_value():
     cap = 4 * 2**20
     with_cache, without = _child(cap), _child(0)
