@@ -9,6 +9,7 @@ budget held, the reader's byte accounting under the budget, and batch values equ
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -490,3 +491,44 @@ def test_packed_batches_reuse_their_buffers_unless_the_consumer_keeps_them(cache
         del b
     assert n == len(kept) > 2 and r.stats.gather_hits > 0
     assert r.peak_bytes <= r.memory_budget and r.accounting.current["gather"] == 0
+
+
+def test_without_decode_ahead_a_window_decodes_only_once_the_last_batch_is_done(caches):
+    """``decode_ahead=False``: the next window decodes only after the consumer has taken the current
+    window's last batch and asked for more (not beside its step), and the batches are the same."""
+    cache = caches["bf16"]
+    kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True)
+    ahead = [(b.index.tolist(), [t.values.clone() for t in b.taps]) for b in _tiny(cache, **kw).iter_epoch(0)]
+    r = _tiny(cache, decode_ahead=False, **kw)
+    windows = r.plan_epoch(0)
+    assert len(windows) > 2
+    taken = []  # batches the consumer had taken when each window's decode began
+    decode = r._decode_window
+
+    def spy(window, pool, run):
+        taken.append(got[0])
+        return decode(window, pool, run)
+
+    r._decode_window = spy
+    got = [0]
+    waited = []
+    for b in r.iter_epoch(0):
+        got[0] += 1
+        waited.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
+        time.sleep(0.002)  # a step: long enough for an eager decode thread to start the next window
+    ends = np.cumsum([len(w.batches) for w in windows])
+    assert taken == [0, *ends[:-1].tolist()]
+    assert [i for i, _ in waited] == [i for i, _ in ahead]
+    assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for (_, a), (_, b) in zip(waited, ahead))
+    assert r.peak_bytes <= r.memory_budget
+
+
+def test_decode_ahead_follows_the_device_and_the_free_cores():
+    from pipeline.train.trainer import decode_ahead
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_ahead(None, cpu, torch_threads=2, cores=2) is False  # the step keeps every core busy
+    assert decode_ahead(None, cpu, torch_threads=1, cores=2) is True  # a core is free for the reader
+    assert decode_ahead(None, cuda, torch_threads=2, cores=2) is True  # the step runs on the GPU
+    assert decode_ahead(True, cpu, torch_threads=2, cores=2) is True  # a setting wins
+    assert decode_ahead(False, cuda) is False

@@ -91,6 +91,10 @@ class TrainConfig:
     reader_inline: bool = opt(True, "gather each batch on the training thread when it is asked for (False: on an "
                                     "assembler thread, which on 2 CPU cores made cached epochs 1.6x as long)",
                               cli=False)
+    reader_decode_ahead: bool | None = opt(
+        None, "decode the next shuffle window beside the step on the current one's last batch (True), or "
+              "while the loop waits for it (False); None: ahead on CUDA or where torch leaves a CPU core free, "
+              "while waiting where the side step's threads use every core", cli=False)
     window_shards: int = opt(4, "shards shuffled together (upper bound; the memory budget may shrink it)", cli=False)
     overwrite: bool = opt(False, "replace an existing run directory")
     progress: bool = opt(True, "progress bars on stderr", cli=False)
@@ -160,7 +164,8 @@ def check_values(cfg: "TrainConfig") -> None:
 
 
 # Keys that may differ between a run and its resume without changing its results.
-RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_inline", "device", "cache", "recompute"}
+RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_inline", "reader_decode_ahead", "device", "cache",
+               "recompute"}
 
 
 def parse_shuffle_window(size: str | int | None) -> int | None:

@@ -49,8 +49,9 @@ resumed run sees exactly the batches an uninterrupted one would; every example a
 
 Defaults of ``lst train`` (``make_readers``): ``window_cap`` (``--shuffle-window``, 64 MB) caps each
 window below what the budget allows, which puts every cache whose 4 shards exceed it in bytes mode,
-and then only one window is held at a time (the next is decoded once the last batch of the current
-one is queued, while the queue drains); ``by_length`` sorts each shuffled window by length
+and then only one window is held at a time (the next is decoded beside the step on the current one's
+last batch, or, where that step's threads use every CPU core, once the loop asks for the batch after
+it: ``decode_ahead``); ``by_length`` sorts each shuffled window by length
 (equal lengths stay in random order), cuts it and shuffles the batches, so batches carry little
 padding; ``packed`` hands out each tap's real rows only (``side.packed.PackedTap``, store dtype, int8
 scaled to fp32) with their positions, never a padded fp32 grid. ``--shuffle-window shards
@@ -310,6 +311,7 @@ class CacheReader:
         by_length: bool = False,
         inline: bool = True,
         value_splits: list[str] | None = None,
+        decode_ahead: bool = True,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -353,6 +355,9 @@ class CacheReader:
         # 16-19 s inline against 29-31 s with the assembler thread, whose Python (index arithmetic,
         # one gather call per piece and tap) competed with the training step's own op dispatch
         self.inline = bool(inline)
+        # the next window decoded beside the step on the current one's last batch (True), or only once
+        # the consumer asks for the batch after it, while the loop waits (False): see ``_batches``
+        self.decode_ahead = bool(decode_ahead)
         self.offsets = self.view.offsets
         self.lengths = np.diff(self.offsets)
         self.labels = self.view.labels
@@ -977,12 +982,19 @@ class CacheReader:
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
         (released by the consumer) and how many of them live in the gather buffers. A batch is a copy,
-        so every window is freed as soon as its last batch is gathered, before that batch is handed out:
-        the decode thread then decodes the next window while the step on that batch runs (freeing it
-        only when the next batch was asked for left the loop waiting for each window's whole decode:
-        ~7% of an inline epoch). Only an inline reader gathers into the kept buffers: an assembler
-        thread gathers the next batch while the consumer still reads the last, so it would never find
-        one free."""
+        so with ``decode_ahead`` every window is freed as soon as its last batch is gathered, before
+        that batch is handed out: the decode threads then decode the next window while the step on that
+        batch runs. Without it the window is freed when the consumer asks for the batch after its last,
+        so the next window decodes while the loop waits, on every core. Which is faster depends on who
+        else needs the cores: on CUDA, or where torch leaves a core free, the decode hides behind the
+        step; where the step's own threads keep every core busy (2 CPU cores, 2 torch threads), each
+        slice of decoding displaces one of them and holds up the step's next parallel region. Measured
+        there (cached MiniLM SST-2 epochs, 16 alternated pairs of fresh `lst train` processes, session 24):
+        12.3 against 12.7 s on average (faster in 12 pairs; the slowest 13.5 against 14.3 s), at a stall
+        fraction of ~8% against ~3%: the stall now holds the decode, where before the displaced steps
+        did. ``trainer.decode_ahead`` chooses.
+        Only an inline reader gathers into the kept buffers: an assembler thread gathers the next batch
+        while the consumer still reads the last, so it would never find one free."""
         gather = run.gather if self.inline else None
         while not run.stopped:
             dw = handoff.get()
@@ -1005,7 +1017,7 @@ class CacheReader:
                     except BaseException:
                         self._release_batch(run, n, kept)
                         raise
-                    if i == last:
+                    if i == last and self.decode_ahead:
                         held = False
                         self._free_window(run, dw)
                     yield b, n, kept

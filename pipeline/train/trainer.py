@@ -9,6 +9,7 @@ the resume point. Re-running the same command after a kill resumes from it.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -250,6 +251,21 @@ def planned_batches(cache: ActivationCache, cfg: TrainConfig, *, data_seed: int,
     return reader
 
 
+def decode_ahead(setting: bool | None, device: torch.device, torch_threads: int | None = None,
+                 cores: int | None = None) -> bool:
+    """Whether the reader decodes the next window beside the side step (``CacheReader._batches``):
+    ``setting`` where given; otherwise on CUDA, or where torch's threads leave a CPU core free, and
+    not where the step's threads keep every core busy (decoding then displaces them)."""
+    if setting is not None:
+        return bool(setting)
+    if device.type != "cpu":
+        return True
+    threads = torch.get_num_threads() if torch_threads is None else torch_threads
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return threads < cores
+
+
 def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_taps: list[int],
                  device: torch.device, *, data_seed: int, load_acts: bool = True,
                  packed: bool = False) -> tuple[CacheReader, CacheReader]:
@@ -258,7 +274,7 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
     every buffer when its epoch ends). ``packed``: every consumer takes ``PackedTap`` (the real rows, no padding)."""
     budget = parse_reader_memory(cfg.reader_memory)
     kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=data_seed, workers=cfg.reader_workers,
-              inline=cfg.reader_inline,
+              inline=cfg.reader_inline, decode_ahead=decode_ahead(cfg.reader_decode_ahead, device),
               window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps,
               packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window))
     draws = draws_of(cache.splits, cfg.train_split) if cfg.dropout_draws == "auto" and load_acts else []
