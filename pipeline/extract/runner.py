@@ -35,7 +35,7 @@ from pipeline.data import load_dataset, sha256_path
 from pipeline.cache import initpack
 from pipeline.extract.plan import build_split_plan, normalize_prompt_template
 from pipeline.extract.worker import ComputeSettings, compute_shard
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, spare_core
 from pipeline.extract.config import ExtractConfig
 
 
@@ -307,15 +307,8 @@ def _split_summary(cache: ActivationCache, name: str) -> dict:
 
 
 def overlap_writes(device: torch.device) -> bool:
-    """Overlap compression/writes with compute only where a core is free for them.
-
-    On CUDA the host is idle during the forward, so a writer thread hides I/O completely. On a CPU
-    whose cores all run torch's OpenMP team, a writer thread does not add a core: it preempts
-    one team member and the others spin at the next barrier, which costs more than writing in line.
-    """
-    import os
-
-    return device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
+    """Overlap compression/writes with compute only where a core is free for them (``spare_core``)."""
+    return spare_core(device)
 
 
 def _run_local(cache, work, backbone, settings, device, bar, max_inflight: int = 2) -> None:

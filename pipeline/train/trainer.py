@@ -9,7 +9,6 @@ the resume point. Re-running the same command after a kill resumes from it.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -17,7 +16,7 @@ from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.cache import initpack
 from pipeline.cache.draws import draws_of
 from pipeline.cache.store import ActivationCache
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, spare_core
 from pipeline.errors import TrainError
 from pipeline.side.blocks import SideBlock
 from pipeline.side.config import SideConfig
@@ -254,16 +253,10 @@ def planned_batches(cache: ActivationCache, cfg: TrainConfig, *, data_seed: int,
 def decode_ahead(setting: bool | None, device: torch.device, torch_threads: int | None = None,
                  cores: int | None = None) -> bool:
     """Whether the reader decodes the next window beside the side step (``CacheReader._batches``):
-    ``setting`` where given; otherwise on CUDA, or where torch's threads leave a CPU core free, and
-    not where the step's threads keep every core busy (decoding then displaces them)."""
+    ``setting`` where given; otherwise where the decode has a core to itself (``spare_core``)."""
     if setting is not None:
         return bool(setting)
-    if device.type != "cpu":
-        return True
-    threads = torch.get_num_threads() if torch_threads is None else torch_threads
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return threads < cores
+    return spare_core(device, torch_threads, cores)
 
 
 def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_taps: list[int],
