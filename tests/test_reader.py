@@ -532,3 +532,64 @@ def test_decode_ahead_follows_the_device_and_the_free_cores():
     assert decode_ahead(None, cuda, torch_threads=2, cores=2) is True  # the step runs on the GPU
     assert decode_ahead(True, cpu, torch_threads=2, cores=2) is True  # a setting wins
     assert decode_ahead(False, cuda) is False
+
+
+def _spy_runs(r: CacheReader) -> list:
+    runs, decode = [], r._decode_window
+
+    def spy(window, pool, run):
+        runs.append(run)
+        return decode(window, pool, run)
+
+    r._decode_window = spy
+    return runs
+
+
+def test_past_its_idle_cap_a_decoded_window_keeps_no_spare_buffers_tails_or_scratch(caches):
+    """Once a window is decoded, idle memory over 1/32 of the budget (freed buffers it did not reuse,
+    reused buffers' resident tails, the decode threads' read scratch) goes back (``_after_decode``):
+    at a tiny budget every batch is handed out with none of it held, and the batches are those of a
+    reader that kept it. Under the cap (a large budget) the scratch stays for the next decode."""
+    cache = caches["bf16"]
+    kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True, decode_ahead=False)
+    r = _tiny(cache, **kw)
+    assert len(r.plan_epoch(0)) > 2 and r.idle_cap == r.memory_budget // 32
+    runs = _spy_runs(r)
+    seen = []
+    for b in r.iter_epoch(0):
+        run = runs[-1]
+        assert run.pool.pooled == 0 and run.pool.resident_tails == 0 and run.scratches == {}
+        assert r.accounting.current["scratch"] == 0
+        seen.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
+    kept = _tiny(cache, **kw)
+    kept._after_decode = lambda run: None
+    before = [(b.index.tolist(), [t.values.clone() for t in b.taps]) for b in kept.iter_epoch(0)]
+    assert [i for i, _ in seen] == [i for i, _ in before]
+    assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for (_, a), (_, b) in zip(seen, before))
+    assert r.peak_bytes <= r.memory_budget
+
+    roomy = CacheReader(cache, "train", cache.taps, memory_budget=BIG, **kw)
+    runs = _spy_runs(roomy)
+    for b in roomy.iter_epoch(0):
+        assert runs[-1].scratches  # 1/32 of a large budget holds the scratch: kept between decodes
+        break
+
+
+def test_a_reused_window_buffer_hands_its_tail_pages_back():
+    """A freed buffer reused for a shorter request keeps its tail resident until ``drop_tails``, which
+    drops the whole pages past the request (they read as zeros again) and keeps the bytes before it."""
+    import mmap
+
+    from pipeline.train.bufpool import WindowBufferPool
+
+    pool = WindowBufferPool(limit=64 << 20)
+    buf = pool.take(4 << 20)
+    buf[:] = 0xFF
+    pool.give(buf)
+    again = pool.take(3 << 20)
+    assert again is buf and pool.hits == 1 and pool.resident_tails == 1 << 20
+    assert pool.drop_tails() == 1 << 20 and pool.resident_tails == 0
+    assert pool.overhead == 1 << 20  # still counted: a longer request may touch it again
+    cut = -(-(buf.ctypes.data + (3 << 20)) // mmap.PAGESIZE) * mmap.PAGESIZE - buf.ctypes.data
+    assert (buf[:3 << 20] == 0xFF).all()
+    assert (buf[cut:cut + ((1 << 20) - mmap.PAGESIZE)] == 0).all()

@@ -227,6 +227,30 @@ def test_cpu_buffer_cache_changes_no_loss_or_score(tmp_path, minilm_fp32):
     assert 0 < got["1MB"]["cpu_cache_hit_rate"] <= 1
 
 
+def test_mkl_buffers_are_freed_after_every_step_with_the_same_losses(tmp_path, minilm_fp32, monkeypatch):
+    """The loop trims MKL's buffer cache once per batch, after every variant's step (here at cap 0, so
+    at every step), and the run's numbers are those of a run that never frees them."""
+    import pipeline.train.loop as loop
+    from pipeline.alloc import mkl_buffers
+
+    real = mkl_buffers.find(0)
+    frees = []
+
+    def find(cap):
+        if real is None:  # torch without MKL: count the trims against a stand-in
+            return mkl_buffers.MklBuffers(held=lambda: 1, free=lambda: frees.append(1), cap=0)
+        return mkl_buffers.MklBuffers(held=real.held, free=lambda: (frees.append(1), real.free()), cap=0)
+
+    common = dict(cache=minilm_fp32, max_steps=5, epochs=1, batch_size=8, progress=False, seed=2)
+    monkeypatch.setattr(loop.mkl_buffers, "find", lambda cap: None)
+    kept = train(TrainConfig(out=str(tmp_path / "kept"), **common))
+    monkeypatch.setattr(loop.mkl_buffers, "find", find)
+    trimmed = train(TrainConfig(out=str(tmp_path / "trimmed"), **common))
+    assert trimmed["steps"] == 5 and len(frees) == 5
+    assert trimmed["first_losses"] == kept["first_losses"]
+    assert trimmed["dev_score"] == kept["dev_score"]
+
+
 def test_cached_dropout_draws_are_read_one_per_epoch_and_off_is_the_plain_cache(tmp_path, tmp_path_factory,
                                                                                  minilm_fp32):
     """A cache with dropout draws trains epoch e on draw e mod N + 1 (metrics.jsonl names it), and

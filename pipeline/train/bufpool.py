@@ -10,13 +10,16 @@ buffer serves the next request it can hold that is at most ``SLACK`` smaller tha
 Bounded: the pool never lets what it holds (buffers in use, the unused tail of reused ones, and freed
 buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped, oldest
 first, to make room; the tails of reused buffers (``overhead``) are counted: the reader's window
-reservations include them, and a tail is taken on only while it fits beside every reservation.
-``clear`` drops every buffer: the reader calls it when the epoch ends, so evaluation, which never
-runs beside training, finds the memory free.
+reservations include them, and a tail is taken on only while it fits beside every reservation
+(its pages go back to the OS, ``drop_pages``, so the count is an upper bound). ``clear`` drops every
+freed buffer: the reader calls it when each window's decode ends (what that window did not reuse
+would otherwise sit beside all its steps) and when the epoch ends, so evaluation, which never runs
+beside training, finds the memory free.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 import threading
@@ -39,10 +42,12 @@ class WindowBufferPool:
         self._on_change = on_change or (lambda d: None)
         self._lock = threading.Lock()
         self._free: list[np.ndarray] = []  # oldest first
-        self._sizes: dict[int, int] = {}  # id(buffer in use) -> bytes requested
+        self._in_use: dict[int, tuple[np.ndarray, int]] = {}  # id(buffer in use) -> (it, bytes requested)
+        self._tails: dict[int, int] = {}  # id(buffer in use) -> its resident tail past the request
         self.in_use = 0  # bytes requested by the buffers in use
         self.overhead = 0  # capacity of the buffers in use beyond what was requested
         self.pooled = 0  # capacity of the freed buffers kept for reuse
+        self.resident_tails = 0  # of ``overhead``, the tails whose pages are still resident
         self.hits = 0
         self.misses = 0
 
@@ -67,6 +72,9 @@ class WindowBufferPool:
                 buf = self._free.pop(best)
                 self.hits += 1
                 self._moved(pooled=-buf.nbytes, overhead=buf.nbytes - n)
+                if buf.nbytes > n:
+                    self._tails[id(buf)] = buf.nbytes - n
+                    self.resident_tails += buf.nbytes - n
             else:
                 self.misses += 1
                 evicted = 0
@@ -75,16 +83,31 @@ class WindowBufferPool:
                 self._moved(pooled=-evicted, overhead=0)
                 buf = np.empty(n, np.uint8)
             self.in_use += n
-            self._sizes[id(buf)] = n
+            self._in_use[id(buf)] = (buf, n)
             return buf
 
     def give(self, buf: np.ndarray) -> None:
         """Hand back a buffer from ``take`` (its data is no longer read)."""
         with self._lock:
-            n = self._sizes.pop(id(buf))
+            _, n = self._in_use.pop(id(buf))
+            self.resident_tails -= self._tails.pop(id(buf), 0)
             self.in_use -= n
             self._free.append(buf)
             self._moved(pooled=buf.nbytes, overhead=-(buf.nbytes - n))
+
+    def drop_tails(self) -> int:
+        """Hand the resident tails of the buffers in use back to the OS (``drop_pages``): their owners
+        use only the bytes they asked for. Returns the bytes dropped. The accounting still counts the
+        tails (``overhead``): a buffer's whole capacity is what a later, longer request may touch."""
+        with self._lock:
+            dropped = 0
+            for key, tail in self._tails.items():
+                buf, n = self._in_use[key]
+                drop_pages(buf, n)
+                dropped += tail
+            self._tails.clear()
+            self.resident_tails = 0
+            return dropped
 
     def clear(self) -> None:
         """Drop every freed buffer (buffers still in use stay theirs)."""
@@ -97,6 +120,33 @@ class WindowBufferPool:
         self.overhead += overhead
         if pooled + overhead:
             self._on_change(pooled + overhead)
+
+
+def drop_pages(buf: np.ndarray, start: int) -> None:
+    """Hand the whole pages of ``buf`` past byte ``start`` back to the OS (``MADV_DONTNEED``: they read
+    as zeros when next touched). Only pages wholly inside the buffer are dropped, so a heap neighbour
+    is never touched; a no-op where there is no ``madvise``."""
+    page = mmap.PAGESIZE
+    addr = buf.ctypes.data
+    lo = -(-(addr + int(start)) // page) * page
+    hi = (addr + buf.nbytes) // page * page
+    if hi > lo and _madvise is not None:
+        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+def _libc_madvise():
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
 
 
 class GatherBuffers:

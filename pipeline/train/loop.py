@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.alloc import mkl_buffers
 from pipeline.errors import TrainError
 from pipeline.memory import peak_rss_bytes
 from pipeline.metrics import compute_metrics
@@ -262,6 +263,9 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
     steps_per_epoch = train_reader.num_batches(0)
     for r in runners:
         r.variant.model.train()
+    # MKL's GEMM buffers, freed between steps once they pass a share of the reader's budget
+    mkl = (mkl_buffers.find(mkl_buffers.cap_bytes(train_reader.memory_budget))
+           if any(r.device.type == "cpu" for r in runners) else None)
     start = min((r.variant.epoch for r in runners), default=0)
     for epoch in range(start, epochs):
         active = [r for r in runners if r.variant.active]
@@ -281,6 +285,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
             threaded = pool is not None and len(active) > 1
             step_losses = _each(pool if threaded else None,
                                 lambda r: r.train_step(taps, b, own_stream=threaded), active)
+            if mkl is not None:
+                mkl.trim()  # every variant's step is done: no thread is inside MKL
             for r, lv in zip(active, step_losses):
                 v = r.variant
                 v.epoch_losses.append(lv)
@@ -294,9 +300,11 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
             bar.update(1)
             if len(active) == 1:
                 bar.set_postfix(loss=f"{lv:.4f}")
+            # before the next batch is gathered (the reader then reuses its buffers), and before the
+            # evaluation a --max-steps run goes on to (it held the last batch's taps all through it)
+            del b, taps
             if max_steps is not None and step >= max_steps:
                 break
-            del b, taps  # before the next batch is gathered: the reader then reuses its buffers
         bar.close()
         epoch_s = time.perf_counter() - t0
         wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
