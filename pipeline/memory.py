@@ -60,7 +60,8 @@ def return_freed_memory_to_os(threshold: int | None = DEFAULT_THRESHOLD) -> bool
     MKL's own buffer cache (its GEMMs keep their packing buffers) is left on: ``MKL_DISABLE_FAST_MM=1``
     took 15-24 MB off a 7B-shaped side step's peak (`lst bench scale`, 128 MB at 128-512 tokens) but made a
     fused 16-variant MiniLM sweep 2.2x slower (101 s against 46 s), each small GEMM then allocating
-    and mapping its buffers afresh. Users who want that trade set the variable themselves.
+    and mapping its buffers afresh. Instead the training loop frees MKL's cache between steps once it
+    passes a share of the reader's budget (``pipeline.alloc.mkl_buffers``).
     """
     import ctypes
     import ctypes.util
