@@ -220,3 +220,43 @@ def test_a_miss_grows_a_smaller_cached_block_so_only_the_growth_is_faulted():
     assert small["resized"] == 1 and got["small_faults"] >= 2 * mb_pages, got
     # the grown buffer holds what was written into it (kTail past the end included in the size)
     assert got["grow_sum"] == 2.0 * (5 * 2**20 // 4) and got["small_sum"] == 3.0 * (2 * 2**20 // 4)
+
+
+# A hit on a cached block with a tail of 1 MB or more past the request: the tail's pages go back to the
+# OS (they read as zeros), the request's bytes are the caller's, and the block still counts its size.
+DROP_TAIL_CHILD = r"""
+import ctypes, json, resource
+import torch
+from pipeline import alloc
+assert alloc.install(16 << 20)
+MB = 1 << 20
+big = torch.full((6 * MB // 4,), 7.0)            # a 6 MB block, every page written
+ptr = big.data_ptr()
+del big                                           # cached
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+small = torch.empty(4 * MB // 4)                  # served by the 6 MB block: a hit within the slack
+out = {"same_block": small.data_ptr() == ptr, "hit_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
+want = (4 * MB + 64 + 4095) & ~4095
+tail = ctypes.string_at(ptr + want, 6 * MB - want)
+out["tail_zero"] = tail.count(0) == len(tail)
+head = ctypes.string_at(ptr, 4 * MB)              # the request's own bytes are left as they were
+out["head_kept"] = torch.frombuffer(bytearray(head), dtype=torch.float32).eq(7.0).all().item()
+small.fill_(1.0)
+out["sum"] = small.sum().item()
+out["stats"] = alloc.stats().__dict__
+print(json.dumps(out))
+"""
+
+
+def test_a_reused_block_hands_a_large_unused_tail_back_and_still_counts_it():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", DROP_TAIL_CHILD], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["same_block"] and got["stats"]["hits"] >= 1, got
+    assert got["tail_zero"] and got["head_kept"], got  # the tail was dropped, the request's pages kept
+    assert got["hit_faults"] < 64, got  # a hit faults nothing in
+    assert got["sum"] == 4 * 2**20 // 4
+    # the block counts its whole 6 MB as live (what the cache keeps is decided as before)
+    assert got["stats"]["live_bytes"] >= 6 * 2**20, got

@@ -10,11 +10,11 @@ buffer serves the next request it can hold that is at most ``SLACK`` smaller tha
 Bounded: the pool never lets what it holds (buffers in use, the unused tail of reused ones, and freed
 buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped, oldest
 first, to make room; the tails of reused buffers (``overhead``) are counted: the reader's window
-reservations include them, and a tail is taken on only while it fits beside every reservation
-(its pages go back to the OS, ``drop_pages``, so the count is an upper bound). ``clear`` drops every
-freed buffer: the reader calls it when each window's decode ends (what that window did not reuse
-would otherwise sit beside all its steps) and when the epoch ends, so evaluation, which never runs
-beside training, finds the memory free.
+reservations include them, and a tail is taken on only while it fits beside every reservation.
+Past the reader's idle cap, once a window is decoded, ``drop_tails`` hands the tails' pages back to
+the OS (the count then is an upper bound) and ``clear`` drops the freed buffers that window did not
+reuse (they would otherwise sit beside all its steps); the reader clears the pool when the epoch
+ends too, so evaluation, which never runs beside training, finds the memory free.
 """
 
 from __future__ import annotations
