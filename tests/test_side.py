@@ -820,3 +820,26 @@ def test_packs_that_stored_only_the_changed_values_fall_back_to_autoconfig():
     from pipeline.cache.backbone_config import read_packed
 
     assert read_packed(tf.BertConfig(hidden_size=64).to_diff_dict()) is None
+
+
+@pytest.mark.parametrize("rows,width", [(37, 4096), (256, 4096), (300, 768), (300, 384)])
+def test_a_wide_ladders_weight_gradient_in_column_blocks_equals_the_whole_product(rows, width):
+    """``packed.weight_grad`` widens a wide bf16 tap a block of columns at a time; each output element
+    is still one dot product over the same rows, so the gradient is the whole product's, and the packed
+    ladder's gradients equal ``F.linear``'s on the widened tap."""
+    from pipeline.side.packed import GRAD_COLUMNS, PackedTap, apply_ladder, weight_grad
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, width).to(torch.bfloat16)
+    grad = torch.randn(rows, 64)
+    torch.testing.assert_close(weight_grad(grad, x, torch.float32), grad.t().mm(x.float()), rtol=1e-6, atol=1e-5)
+    assert (width > GRAD_COLUMNS) == (width == 4096 or width == 768)
+
+    ladder = torch.nn.Linear(width, 64)
+    tap = PackedTap(x, torch.arange(rows), 1, rows)
+    apply_ladder(ladder, tap, torch.float32).pow(2).sum().backward()
+    packed = ladder.weight.grad.clone(), ladder.bias.grad.clone()
+    ladder.zero_grad()
+    torch.nn.functional.linear(x.float(), ladder.weight, ladder.bias).pow(2).sum().backward()
+    torch.testing.assert_close(packed[0], ladder.weight.grad, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(packed[1], ladder.bias.grad, rtol=1e-6, atol=1e-5)
