@@ -728,8 +728,8 @@ class CacheReader:
 
     def _scratch(self, run: _Run) -> ReadScratch:
         """This decode thread's read scratch, sized once for the largest frame and chunk (accounted
-        as held until the window's decode ends, ``_after_decode``: the ``encoded`` and ``scratch``
-        bytes a read job used to take)."""
+        as held until it is released, at the epoch's end or after a decode past the idle cap,
+        ``_after_decode``: the ``encoded`` and ``scratch`` bytes a read job used to take)."""
         tid = threading.get_ident()
         sc = run.scratches.get(tid)
         if sc is None:
@@ -990,9 +990,10 @@ class CacheReader:
         """Between decodes the reader keeps idle memory for speed: freed window buffers the next
         window may reuse, the resident tails of reused buffers past their requests, and the decode
         threads' read scratch. Each saves page faults at the next decode, and each sits beside every
-        step of this window. Past ``idle_cap`` (1/32 of the budget, ``IDLE_SHARE``) they go back to the OS once the window is decoded: on the 7B shape at 128 MB @ 128 tokens
-        that was ~9 MB of tails and 4 MB of scratch at the step's peak. Under it (a MiniLM cache at the
-        default budget) they stay, and the next decode faults nothing in again."""
+        step of this window. Past ``idle_cap`` (1/32 of the budget, ``IDLE_SHARE``) they go back to the
+        OS once the window is decoded: on the 7B shape at 128 MB @ 128 tokens that was ~9 MB of tails
+        and 4 MB of scratch at the step's peak. Under it (a MiniLM cache at the default budget) they
+        stay, and the next decode faults nothing in again."""
         idle = run.pool.pooled + run.pool.resident_tails + self.accounting.current["scratch"]
         if idle > self.idle_cap:
             run.pool.clear()
