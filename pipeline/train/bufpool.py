@@ -47,13 +47,18 @@ class WindowBufferPool:
         self.in_use = 0  # bytes requested by the buffers in use
         self.overhead = 0  # capacity of the buffers in use beyond what was requested
         self.pooled = 0  # capacity of the freed buffers kept for reuse
-        self.resident_tails = 0  # of ``overhead``, the tails whose pages are still resident
         self.hits = 0
         self.misses = 0
 
     @property
     def held(self) -> int:
         return self.in_use + self.overhead + self.pooled
+
+    @property
+    def resident_tails(self) -> int:
+        """Of ``overhead``, the tails whose pages are still resident (not yet dropped)."""
+        with self._lock:
+            return sum(self._tails.values())
 
     def take(self, nbytes: int, reserved: int = 0) -> np.ndarray:
         """A flat uint8 buffer of capacity >= ``nbytes`` (use its first ``nbytes``), reused if one fits.
@@ -74,7 +79,6 @@ class WindowBufferPool:
                 self._moved(pooled=-buf.nbytes, overhead=buf.nbytes - n)
                 if buf.nbytes > n:
                     self._tails[id(buf)] = buf.nbytes - n
-                    self.resident_tails += buf.nbytes - n
             else:
                 self.misses += 1
                 evicted = 0
@@ -90,7 +94,7 @@ class WindowBufferPool:
         """Hand back a buffer from ``take`` (its data is no longer read)."""
         with self._lock:
             _, n = self._in_use.pop(id(buf))
-            self.resident_tails -= self._tails.pop(id(buf), 0)
+            self._tails.pop(id(buf), None)
             self.in_use -= n
             self._free.append(buf)
             self._moved(pooled=buf.nbytes, overhead=-(buf.nbytes - n))
@@ -106,7 +110,6 @@ class WindowBufferPool:
                 drop_pages(buf, n)
                 dropped += tail
             self._tails.clear()
-            self.resident_tails = 0
             return dropped
 
     def clear(self) -> None:
