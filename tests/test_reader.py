@@ -593,3 +593,51 @@ def test_a_reused_window_buffer_hands_its_tail_pages_back():
     cut = -(-(buf.ctypes.data + (3 << 20)) // mmap.PAGESIZE) * mmap.PAGESIZE - buf.ctypes.data
     assert (buf[:3 << 20] == 0xFF).all()
     assert (buf[cut:cut + ((1 << 20) - mmap.PAGESIZE)] == 0).all()
+
+
+def _taps_of(reader: CacheReader, epoch: int = 0) -> list:
+    """Each batch's index and its taps' values, copied (the batches themselves are dropped)."""
+    return [(b.index.tolist(), [t.values.clone() for t in b.taps]) for b in reader.iter_epoch(epoch)]
+
+
+def _same_batches(a: list, b: list) -> bool:
+    return [i for i, _ in a] == [i for i, _ in b] and \
+        all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(a, b))
+
+
+@pytest.mark.parametrize("decode_ahead", [False, True])
+def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, decode_ahead):
+    """A packed batch of one example needs no gathering: its taps are views of the window's rows, the
+    gather buffers hold nothing while it is out, the window buffers are still reused, and the values are
+    those a reader that gathers every batch (an assembler thread) hands out. With ``decode_ahead`` a
+    window's last batch is gathered: the window goes before that batch's step."""
+    cache = caches["bf16"]
+    kw = dict(batch_size=1, seed=3, packed=True, decode_ahead=decode_ahead)
+    r = _tiny(cache, **kw)
+    runs = _spy_runs(r)
+    seen, views = [], 0
+    for b in r.iter_epoch(0):
+        run = runs[-1]
+        ptr = b.taps[0].values.untyped_storage().data_ptr()
+        gathered = r.accounting.current["gather"]
+        views += gathered == 0
+        if gathered == 0:  # the tap lives in one of the window's buffers
+            assert any(w.ctypes.data <= ptr < w.ctypes.data + w.nbytes for w in run.pool._in_use_buffers())
+        seen.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
+        del b
+    windows = len(r.plan_epoch(0))
+    assert views == len(seen) - (windows if decode_ahead else 0) > 0
+    assert r.stats.buffer_hits > 0  # a view's buffer goes back to the pool once its batch is dropped
+    assert r.peak_bytes <= r.memory_budget
+    gathering = _tiny(cache, inline=False, **kw)
+    assert _same_batches(seen, _taps_of(gathering))
+
+
+def test_batches_kept_past_their_window_keep_their_values(caches):
+    """A consumer that keeps every batch (views of windows long freed) reads the values it was handed:
+    a window buffer a kept batch still reads is never decoded into again."""
+    cache = caches["bf16"]
+    kw = dict(batch_size=1, seed=3, packed=True, decode_ahead=False)
+    kept = list(_tiny(cache, **kw).iter_epoch(0))
+    copied = _taps_of(_tiny(cache, inline=False, **kw))
+    assert _same_batches([(b.index.tolist(), [t.values for t in b.taps]) for b in kept], copied)

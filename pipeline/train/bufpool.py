@@ -90,14 +90,23 @@ class WindowBufferPool:
             self._in_use[id(buf)] = (buf, n)
             return buf
 
-    def give(self, buf: np.ndarray) -> None:
-        """Hand back a buffer from ``take`` (its data is no longer read)."""
+    def give(self, buf: np.ndarray, shared: bool = False) -> None:
+        """Hand back a buffer from ``take``. ``shared``: something outside the reader still reads it (a
+        batch handed out as a view of it), so it leaves the pool's count and is never reused."""
         with self._lock:
-            _, n = self._in_use.pop(id(buf))
+            n = self._in_use.pop(id(buf))[1]
             self._tails.pop(id(buf), None)
             self.in_use -= n
+            if shared:
+                self._moved(pooled=0, overhead=-(buf.nbytes - n))
+                return
             self._free.append(buf)
             self._moved(pooled=buf.nbytes, overhead=-(buf.nbytes - n))
+
+    def _in_use_buffers(self) -> list[np.ndarray]:
+        """The buffers handed out and not yet given back (for tests)."""
+        with self._lock:
+            return [buf for buf, _ in self._in_use.values()]
 
     def drop_tails(self) -> int:
         """Hand the resident tails of the buffers in use back to the OS (``drop_pages``): their owners
@@ -194,6 +203,14 @@ class GatherBuffers:
     def clear(self) -> None:
         for key in list(self._bufs):
             self._drop(key)
+
+    def idle(self) -> None:
+        """Hand every kept buffer's pages back to the OS, keeping the mappings (a batch that needs no
+        gathering is out: the last gathered batch's pages would otherwise sit beside its step). A
+        buffer a consumer still uses is left to it."""
+        for kept in self._bufs.values():
+            if sys.getrefcount(kept.array) <= _FREE_REFS:
+                self._moved(kept.use(0))
 
     def _drop(self, key: int) -> None:
         kept = self._bufs.pop(key, None)

@@ -86,13 +86,18 @@ example and tap from those buffers into a preallocated zero-padded [B, L, d] fp3
 scaled in place), with no concatenated copy of a window.
 By default (``inline``) a batch is gathered on the consumer's thread when the loop asks for it, so
 only the decode threads run beside the training step; ``inline=False`` gathers on an assembler
-thread into a queue of ``prefetch`` batches instead.
+thread into a queue of ``prefetch`` batches instead. An inline packed batch whose rows are one run of
+one piece (a batch of one example: most batches of a long-sequence cache at a small
+``--batch-tokens``) is not gathered at all: its taps are views of the window, which an inline reader
+frees only once the consumer asks for the batch after it. A window buffer a kept view still reads is
+never reused (its reference count says so), so a consumer that keeps batches reads what it was handed.
 """
 
 from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
@@ -115,6 +120,10 @@ DEFAULT_MEMORY_BUDGET = 512 * MB
 #: 16 MB at the default 512 MB, which a cached MiniLM SST-2 epoch stays under (its tails, leftover
 #: buffers and scratch held 11-14 MB; dropping them at 1/64 cost 0.09 s of reader CPU an epoch), 4 MB at 128 MB
 IDLE_SHARE = 32
+#: references to a freed window's buffer that nothing outside the reader reads: ``_free_window``'s own,
+#: the pool's record of the buffer in use, and getrefcount's argument (a batch that is a view of the
+#: buffer adds one through the numpy view its tensor's storage keeps)
+_WINDOW_BUFFER_REFS = 3
 MAX_WINDOWS_IN_FLIGHT = 3  # the one being gathered and two decoding ahead (the old reader's depth)
 META_BYTES_PER_TOKEN = 32  # int64 ids, mask, token types and their construction temporaries
 MIN_PIECE_CHUNKS = 4  # bytes-mode pieces span at least this many inner chunks per tap
@@ -824,8 +833,12 @@ class CacheReader:
         buffers, dw.buffers = dw.buffers, []
         dw.nbytes = 0
         self.accounting.sub("window", n)
-        for buf in buffers:  # after the window's accounting: the pool counts them from here on
-            run.pool.give(buf)
+        while buffers:  # after the window's accounting: the pool counts them from here on
+            buf = buffers.pop()
+            # a batch handed out as a view of the buffer (``_one_run``) that its consumer kept still reads it
+            shared = sys.getrefcount(buf) > _WINDOW_BUFFER_REFS
+            run.pool.give(buf, shared)
+            del buf
         with run.cond:
             run.window_held -= self.window_mem_bytes(dw.window)
             run.windows -= 1
@@ -833,9 +846,10 @@ class CacheReader:
 
     # -- assembling ------------------------------------------------------------------------------
     def _assemble(self, idx: np.ndarray, locs=None, window: _Decoded | None = None,
-                  gather: GatherBuffers | None = None) -> Batch:
+                  gather: GatherBuffers | None = None, view: tuple[int, int] | None = None) -> Batch:
         """One padded batch; taps gathered from a decoded window when one is given (ids only otherwise),
-        a packed batch's into ``gather``'s buffers when given (``_gathered_nbytes`` of them)."""
+        a packed batch's into ``gather``'s buffers when given (``_gathered_nbytes`` of them), or, with
+        ``view`` (``_one_run``'s piece and first row), a packed batch's taps as views of the window."""
         lens = self.lengths[idx]
         L = int(lens.max())
         B = len(idx)
@@ -849,7 +863,7 @@ class CacheReader:
         taps = dec = None
         if window is not None and self.load_acts:
             if self.packed:
-                return self._assemble_packed(idx, locs, window, ids, valid, tt, gather)
+                return self._assemble_packed(idx, locs, window, ids, valid, tt, gather, view)
             piece, row, drow = locs
             pin = self.device.type == "cuda" and torch.cuda.is_available()
             taps = []
@@ -879,8 +893,44 @@ class CacheReader:
             labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=dec,
         )
 
+    def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded, gather: GatherBuffers | None) -> torch.Tensor:
+        """Tap ``k``'s ``N`` rows of a packed batch, gathered from the window's pieces (``groups``:
+        piece, source rows, grid positions) into ``gather``'s buffer for the tap, or a fresh tensor."""
+        dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
+        if gather is None:
+            out = torch.empty((N, self.hidden), dtype=dtype)
+        else:
+            nbytes = N * self.hidden * dtype.itemsize
+            out = torch.from_numpy(gather.take(k, nbytes))[:nbytes].view(dtype).view(N, self.hidden)
+        o = 0
+        for j, src, _ in groups:
+            n = len(src)
+            dst = out[o:o + n]
+            if self._has_scale:
+                dst.copy_(window.vals[j][k].index_select(0, src))
+                dst.mul_(window.scales[j][k].index_select(0, src).unsqueeze(1))
+            else:
+                torch.index_select(window.vals[j][k], 0, src, out=dst)
+            o += n
+        return out
+
+    @staticmethod
+    def _one_run(piece: np.ndarray, row: np.ndarray, lens: np.ndarray) -> tuple[int, int] | None:
+        """(piece, first row) where a packed batch's rows, in its order, are one run of one window
+        piece, else None. Such a batch's taps need no gathering: they are rows the window already
+        holds. A batch of one example always is one: on a long-sequence cache at a small
+        ``--batch-tokens`` most batches are (the 7B-shaped bench at 128 tokens: every example over
+        64 tokens is a batch of its own, whose gathered copy was 19 MB of 9 taps at 256 tokens)."""
+        if len(piece) == 0 or (piece != piece[0]).any():
+            return None
+        start = row.astype(np.int64)
+        if len(start) > 1 and (start[1:] != start[:-1] + lens[:-1]).any():
+            return None
+        return int(piece[0]), int(start[0])
+
     def _assemble_packed(self, idx: np.ndarray, locs, window: _Decoded, ids: np.ndarray, valid: np.ndarray,
-                         tt: torch.Tensor | None, gather: GatherBuffers | None) -> Batch:
+                         tt: torch.Tensor | None, gather: GatherBuffers | None,
+                         view: tuple[int, int] | None = None) -> Batch:
         """The batch's real rows per tap, in the store's dtype (int8 scaled to fp32), plus their flat
         positions in the padded [B, L] grid. Rows are grouped by the window piece they come from and
         gathered with one ``index_select`` per piece and tap (a few per batch, instead of one copy per
@@ -900,25 +950,14 @@ class CacheReader:
             groups.append((int(j), torch.from_numpy(np.repeat(row[g].astype(np.int64), ls) + within),
                            np.repeat(g.astype(np.int64) * L, ls) + within))
         rows = torch.from_numpy(np.concatenate([gp for _, _, gp in groups]))
-        taps = []
-        for k in range(len(self.taps)):
-            dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
-            if gather is None:
-                out = torch.empty((N, self.hidden), dtype=dtype)
-            else:
-                nbytes = N * self.hidden * dtype.itemsize
-                out = torch.from_numpy(gather.take(k, nbytes))[:nbytes].view(dtype).view(N, self.hidden)
-            o = 0
-            for j, src, _ in groups:
-                n = len(src)
-                dst = out[o:o + n]
-                if self._has_scale:
-                    dst.copy_(window.vals[j][k].index_select(0, src))
-                    dst.mul_(window.scales[j][k].index_select(0, src).unsqueeze(1))
-                else:
-                    torch.index_select(window.vals[j][k], 0, src, out=dst)
-                o += n
-            taps.append(PackedTap(out, rows, B, L))
+        if view is not None:  # the rows as the window holds them; the gather buffers' pages go back
+            if gather is not None:
+                gather.idle()
+            j, r0 = view
+            taps = [PackedTap(window.vals[j][k][r0:r0 + N], rows, B, L) for k in range(len(self.taps))]
+        else:
+            taps = [PackedTap(self._gather_tap(k, N, groups, window, gather), rows, B, L)
+                    for k in range(len(self.taps))]
         return Batch(
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
             attention_mask=torch.from_numpy(valid.astype(np.int64)),
@@ -952,7 +991,8 @@ class CacheReader:
 
     def _reserve_batch(self, run: _Run, n: int, kept: int = 0) -> bool:
         """Wait for room for a batch of ``n`` bytes; ``kept`` of them will live in the gather buffers
-        (which the accounting counts under "gather" as long as they are kept)."""
+        (which the accounting counts under "gather" as long as they are kept) or, for a batch that is a
+        view of its window, in the window (counted under "window")."""
         with run.cond:
             while not run.stopped and (run.batch_held + n > self.layout.batch_bytes
                                        or run.batches >= self.prefetch + 1):
@@ -1030,11 +1070,18 @@ class CacheReader:
                 for i, idx in enumerate(dw.window.batches):
                     lens = self.lengths[idx]
                     n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
+                    locs = locate(idx)
+                    # a batch whose rows are one run of the window is a view of it where the window
+                    # outlives the batch: an inline reader frees it only when the batch after is asked for
+                    view = None
+                    if gather is not None and self.packed and not self._has_scale and not (i == last and self.decode_ahead):
+                        view = self._one_run(locs[0], locs[1], lens)
+                    # bytes counted elsewhere: in the gather buffers, or in the window a view reads
                     kept = self._gathered_nbytes(int(lens.sum())) if gather is not None else 0
                     if not self._reserve_batch(run, n, kept):
                         return
                     try:
-                        b = self._assemble(idx, locate(idx), dw, gather)
+                        b = self._assemble(idx, locs, dw, gather, view)
                     except BaseException:
                         self._release_batch(run, n, kept)
                         raise
