@@ -893,7 +893,8 @@ class CacheReader:
             labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=dec,
         )
 
-    def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded, gather: GatherBuffers | None) -> torch.Tensor:
+    def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded,
+                    gather: GatherBuffers | None) -> torch.Tensor:
         """Tap ``k``'s ``N`` rows of a packed batch, gathered from the window's pieces (``groups``:
         piece, source rows, grid positions) into ``gather``'s buffer for the tap, or a fresh tensor."""
         dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
@@ -913,6 +914,12 @@ class CacheReader:
                 torch.index_select(window.vals[j][k], 0, src, out=dst)
             o += n
         return out
+
+    def _may_view(self, gather: GatherBuffers | None) -> bool:
+        """Whether batches may be views of their window: packed store-dtype rows (int8 codes are scaled
+        as they are gathered) handed out by an inline reader (``gather``), whose consumer is done with a
+        batch when it asks for the next."""
+        return gather is not None and self.packed and not self._has_scale
 
     @staticmethod
     def _one_run(piece: np.ndarray, row: np.ndarray, lens: np.ndarray) -> tuple[int, int] | None:
@@ -1074,7 +1081,7 @@ class CacheReader:
                     # a batch whose rows are one run of the window is a view of it where the window
                     # outlives the batch: an inline reader frees it only when the batch after is asked for
                     view = None
-                    if gather is not None and self.packed and not self._has_scale and not (i == last and self.decode_ahead):
+                    if self._may_view(gather) and not (i == last and self.decode_ahead):
                         view = self._one_run(locs[0], locs[1], lens)
                     # bytes counted elsewhere: in the gather buffers, or in the window a view reads
                     kept = self._gathered_nbytes(int(lens.sum())) if gather is not None else 0
