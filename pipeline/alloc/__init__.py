@@ -76,7 +76,13 @@ def cap_bytes(reader_memory: str | int | None = None, env: dict | None = None) -
         budget = parse_size(reader_memory) if reader_memory else None
     except ValueError:
         budget = None
-    return DEFAULT_CAP if budget is None else min(DEFAULT_CAP, budget // BUDGET_SHARE)
+    return budget_share(budget)
+
+
+def budget_share(budget: int | None) -> int:
+    """1/64 of a reader budget in bytes (``BUDGET_SHARE``), at most ``DEFAULT_CAP``; the cap itself
+    without a budget. What the process's buffer caches (this one, MKL's: ``mkl_buffers``) may keep."""
+    return DEFAULT_CAP if budget is None else min(DEFAULT_CAP, int(budget) // BUDGET_SHARE)
 
 
 def build_dir() -> Path:

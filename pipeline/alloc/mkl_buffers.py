@@ -22,15 +22,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-#: the cap as a share of the reader's budget, as the CPU buffer cache's (512 MB -> 8 MB, 128 MB -> 2 MB)
-BUDGET_SHARE = 64
-#: the cap without a budget to scale from
-DEFAULT_CAP = 8 << 20
+from pipeline.alloc import budget_share
 
 
 def cap_bytes(budget: int | None) -> int:
-    """The most MKL may keep between steps: 1/64 of the reader's budget in bytes, at most 8 MB."""
-    return DEFAULT_CAP if budget is None else min(DEFAULT_CAP, int(budget) // BUDGET_SHARE)
+    """The most MKL may keep between steps: the CPU buffer cache's share of the reader's budget in
+    bytes (1/64, at most 8 MB: 512 MB -> 8 MB, 128 MB -> 2 MB), without its ``LST_CPU_CACHE`` override."""
+    return budget_share(budget)
 
 
 @dataclass(frozen=True)
