@@ -372,12 +372,12 @@ def test_window_buffer_pool_reuses_within_slack_and_never_holds_more_than_its_li
     b = pool.take(int(4_000 / (1 + SLACK)))  # smaller, within the slack: the same buffer
     assert b is a and pool.hits == 1 and pool.overhead == 4_000 - int(4_000 / (1 + SLACK))
     pool.give(b)
-    c = pool.take(1_000)  # far smaller: a new buffer (the freed 4,000 fit beside it)
-    assert c is not a and pool.held == 5_000
-    d = pool.take(7_000)  # no fit, and 5,000 + 7,000 > 10,000: the freed buffer is dropped first
-    assert pool.pooled == 0 and pool.held == 8_000 <= pool.limit
-    for x in (c, d):
-        pool.give(x)
+    c = pool.take(1_000)  # far smaller: a new buffer (the freed 4,000, which fits nothing, dropped first)
+    assert c is not a and pool.held == 1_000 and pool.pooled == 0
+    pool.give(c)
+    d = pool.take(7_000)  # no fit: the freed 1,000 is dropped, and a new one held within the limit
+    assert pool.pooled == 0 and pool.held == 7_000 <= pool.limit
+    pool.give(d)
     pool.clear()
     assert pool.held == pool.in_use == pool.overhead == pool.pooled == 0
     assert sum(changes) == 0  # every byte reported beyond the requests in use was reported back
@@ -458,21 +458,33 @@ def test_gather_buffers_reuse_only_what_no_tensor_uses():
     assert g.held == 0 and sum(changes) == 0 and view.shape == (10,)
 
 
-def test_gather_buffers_free_the_pages_a_shorter_batch_hands_back():
-    """Pages past a shorter batch are freed, not just unmapped: a private mapping reads them back as
-    zeros. (A shared anonymous mapping, Python's default, kept them as shmem with their old bytes:
-    out of the process's RSS but still allocated.)"""
+def test_gather_buffers_keep_the_longest_batch_resident_until_idle():
+    """A shorter batch leaves the pages a longer one touched resident (counted in ``held``), so the next
+    longer batch faults nothing in; ``idle`` frees them, not just unmaps them: a private mapping reads
+    them back as zeros. (A shared anonymous mapping, Python's default, kept them as shmem with their old
+    bytes: out of the process's RSS but still allocated.) A buffer maps ``capacity`` bytes up front, so a
+    longer batch than any before grows into the same buffer instead of replacing it."""
     import mmap
 
     from pipeline.train.bufpool import GatherBuffers
 
-    g = GatherBuffers()
-    a = g.take(0, 64 * mmap.PAGESIZE)
-    a[:] = 7
+    page = mmap.PAGESIZE
+    g = GatherBuffers(capacity=128 * page)
+    a = g.take(0, 64 * page)
+    a[:64 * page] = 7
     del a
-    b = g.take(0, 8 * mmap.PAGESIZE)  # the same buffer, its batch now 8 pages long
-    assert g.hits == 1 and g.held == 8 * mmap.PAGESIZE
-    assert (b[:8 * mmap.PAGESIZE] == 7).all() and not b[8 * mmap.PAGESIZE:].any()
+    b = g.take(0, 8 * page)  # the same buffer, its batch now 8 pages long: the 64 touched stay
+    assert g.hits == 1 and g.held == 64 * page and b.nbytes == 128 * page
+    assert (b[:64 * page] == 7).all()
+    del b
+    c = g.take(0, 100 * page)  # longer than any before, within the capacity: still the same buffer
+    assert g.hits == 2 and g.misses == 1 and g.held == 100 * page
+    c[:100 * page] = 5
+    del c
+    g.idle()
+    assert g.held == 0
+    d = g.take(0, 100 * page)
+    assert g.hits == 3 and not d.any()  # the pages went back to the OS: they read as zeros
 
 
 def test_packed_batches_reuse_their_buffers_unless_the_consumer_keeps_them(caches):
@@ -545,20 +557,21 @@ def _spy_runs(r: CacheReader) -> list:
     return runs
 
 
-def test_past_its_idle_cap_a_decoded_window_keeps_no_spare_buffers_tails_or_scratch(caches):
+def test_past_its_idle_cap_a_decoded_window_keeps_no_spare_buffers_or_scratch(caches):
     """Once a window is decoded, idle memory over 1/32 of the budget (freed buffers it did not reuse,
-    reused buffers' resident tails, the decode threads' read scratch) goes back (``_after_decode``):
+    the decode threads' read scratch) goes back (``_after_decode``):
     at a tiny budget every batch is handed out with none of it held, and the batches are those of a
     reader that kept it. Under the cap (a large budget) the scratch stays for the next decode."""
     cache = caches["bf16"]
     kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True, decode_ahead=False)
     r = _tiny(cache, **kw)
     assert len(r.plan_epoch(0)) > 2 and r.idle_cap == r.memory_budget // 32
+    r.idle_cap = 0  # the tiny cache's read scratch alone may fit 1/32 of its tiny budget: any idle memory is past 0
     runs = _spy_runs(r)
     seen = []
     for b in r.iter_epoch(0):
         run = runs[-1]
-        assert run.pool.pooled == 0 and run.pool.resident_tails == 0 and run.scratches == {}
+        assert run.pool.pooled == 0 and run.scratches == {}
         assert r.accounting.current["scratch"] == 0
         seen.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
     kept = _tiny(cache, **kw)
@@ -575,9 +588,33 @@ def test_past_its_idle_cap_a_decoded_window_keeps_no_spare_buffers_tails_or_scra
         break
 
 
+def test_a_new_window_buffer_is_resident_before_it_is_written():
+    """A window buffer the pool has to allocate comes with its pages already allocated (``MAP_POPULATE``),
+    so the decode threads that write it next take no page faults on it; it reads as zeros."""
+    import mmap
+    import resource
+
+    from pipeline.train.bufpool import WindowBufferPool
+
+    if not hasattr(mmap, "MAP_POPULATE"):
+        pytest.skip("no MAP_POPULATE on this platform")
+    pool = WindowBufferPool(limit=64 << 20)
+    n = 8 << 20
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf = pool.take(n)
+    took = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf[:] = 3
+    writing = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    assert pool.misses == 1 and buf.nbytes == n
+    # 2,048 pages: faulted one by one they would be ~2,048 faults here
+    assert writing < n // mmap.PAGESIZE // 20, (took, writing)
+
+
 def test_a_reused_window_buffer_hands_its_tail_pages_back():
-    """A freed buffer reused for a shorter request keeps its tail resident until ``drop_tails``, which
-    drops the whole pages past the request (they read as zeros again) and keeps the bytes before it."""
+    """A freed buffer reused for a shorter request hands the whole pages past the request back at once
+    (they read as zeros again) and keeps the bytes before it; the tail is still counted, as a later,
+    longer request may touch it again."""
     import mmap
 
     from pipeline.train.bufpool import WindowBufferPool
@@ -587,12 +624,32 @@ def test_a_reused_window_buffer_hands_its_tail_pages_back():
     buf[:] = 0xFF
     pool.give(buf)
     again = pool.take(3 << 20)
-    assert again is buf and pool.hits == 1 and pool.resident_tails == 1 << 20
-    assert pool.drop_tails() == 1 << 20 and pool.resident_tails == 0
+    assert again is buf and pool.hits == 1
     assert pool.overhead == 1 << 20  # still counted: a longer request may touch it again
     cut = -(-(buf.ctypes.data + (3 << 20)) // mmap.PAGESIZE) * mmap.PAGESIZE - buf.ctypes.data
     assert (buf[:3 << 20] == 0xFF).all()
     assert (buf[cut:cut + ((1 << 20) - mmap.PAGESIZE)] == 0).all()
+
+
+def test_a_window_takes_its_buffers_at_once_and_drops_the_freed_ones_it_cannot_use():
+    """``take_all`` reuses the freed buffers that fit (largest request first, smallest fitting buffer),
+    drops every other freed buffer, and only then maps new ones: nothing is kept for a later window."""
+    from pipeline.train.bufpool import WindowBufferPool
+
+    changes = []
+    pool = WindowBufferPool(limit=100_000, on_change=changes.append)
+    first = pool.take_all([10_000, 4_000, 1_000])
+    for b in first:
+        pool.give(b)
+    assert pool.pooled == 15_000 and pool.misses == 3
+    second = pool.take_all([9_000, 9_000, 3_000])  # 10,000 and 4,000 fit; 1,000 fits nothing
+    assert second[0] is first[0] and second[2] is first[1] and second[1] is not first[2]
+    assert pool.hits == 2 and pool.misses == 4 and pool.pooled == 0
+    assert pool.in_use == 21_000 and pool.overhead == 1_000 + 1_000
+    for b in second:
+        pool.give(b)
+    pool.clear()
+    assert pool.held == 0 and sum(changes) == 0
 
 
 def _taps_of(reader: CacheReader, epoch: int = 0) -> list:

@@ -117,8 +117,7 @@ from pipeline.sizes import MB, format_size
 
 DEFAULT_MEMORY_BUDGET = 512 * MB
 #: idle memory the reader keeps between decodes for speed, as a share of its budget (``_after_decode``):
-#: 16 MB at the default 512 MB, which a cached MiniLM SST-2 epoch stays under (its tails, leftover
-#: buffers and scratch held 11-14 MB; dropping them at 1/64 cost 0.09 s of reader CPU an epoch), 4 MB at 128 MB
+#: 16 MB at the default 512 MB, which a cached MiniLM SST-2 epoch stays under (its 3 MB of read scratch), 4 MB at 128 MB
 IDLE_SHARE = 32
 #: references to a freed window's buffer that nothing outside the reader reads: ``_free_window``'s own,
 #: the pool's record of the buffer in use, and getrefcount's argument (a batch that is a view of the
@@ -471,6 +470,15 @@ class CacheReader:
         """Bytes of a packed batch's taps (``real`` token rows), which go to the gather buffers."""
         return self._tap_nbytes(real) if self.packed else 0
 
+    def _gather_capacity(self, plan: list[Window]) -> int:
+        """Bytes of one tap of the plan's longest packed batch: the gather buffers map this much at once,
+        so a longer batch than any before it grows into pages already mapped (a replacement buffer would
+        fault in again every page the one it replaces held)."""
+        if not (self.packed and self.load_acts):
+            return 0
+        rows = max((int(self.lengths[idx].sum()) for w in plan for idx in w.batches), default=0)
+        return self._value_bytes() * self.hidden * rows
+
     def _value_bytes(self) -> int:
         """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
         one (int8 codes are scaled to fp32 as they are gathered)."""
@@ -762,14 +770,11 @@ class CacheReader:
         jobs = []
         acc = self.accounting
 
-        def alloc(shape, dtype) -> np.ndarray:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            buf = run.pool.take(nbytes, reserved=run.window_held)
-            dw.buffers.append(buf)
-            a = buf[:nbytes].view(dtype).reshape(shape)
-            acc.add("window", nbytes)
-            dw.nbytes += nbytes
-            return a
+        wanted = []  # (shape, dtype, what to read into the buffer and where its tensor goes), in order
+
+        def alloc(shape, dtype, arr, direct, lead, r0, row_axis, into: list, tensor) -> None:
+            wanted.append((shape, np.dtype(dtype), lambda out: (split(arr, direct, lead, r0, r0 + shape[0], out, row_axis),
+                                                                into.append(tensor(out)))))
 
         def split(arr, direct, lead, r0, r1, out, row_axis):
             step = self._chunk_rows(arr, direct, row_axis)
@@ -780,33 +785,34 @@ class CacheReader:
                 a = b
 
         try:
+            # every buffer of the window is asked of the pool at once (``take_all``), and read into after
             for p in window.pieces:
                 n = p.r1 - p.r0
                 vals, scales = [], []
                 for k, (arr, direct) in enumerate(self._acts):
-                    buf = alloc((n, self.hidden), self._store_dtype(arr))
-                    split(arr, direct, (), p.r0, p.r1, buf, 0)
-                    vals.append(self._as_tensor(buf))
+                    alloc((n, self.hidden), self._store_dtype(arr), arr, direct, (), p.r0, 0, vals, self._as_tensor)
                     if self._has_scale:
                         sarr, sdirect = self._scales[k]
-                        sbuf = alloc((n,), np.float32)
-                        split(sarr, sdirect, (), p.r0, p.r1, sbuf, 0)
-                        scales.append(torch.from_numpy(sbuf))
+                        alloc((n,), np.float32, sarr, sdirect, (), p.r0, 0, scales, torch.from_numpy)
                 dvals, dscales = [], []
                 dn = (p.e1 - p.e0) * self.dec_rows
                 for k, (arr, _) in enumerate(self._dec):
-                    buf = alloc((dn, self.hidden), self._store_dtype(arr))
-                    split(arr, None, (p.unit,), p.d0, p.d0 + dn, buf, 1)
-                    dvals.append(self._as_tensor(buf))
+                    alloc((dn, self.hidden), self._store_dtype(arr), arr, None, (p.unit,), p.d0, 1, dvals,
+                          self._as_tensor)
                     if self._has_scale:
                         sarr, _ = self._dec_scales[k]
-                        sbuf = alloc((dn,), np.float32)
-                        split(sarr, None, (p.unit,), p.d0, p.d0 + dn, sbuf, 1)
-                        dscales.append(torch.from_numpy(sbuf))
+                        alloc((dn,), np.float32, sarr, None, (p.unit,), p.d0, 1, dscales, torch.from_numpy)
                 dw.vals.append(vals)
                 dw.scales.append(scales)
                 dw.dvals.append(dvals)
                 dw.dscales.append(dscales)
+            sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype, _ in wanted]
+            for buf, nbytes, (shape, dtype, fill) in zip(run.pool.take_all(sizes, reserved=run.window_held),
+                                                         sizes, wanted):
+                dw.buffers.append(buf)
+                acc.add("window", nbytes)
+                dw.nbytes += nbytes
+                fill(buf[:nbytes].view(dtype).reshape(shape))
             futures = [pool.submit(self._read_job, run, *j) for j in jobs]
             wait_futures(futures)
             for f in futures:
@@ -1034,17 +1040,14 @@ class CacheReader:
             self.stats.add_cpu(time.thread_time() - c0)
 
     def _after_decode(self, run: _Run) -> None:
-        """Between decodes the reader keeps idle memory for speed: freed window buffers the next
-        window may reuse, the resident tails of reused buffers past their requests, and the decode
-        threads' read scratch. Each saves page faults at the next decode, and each sits beside every
-        step of this window. Past ``idle_cap`` (1/32 of the budget, ``IDLE_SHARE``) they go back to the
-        OS once the window is decoded: on the 7B shape at 128 MB @ 128 tokens that was ~9 MB of tails
-        and 4 MB of scratch at the step's peak. Under it (a MiniLM cache at the default budget) they
-        stay, and the next decode faults nothing in again."""
-        idle = run.pool.pooled + run.pool.resident_tails + self.accounting.current["scratch"]
-        if idle > self.idle_cap:
+        """Between decodes the reader keeps the decode threads' read scratch (and any freed window
+        buffers a decode left: ``take_all`` drops those it cannot use, and the pages past reused
+        buffers' requests) for speed: each saves page faults at the next decode, and each sits beside
+        every step of this window. Past ``idle_cap`` (1/32 of the budget, ``IDLE_SHARE``) they go back to
+        the OS once the window is decoded: on the 7B shape at 128 MB @ 128 tokens that was 4 MB of
+        scratch at the step's peak. Under it (a MiniLM cache at the default budget) they stay."""
+        if run.pool.pooled + self.accounting.current["scratch"] > self.idle_cap:
             run.pool.clear()
-            run.pool.drop_tails()
             self._release_scratches(run)
 
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
@@ -1118,7 +1121,8 @@ class CacheReader:
         plan = self.plan_epoch(epoch)
         self._acts, self._scales, self._dec, self._dec_scales = self._values[epoch % len(self._values)]
         run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d)),
-                   GatherBuffers(on_change=lambda d: self.accounting.add("gather", d)))
+                   GatherBuffers(on_change=lambda d: self.accounting.add("gather", d),
+                                 capacity=self._gather_capacity(plan)))
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()
         pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
