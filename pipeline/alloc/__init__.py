@@ -20,7 +20,7 @@ import hashlib
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 #: environment variable: the cache's cap (a size such as "8MB"), or "0"/"off" for no cache
@@ -54,6 +54,7 @@ class CacheStats:
     live_bytes: int  # bytes of the blocks handed out now
     peak_live_bytes: int  # ... at most so far (since install or release)
     resized: int = 0  # misses served by growing a smaller cached block (only the growth faults)
+    run_peak_live_bytes: int = 0  # ``peak_live_bytes`` since install, across ``release`` calls
 
 
 def cap_bytes(reader_memory: str | int | None = None, env: dict | None = None) -> int:
@@ -191,16 +192,27 @@ def prepare_process(reader_memory: str | int | None = None, *, cpu_cache: bool =
 
 
 def stats() -> CacheStats | None:
-    """The cache's counters in this process, or None when it is not installed."""
+    """The cache's counters in this process, or None when it is not installed. ``run_peak_live_bytes``
+    is the live peak since the cache was installed; ``release`` restarts the cache's own (``peak_live_bytes``)."""
     module = sys.modules.get(MODULE)
     got = module.stats() if module is not None else []
-    return CacheStats(*got) if got else None
+    if not got:
+        return None
+    st = CacheStats(*got)
+    return replace(st, run_peak_live_bytes=max(st.peak_live_bytes, getattr(module, "released_peak_live", 0)))
 
 
 def release() -> None:
-    """Unmap every cached block (before measuring a baseline, say)."""
+    """Unmap every cached block (evaluation does, before its pass: the training step's blocks would
+    otherwise sit beside it). The cache's peak of live bytes restarts from what is live now, so the
+    blocks freed later are cached against that, not against the training step's peak; the peak
+    before it is kept on the loaded module for ``stats``."""
     module = sys.modules.get(MODULE)
     if module is not None:
+        got = module.stats()
+        if got:
+            module.released_peak_live = max(getattr(module, "released_peak_live", 0),
+                                            CacheStats(*got).peak_live_bytes)
         module.release()
 
 

@@ -402,4 +402,4 @@ def cpu_cache_summary() -> dict:
             # misses served by growing a smaller cached block (only its growth faulted in)
             "cpu_cache_resized_rate": round(s.resized / asked, 4) if asked else None,
             # what the cache may keep beyond its cap: the live buffers' fall below this peak
-            "cpu_cache_peak_live_mb": round(s.peak_live_bytes / 2**20, 1)}
+            "cpu_cache_peak_live_mb": round(s.run_peak_live_bytes / 2**20, 1)}

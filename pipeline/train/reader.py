@@ -1040,12 +1040,12 @@ class CacheReader:
             self.stats.add_cpu(time.thread_time() - c0)
 
     def _after_decode(self, run: _Run) -> None:
-        """Between decodes the reader keeps the decode threads' read scratch (and any freed window
-        buffers a decode left: ``take_all`` drops those it cannot use, and the pages past reused
-        buffers' requests) for speed: each saves page faults at the next decode, and each sits beside
-        every step of this window. Past ``idle_cap`` (1/32 of the budget, ``IDLE_SHARE``) they go back to
-        the OS once the window is decoded: on the 7B shape at 128 MB @ 128 tokens that was 4 MB of
-        scratch at the step's peak. Under it (a MiniLM cache at the default budget) they stay."""
+        """What the reader keeps idle between decodes for speed: the decode threads' read scratch, which
+        saves page faults at the next decode and sits beside every step of this window. (``take_all``
+        leaves no freed window buffers and no resident tails behind.) Past ``idle_cap`` (1/32 of the
+        budget, ``IDLE_SHARE``) it goes back to the OS once the window is decoded: on the 7B shape at
+        128 MB @ 128 tokens that was 4 MB at the step's peak. Under it (a MiniLM cache at the default
+        budget) it stays."""
         if run.pool.pooled + self.accounting.current["scratch"] > self.idle_cap:
             run.pool.clear()
             self._release_scratches(run)
