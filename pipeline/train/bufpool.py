@@ -16,8 +16,8 @@ Measured on cached MiniLM SST-2 epochs (session 27): the resident tails of reuse
 decode threads) are a fair price.
 
 Bounded: the pool never lets what it holds (buffers in use, the unused capacity of reused ones, and
-freed buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped,
-oldest first, to make room; the capacity of reused buffers past their request (``overhead``) is
+freed buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped
+before a new one is mapped; the capacity of reused buffers past their request (``overhead``) is
 counted: the reader's window reservations include it, as a later, longer request may use it. The
 reader clears the pool when the epoch ends, so evaluation, which never runs beside training, finds
 the memory free.
@@ -47,7 +47,7 @@ class WindowBufferPool:
         self.limit = int(limit)
         self._on_change = on_change or (lambda d: None)
         self._lock = threading.Lock()
-        self._free: list[np.ndarray] = []  # oldest first
+        self._free: list[np.ndarray] = []  # given back, not yet taken again
         self._in_use: dict[int, tuple[np.ndarray, int]] = {}  # id(buffer in use) -> (it, bytes requested)
         self.in_use = 0  # bytes requested by the buffers in use
         self.overhead = 0  # capacity of the buffers in use beyond what was requested
@@ -91,13 +91,15 @@ class WindowBufferPool:
                     self._moved(pooled=-buf.nbytes, overhead=buf.nbytes - n)
                     drop_pages(buf, n)
                     self._hand_out(buf, n)
-            self._moved(pooled=-self.pooled, overhead=0)
-            self._free.clear()
-            for i in order:
-                if out[i] is None:
-                    self.misses += 1
-                    out[i] = populated(ns[i])
-                    self._hand_out(out[i], ns[i])
+            self._drop_free()
+        # mapped and populated outside the lock: a consumer giving back its window's buffers meanwhile
+        # (decoding ahead) does not wait for the kernel to allocate pages
+        new = {i: populated(ns[i]) for i in order if out[i] is None}
+        with self._lock:
+            for i, buf in new.items():
+                self.misses += 1
+                out[i] = buf
+                self._hand_out(buf, ns[i])
         return out  # type: ignore[return-value]
 
     def _hand_out(self, buf: np.ndarray, n: int) -> None:
@@ -124,8 +126,12 @@ class WindowBufferPool:
     def clear(self) -> None:
         """Drop every freed buffer (buffers still in use stay theirs)."""
         with self._lock:
-            self._moved(pooled=-self.pooled, overhead=0)
-            self._free.clear()
+            self._drop_free()
+
+    def _drop_free(self) -> None:
+        """Drop every freed buffer (the lock held)."""
+        self._moved(pooled=-self.pooled, overhead=0)
+        self._free.clear()
 
     def _moved(self, *, pooled: int, overhead: int) -> None:
         self.pooled += pooled

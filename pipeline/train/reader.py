@@ -770,11 +770,12 @@ class CacheReader:
         jobs = []
         acc = self.accounting
 
-        wanted = []  # (shape, dtype, what to read into the buffer and where its tensor goes), in order
+        # the window's buffers, in order: (shape, dtype, (array, direct reader, lead, first row, row axis),
+        # the list its tensor joins, how the tensor is made); taken from the pool all at once below
+        wanted = []
 
-        def alloc(shape, dtype, arr, direct, lead, r0, row_axis, into: list, tensor) -> None:
-            wanted.append((shape, np.dtype(dtype), lambda out: (split(arr, direct, lead, r0, r0 + shape[0], out, row_axis),
-                                                                into.append(tensor(out)))))
+        def want(shape, dtype, arr, direct, lead, r0, row_axis, into: list, tensor) -> None:
+            wanted.append((shape, np.dtype(dtype), (arr, direct, lead, r0, row_axis), into, tensor))
 
         def split(arr, direct, lead, r0, r1, out, row_axis):
             step = self._chunk_rows(arr, direct, row_axis)
@@ -790,29 +791,31 @@ class CacheReader:
                 n = p.r1 - p.r0
                 vals, scales = [], []
                 for k, (arr, direct) in enumerate(self._acts):
-                    alloc((n, self.hidden), self._store_dtype(arr), arr, direct, (), p.r0, 0, vals, self._as_tensor)
+                    want((n, self.hidden), self._store_dtype(arr), arr, direct, (), p.r0, 0, vals, self._as_tensor)
                     if self._has_scale:
                         sarr, sdirect = self._scales[k]
-                        alloc((n,), np.float32, sarr, sdirect, (), p.r0, 0, scales, torch.from_numpy)
+                        want((n,), np.float32, sarr, sdirect, (), p.r0, 0, scales, torch.from_numpy)
                 dvals, dscales = [], []
                 dn = (p.e1 - p.e0) * self.dec_rows
                 for k, (arr, _) in enumerate(self._dec):
-                    alloc((dn, self.hidden), self._store_dtype(arr), arr, None, (p.unit,), p.d0, 1, dvals,
-                          self._as_tensor)
+                    want((dn, self.hidden), self._store_dtype(arr), arr, None, (p.unit,), p.d0, 1, dvals,
+                         self._as_tensor)
                     if self._has_scale:
                         sarr, _ = self._dec_scales[k]
-                        alloc((dn,), np.float32, sarr, None, (p.unit,), p.d0, 1, dscales, torch.from_numpy)
+                        want((dn,), np.float32, sarr, None, (p.unit,), p.d0, 1, dscales, torch.from_numpy)
                 dw.vals.append(vals)
                 dw.scales.append(scales)
                 dw.dvals.append(dvals)
                 dw.dscales.append(dscales)
-            sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype, _ in wanted]
-            for buf, nbytes, (shape, dtype, fill) in zip(run.pool.take_all(sizes, reserved=run.window_held),
-                                                         sizes, wanted):
+            sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype, *_ in wanted]
+            for buf, nbytes, (shape, dtype, (arr, direct, lead, r0, row_axis), into, tensor) in zip(
+                    run.pool.take_all(sizes, reserved=run.window_held), sizes, wanted):
                 dw.buffers.append(buf)
                 acc.add("window", nbytes)
                 dw.nbytes += nbytes
-                fill(buf[:nbytes].view(dtype).reshape(shape))
+                out = buf[:nbytes].view(dtype).reshape(shape)
+                split(arr, direct, lead, r0, r0 + shape[0], out, row_axis)
+                into.append(tensor(out))
             futures = [pool.submit(self._read_job, run, *j) for j in jobs]
             wait_futures(futures)
             for f in futures:
