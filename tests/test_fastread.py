@@ -264,6 +264,55 @@ def test_shared_context_decode_equals_numcodecs_from_worker_threads_and_rejects_
         decompress_into(bytes(frames[0])[:200], np.empty_like(raw))
 
 
+def test_a_thread_decoder_decodes_whole_frames_and_parts_as_numcodecs_from_several_threads():
+    """``ThreadDecoder`` (one c-blosc2 context per decode thread, no shared mutex) gives numcodecs'
+    bytes for every shuffle and codec the store writes, whole frames and any whole-item part of one
+    (only the blocks holding it are decoded), from several threads at once; a part that is not whole
+    items, or runs past the frame, is an error."""
+    from numcodecs import Blosc
+
+    from pipeline.cache.blosc_decode import ThreadDecoder
+
+    rng = np.random.default_rng(1)
+    raw = (rng.standard_normal((1024, 384)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    frames = [bytes(Blosc(cname=c, clevel=lvl, shuffle=s, blocksize=bs).encode(raw)) for c, lvl, s, bs in
+              [("lz4", 5, Blosc.BITSHUFFLE, 0), ("lz4", 5, Blosc.SHUFFLE, 65536), ("lz4", 0, Blosc.NOSHUFFLE, 0),
+               ("zstd", 1, Blosc.SHUFFLE, 0)]]
+    flat = raw.view(np.uint8).reshape(-1)
+    assert ThreadDecoder().available  # c-blosc2 comes with lst
+
+    def decode(job):
+        frame, seed = job
+        dec, r = ThreadDecoder(), np.random.default_rng(seed)
+        try:
+            whole = np.empty_like(raw)
+            dec.decompress_into(frame, whole)
+            parts = []
+            for _ in range(20):
+                a = int(r.integers(0, raw.size - 1)) * 2
+                b = int(r.integers(a // 2 + 1, raw.size + 1)) * 2
+                out = np.empty(b - a, np.uint8)
+                dec.decompress_part(frame, a, out)
+                parts.append(np.array_equal(out, flat[a:b]))
+            return np.array_equal(whole, raw) and all(parts)
+        finally:
+            dec.close()
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(decode, [(f, i) for i, f in enumerate(frames * 3)]))
+    dec = ThreadDecoder()
+    with pytest.raises(ValueError, match="whole 2-byte items"):
+        dec.decompress_part(frames[0], 1, np.empty(4, np.uint8))
+    with pytest.raises(ValueError, match="whole 2-byte items"):
+        dec.decompress_part(frames[0], raw.nbytes - 2, np.empty(4, np.uint8))
+    with pytest.raises(ValueError, match="too small"):
+        dec.decompress_into(frames[0], np.empty(100, np.uint16))
+    with pytest.raises(RuntimeError, match="blosc decompression"):
+        dec.decompress_into(frames[0][:200], np.empty_like(raw))
+    dec.close()
+    dec.close()  # closing twice frees once
+
+
 def _decode_in_child(frame: bytes, n: int, q) -> None:
     from pipeline.cache.blosc_decode import decompress_into
 

@@ -207,13 +207,19 @@ def test_zarr_fallback_and_decoder_taps_read_the_same(tmp_path_factory, backbone
 def test_read_into_equals_zarr(caches):
     cache = caches["int8"]
     v = cache.split("train")
+    from pipeline.cache.blosc_decode import context_nbytes
     from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray, ReadScratch
 
     rng = np.random.default_rng(0)
     for arr, chunks in ((v.tap_array(cache.taps[1]), 32), (v.scale_array(cache.taps[1]), 1)):
         d = DirectArray.for_array(arr)
         assert d is not None and d.chunks_per_shard == chunks
-        scratch = ReadScratch(frame_bytes=d.chunk_nbytes + FRAME_OVERHEAD, chunk_bytes=d.chunk_nbytes)
+        sizes = (d.chunk_nbytes + FRAME_OVERHEAD, d.chunk_nbytes, d.block_nbytes())
+        scratch = ReadScratch(*sizes)
+        held = scratch.nbytes
+        # with a context of its own (c-blosc2): the frame and the context's temporaries, no chunk scratch
+        assert scratch.decoder is not None and held == ReadScratch.sizes(*sizes) == \
+            d.chunk_nbytes + FRAME_OVERHEAD + context_nbytes(d.block_nbytes())
         full = arr[:]
         for _ in range(20):
             a = int(rng.integers(0, len(full) - 1))
@@ -224,7 +230,7 @@ def test_read_into_equals_zarr(caches):
             out[:] = 0  # and through one reused scratch (the reader's decode threads keep one each)
             d.read_into(a, b, out, scratch=scratch)
             np.testing.assert_array_equal(out, full[a:b])
-            assert scratch.nbytes == d.chunk_nbytes + FRAME_OVERHEAD + d.chunk_nbytes  # sized once, never grown
+            assert scratch.nbytes == held  # sized once, never grown
 
 
 def test_a_budget_too_small_for_one_batch_is_refused(caches):

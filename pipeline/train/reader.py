@@ -734,14 +734,16 @@ class CacheReader:
         finally:
             self.stats.add_cpu(time.thread_time() - c0)
 
-    def _scratch_sizes(self) -> tuple[int, int]:
-        """(frame, chunk) bytes of one decode thread's read scratch: the largest compressed frame and
-        decoded inner chunk the decode threads read directly."""
-        chunk = max((d.chunk_nbytes for _, d in self._acts + self._scales if d is not None), default=0)
-        return chunk + FRAME_OVERHEAD, chunk
+    def _scratch_sizes(self) -> tuple[int, int, int]:
+        """(frame, chunk, block) bytes of one decode thread's read scratch: the largest compressed frame,
+        decoded inner chunk and Blosc block the decode threads read directly."""
+        direct = [d for _, d in self._acts + self._scales if d is not None]
+        chunk = max((d.chunk_nbytes for d in direct), default=0)
+        block = max((d.block_nbytes() for d in direct), default=0)
+        return chunk + FRAME_OVERHEAD, chunk, block
 
     def _scratch_bytes(self) -> int:
-        return sum(self._scratch_sizes())
+        return ReadScratch.sizes(*self._scratch_sizes())
 
     def _scratch(self, run: _Run) -> ReadScratch:
         """This decode thread's read scratch, sized once for the largest frame and chunk (accounted
@@ -750,8 +752,8 @@ class CacheReader:
         tid = threading.get_ident()
         sc = run.scratches.get(tid)
         if sc is None:
-            frame, chunk = self._scratch_sizes()
-            sc = ReadScratch(frame_bytes=frame, chunk_bytes=chunk)
+            frame, chunk, block = self._scratch_sizes()
+            sc = ReadScratch(frame_bytes=frame, chunk_bytes=chunk, block_bytes=block)
             self.accounting.add("scratch", sc.nbytes)
             with run.cond:
                 run.scratches[tid] = sc
@@ -761,6 +763,7 @@ class CacheReader:
         with run.cond:
             gone, run.scratches = list(run.scratches.values()), {}
         for sc in gone:
+            sc.close()
             self.accounting.sub("scratch", sc.nbytes)
 
     def _decode_window(self, window: Window, pool: ThreadPoolExecutor, run: _Run) -> _Decoded:
@@ -1034,8 +1037,9 @@ class CacheReader:
             for w in plan:
                 if not self._reserve_window(run, self.window_mem_bytes(w)):
                     return
-                handoff.put(self._decode_window(w, pool, run))
-                self._after_decode(run)
+                decoded = self._decode_window(w, pool, run)
+                self._after_decode(run)  # before the hand-off, so no batch of the window sees idle memory held
+                handoff.put(decoded)
             handoff.put(None)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             handoff.put(e)
