@@ -158,11 +158,13 @@ def register(sub) -> None:
                    help="`lst extract --shard-tokens`: tokens per stored shard (default 16384)")
     e.set_defaults(func=_extract)
 
-    t = bsub.add_parser("train", help="one epoch cached vs live, and the FLOP-based speedup limit",
-                        description="Train the same side network for one epoch from the cache and with the live "
-                                    "backbone, each as `lst train` in a fresh process; report their epoch times, "
-                                    "cached_over_live_speedup, speedup_limit and the reader-free floor "
-                                    "(cached_over_floor).")
+    t = bsub.add_parser("train", help="cached vs live epochs, the FLOP-based speedup limit and the reader-free floor",
+                        description="Train the same side network from the cache (two epochs) and with the live "
+                                    "backbone (one), each as `lst train` in a fresh process; report their epoch "
+                                    "times, cached_over_live_speedup (first epochs), speedup_limit and the "
+                                    "reader-free floor: cached_over_floor sets the cached second epoch against the "
+                                    "same steps on the same batches held in memory, cached_over_floor_cold the "
+                                    "first epochs.")
     _shared(t, workdir="keep the extracted cache and runs here (default: a temp dir, removed)")
     t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000,
                    help="training examples to extract when no --cache (default 20000)")
@@ -170,7 +172,7 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int, default=100, help="examples per batch (default 100)")
     t.add_argument("--label-words", help="T5 backbones: cache label-word targets and time the side encoder-decoder")
     t.add_argument("--repeats", type=int, default=1,
-                   help="time the cached epoch and the reader-free floor this many times, alternately, and "
+                   help="time the cached run and the reader-free floor this many times, alternately, and "
                         "compare their minima (a shared machine's speed drifts; default 1)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
