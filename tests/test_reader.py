@@ -367,26 +367,30 @@ def test_readers_of_any_taps_or_none_plan_the_same_batches(caches):
         assert [b.tolist() for b in p] == [b.tolist() for b in plans[0]]
 
 
-def test_window_buffer_pool_reuses_within_slack_and_never_holds_more_than_its_limit():
-    from pipeline.train.bufpool import SLACK, WindowBufferPool
+def test_window_buffer_pool_reuses_any_freed_buffer_and_holds_only_what_is_resident():
+    """Every buffer maps the pool's ``capacity``, so any freed buffer serves any later request; the pool
+    counts what is resident (each buffer's request), never more than the requests in use and the freed
+    buffers' last requests, and drops the freed buffers a window does not take."""
+    from pipeline.train.bufpool import WindowBufferPool
 
     changes = []
-    pool = WindowBufferPool(limit=10_000, on_change=changes.append)
+    pool = WindowBufferPool(limit=10_000, on_change=changes.append, capacity=6_000)
     a = pool.take(4_000)
-    assert a.nbytes == 4_000 and pool.misses == 1 and pool.held == 4_000
+    assert a.nbytes == 6_000 and pool.misses == 1 and pool.held == pool.in_use == 4_000
     pool.give(a)
-    b = pool.take(int(4_000 / (1 + SLACK)))  # smaller, within the slack: the same buffer
-    assert b is a and pool.hits == 1 and pool.overhead == 4_000 - int(4_000 / (1 + SLACK))
+    assert pool.pooled == 4_000 and pool.in_use == 0
+    b = pool.take(1_000)  # far smaller: the same buffer, resident only up to the request
+    assert b is a and pool.hits == 1 and pool.held == 1_000 and pool.pooled == 0
     pool.give(b)
-    c = pool.take(1_000)  # far smaller: a new buffer (the freed 4,000, which fits nothing, dropped first)
-    assert c is not a and pool.held == 1_000 and pool.pooled == 0
+    c = pool.take(5_500)  # longer than what it held: the same buffer, the difference faulted in
+    assert c is a and pool.hits == 2 and pool.faulted == 4_500 and pool.held == 5_500
     pool.give(c)
-    d = pool.take(7_000)  # no fit: the freed 1,000 is dropped, and a new one held within the limit
-    assert pool.pooled == 0 and pool.held == 7_000 <= pool.limit
+    d = pool.take(7_000)  # past the capacity: a new buffer of its own size; the freed one is dropped
+    assert d is not a and d.nbytes == 7_000 and pool.pooled == 0 and pool.held == 7_000 <= pool.limit
     pool.give(d)
     pool.clear()
-    assert pool.held == pool.in_use == pool.overhead == pool.pooled == 0
-    assert sum(changes) == 0  # every byte reported beyond the requests in use was reported back
+    assert pool.held == pool.in_use == pool.pooled == 0
+    assert sum(changes) == 0  # every freed byte reported was reported back
 
 
 # -- dropout draws (`lst extract --dropout-draws`) ------------------------------------------------
@@ -604,23 +608,26 @@ def test_a_new_window_buffer_is_resident_before_it_is_written():
 
     if not hasattr(mmap, "MAP_POPULATE"):
         pytest.skip("no MAP_POPULATE on this platform")
-    pool = WindowBufferPool(limit=64 << 20)
     n = 8 << 20
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buf = pool.take(n)
-    took = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buf[:] = 3
-    writing = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    assert pool.misses == 1 and buf.nbytes == n
-    # 2,048 pages: faulted one by one they would be ~2,048 faults here
-    assert writing < n // mmap.PAGESIZE // 20, (took, writing)
+    # mapped at the request (MAP_POPULATE), and mapped longer than the request (MADV_POPULATE_WRITE on
+    # the request's pages only)
+    for capacity in (0, 3 * n):
+        pool = WindowBufferPool(limit=64 << 20, capacity=capacity)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buf = pool.take(n)
+        took = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buf[:n] = 3
+        writing = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        assert pool.misses == 1 and buf.nbytes == max(n, capacity)
+        # 2,048 pages: faulted one by one they would be ~2,048 faults here
+        assert writing < n // mmap.PAGESIZE // 20, (capacity, took, writing)
+        pool.give(buf)
 
 
 def test_a_reused_window_buffer_hands_its_tail_pages_back():
     """A freed buffer reused for a shorter request hands the whole pages past the request back at once
-    (they read as zeros again) and keeps the bytes before it; the tail is still counted, as a later,
-    longer request may touch it again."""
+    (they read as zeros again) and keeps the bytes before it; what it holds is then the request."""
     import mmap
 
     from pipeline.train.bufpool import WindowBufferPool
@@ -630,29 +637,33 @@ def test_a_reused_window_buffer_hands_its_tail_pages_back():
     buf[:] = 0xFF
     pool.give(buf)
     again = pool.take(3 << 20)
-    assert again is buf and pool.hits == 1
-    assert pool.overhead == 1 << 20  # still counted: a longer request may touch it again
+    assert again is buf and pool.hits == 1 and pool.held == 3 << 20
     cut = -(-(buf.ctypes.data + (3 << 20)) // mmap.PAGESIZE) * mmap.PAGESIZE - buf.ctypes.data
     assert (buf[:3 << 20] == 0xFF).all()
     assert (buf[cut:cut + ((1 << 20) - mmap.PAGESIZE)] == 0).all()
 
 
 def test_a_window_takes_its_buffers_at_once_and_drops_the_freed_ones_it_cannot_use():
-    """``take_all`` reuses the freed buffers that fit (largest request first, smallest fitting buffer),
-    drops every other freed buffer, and only then maps new ones: nothing is kept for a later window."""
+    """``take_all`` serves the largest requests first, each from the freed buffer whose resident bytes
+    are the smallest that cover it (else the one holding the most), drops every freed buffer left over,
+    and only then maps new ones: nothing is kept for a later window."""
     from pipeline.train.bufpool import WindowBufferPool
 
     changes = []
-    pool = WindowBufferPool(limit=100_000, on_change=changes.append)
-    first = pool.take_all([10_000, 4_000, 1_000])
+    pool = WindowBufferPool(limit=100_000, on_change=changes.append, capacity=12_000)
+    first = pool.take_all([10_000, 4_000, 1_000, 500])
     for b in first:
         pool.give(b)
-    assert pool.pooled == 15_000 and pool.misses == 3
-    second = pool.take_all([9_000, 9_000, 3_000])  # 10,000 and 4,000 fit; 1,000 fits nothing
-    assert second[0] is first[0] and second[2] is first[1] and second[1] is not first[2]
-    assert pool.hits == 2 and pool.misses == 4 and pool.pooled == 0
-    assert pool.in_use == 21_000 and pool.overhead == 1_000 + 1_000
+    assert pool.pooled == 15_500 and pool.misses == 4
+    second = pool.take_all([11_000, 3_000, 800])  # 10,000 (faults 1,000 in), then 4,000 and 1,000
+    assert second[0] is first[0] and second[1] is first[1] and second[2] is first[2]
+    assert pool.hits == 3 and pool.misses == 4 and pool.faulted == 1_000
+    assert pool.pooled == 0 and pool.in_use == 14_800  # the freed 500 fitted no request: dropped
     for b in second:
+        pool.give(b)
+    third = pool.take_all([2_000] * 4)  # one more buffer than was freed: the fourth is new
+    assert pool.misses == 5 and {id(b) for b in third[:3]} == {id(b) for b in second}
+    for b in third:
         pool.give(b)
     pool.clear()
     assert pool.held == 0 and sum(changes) == 0

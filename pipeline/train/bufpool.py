@@ -3,24 +3,27 @@
 Why: each window's decoded taps (one buffer per piece and tap, ~1-3 MB each on MiniLM) were fresh
 ``np.empty`` arrays. Under lst's 128 KiB mmap threshold every one is mapped, zero-filled page by page
 as it is decoded into, and unmapped when the window is freed: on a cached MiniLM SST-2 epoch that is
-~350 k page faults for 1.4 GB of decoded taps, on the CPU the training step needs. Consecutive
-windows ask for buffers of about the same sizes (pieces are cut to a common target), so a freed
-buffer serves the next request it can hold that is at most ``SLACK`` smaller than itself.
+~350 k page faults for 1.4 GB of decoded taps, on the CPU the training step needs.
 
-A window asks for all its buffers at once (``take_all``): reused buffers hand the pages past their
-request back to the OS right away, freed buffers none of its requests fits are dropped, and only
-then are new buffers mapped, with their pages allocated up front (``populated``). So between decodes
-the pool holds the buffers of the windows in use, each resident up to its request, and nothing else.
-Measured on cached MiniLM SST-2 epochs (session 27): the resident tails of reused buffers had been
-10.8 MB at the process's peak, on which the page faults their reuse now takes (~12 k an epoch, on the
-decode threads) are a fair price.
+Every buffer maps ``capacity`` bytes (the reader passes the largest request of the epoch's plan), so
+any freed buffer can serve any later request; what it holds is what is resident, its last request.
+A window asks for all its buffers at once (``take_all``), largest request first: each takes the freed
+buffer whose resident bytes are the smallest that cover it, handing the pages past the request back
+to the OS at once (``drop_pages``), or else the one with the most resident bytes, whose missing pages
+the decode then faults in. The freed buffers no request took are dropped, and only then are new
+buffers mapped, the pages of their request allocated up front (``populated``). So between decodes the
+pool holds the buffers of the windows in use, each resident up to its request, and nothing else.
 
-Bounded: the pool never lets what it holds (buffers in use, the unused capacity of reused ones, and
-freed buffers kept for reuse) pass ``limit``, the reader's window share. Freed buffers are dropped
-before a new one is mapped; the capacity of reused buffers past their request (``overhead``) is
-counted: the reader's window reservations include it, as a later, longer request may use it. The
-reader clears the pool when the epoch ends, so evaluation, which never runs beside training, finds
-the memory free.
+Until session 28 a freed buffer served only requests it could hold within a slack, and new buffers
+were mapped at their request: consecutive windows of 3 or 4 pieces whose buffers differ by a few
+rows missed 105 of 574 takes an epoch (cached MiniLM SST-2), each a fresh mapping to zero-fill
+(~290 MB an epoch, ~0.1 s serial on the decode loop's thread before the window's reads start).
+
+Bounded: what the pool holds (the requests in use, and the resident bytes of freed buffers kept for
+reuse) never passes ``limit``, the reader's window share: freed buffers are dropped before a new one
+is mapped, and a reused buffer is resident up to its request only. Mapped but unused capacity is
+address space, not memory, and is not counted. The reader clears the pool when the epoch ends, so
+evaluation, which never runs beside training, finds the memory free.
 """
 
 from __future__ import annotations
@@ -33,68 +36,64 @@ from typing import Callable
 
 import numpy as np
 
-#: a freed buffer serves a request down to 1 / (1 + SLACK) of its size. Measured on a reader-only cached
-#: MiniLM SST-2 epoch (session 22): 0.25 missed 188 of 574 takes an epoch, 1.0 missed 90, and page faults
-#: went from 190 k to 140 k (~0.05 s less kernel CPU); a 7B-shaped run at 128 MB peaked the same
-#: (1,137-1,138 MB against 1,138-1,139). The unused tails are counted against the window share.
-SLACK = 1.0
-
 
 class WindowBufferPool:
-    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None):
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None, capacity: int = 0):
         """``limit``: the most bytes held at once; ``on_change(delta)``: told of every change in
-        ``overhead + pooled`` (the bytes beyond the requests in use), for the reader's accounting."""
+        ``pooled`` (the resident bytes of freed buffers), for the reader's accounting; ``capacity``:
+        the bytes a new buffer maps (at least its request)."""
         self.limit = int(limit)
+        self.capacity = int(capacity)
         self._on_change = on_change or (lambda d: None)
         self._lock = threading.Lock()
-        self._free: list[np.ndarray] = []  # given back, not yet taken again
+        self._free: list[tuple[np.ndarray, int]] = []  # given back, not yet taken again: (it, resident bytes)
         self._in_use: dict[int, tuple[np.ndarray, int]] = {}  # id(buffer in use) -> (it, bytes requested)
         self.in_use = 0  # bytes requested by the buffers in use
-        self.overhead = 0  # capacity of the buffers in use beyond what was requested
-        self.pooled = 0  # capacity of the freed buffers kept for reuse
+        self.pooled = 0  # resident bytes of the freed buffers kept for reuse
         self.hits = 0
         self.misses = 0
+        self.faulted = 0  # bytes reused buffers had to fault in past what they held (a longer request)
 
     @property
     def held(self) -> int:
-        return self.in_use + self.overhead + self.pooled
+        return self.in_use + self.pooled
 
-    def take(self, nbytes: int, reserved: int = 0) -> np.ndarray:
-        """One buffer: ``take_all([nbytes], reserved)``."""
-        return self.take_all([nbytes], reserved)[0]
+    def take(self, nbytes: int) -> np.ndarray:
+        """One buffer: ``take_all([nbytes])``."""
+        return self.take_all([nbytes])[0]
 
-    def take_all(self, sizes: list[int], reserved: int = 0) -> list[np.ndarray]:
+    def take_all(self, sizes: list[int]) -> list[np.ndarray]:
         """Flat uint8 buffers of capacity >= each of ``sizes`` (use the first ``size`` of each): one
-        window's requests, all at once. Freed buffers are reused where one fits (largest requests
-        first, each the smallest free buffer within ``SLACK``), their pages past the request handed
-        back (``drop_pages``); the freed buffers none of the requests can use are dropped before any
-        new buffer is mapped (``populated``), so the pool holds the window's own buffers and nothing
-        that waits for a later one.
-
-        ``reserved``: the bytes the caller has promised to take in all (these requests included; the
-        reader's window reservations). A reused buffer's unused tail is taken only while it and every
-        reservation still fit the limit, so each later request can be met by dropping freed buffers."""
+        window's requests, all at once. Freed buffers are reused where one is long enough (largest
+        requests first; the smallest resident that covers the request, else the largest resident), their
+        pages past the request handed back (``drop_pages``); the freed buffers left over are dropped
+        before any new buffer is mapped (``populated``), so the pool holds the window's own buffers and
+        nothing that waits for a later one. Reuse never holds more than the requests, so the caller's
+        reservations (within ``limit``) bound what the pool holds."""
         ns = [int(n) for n in sizes]
         out: list[np.ndarray | None] = [None] * len(ns)
         with self._lock:
             order = sorted(range(len(ns)), key=lambda i: -ns[i])
             for i in order:
                 n = ns[i]
-                room = self.limit - max(int(reserved), self.in_use + n) - self.overhead
-                best = -1
-                for k, b in enumerate(self._free):
-                    if n <= b.nbytes <= min(n + n * SLACK, n + room) and (best < 0 or b.nbytes < self._free[best].nbytes):
-                        best = k
-                if best >= 0:
-                    buf = out[i] = self._free.pop(best)
-                    self.hits += 1
-                    self._moved(pooled=-buf.nbytes, overhead=buf.nbytes - n)
+                fits = [k for k, (b, _) in enumerate(self._free) if b.nbytes >= n]
+                if not fits:
+                    continue
+                cover = [k for k in fits if self._free[k][1] >= n]
+                best = min(cover, key=lambda k: self._free[k][1]) if cover else \
+                    max(fits, key=lambda k: self._free[k][1])
+                buf, resident = self._free.pop(best)
+                out[i] = buf
+                self.hits += 1
+                self.faulted += max(0, n - resident)
+                self._moved(-resident)
+                if resident > n:
                     drop_pages(buf, n)
-                    self._hand_out(buf, n)
+                self._hand_out(buf, n)
             self._drop_free()
         # mapped and populated outside the lock: a consumer giving back its window's buffers meanwhile
         # (decoding ahead) does not wait for the kernel to allocate pages
-        new = {i: populated(ns[i]) for i in order if out[i] is None}
+        new = {i: populated(ns[i], self.capacity) for i in order if out[i] is None}
         with self._lock:
             for i, buf in new.items():
                 self.misses += 1
@@ -113,10 +112,9 @@ class WindowBufferPool:
             n = self._in_use.pop(id(buf))[1]
             self.in_use -= n
             if shared:
-                self._moved(pooled=0, overhead=-(buf.nbytes - n))
                 return
-            self._free.append(buf)
-            self._moved(pooled=buf.nbytes, overhead=-(buf.nbytes - n))
+            self._free.append((buf, n))
+            self._moved(n)
 
     def _in_use_buffers(self) -> list[np.ndarray]:
         """The buffers handed out and not yet given back (for tests)."""
@@ -130,29 +128,38 @@ class WindowBufferPool:
 
     def _drop_free(self) -> None:
         """Drop every freed buffer (the lock held)."""
-        self._moved(pooled=-self.pooled, overhead=0)
+        self._moved(-self.pooled)
         self._free.clear()
 
-    def _moved(self, *, pooled: int, overhead: int) -> None:
+    def _moved(self, pooled: int) -> None:
         self.pooled += pooled
-        self.overhead += overhead
-        if pooled + overhead:
-            self._on_change(pooled + overhead)
+        if pooled:
+            self._on_change(pooled)
 
 
-def populated(nbytes: int) -> np.ndarray:
-    """A flat uint8 array of ``nbytes`` in a private anonymous mapping whose pages the kernel allocates
-    at once (``MAP_POPULATE``), where that exists; ``np.empty`` elsewhere.
+#: Linux's ``MADV_POPULATE_WRITE`` (5.14+): allocate a range's pages now, as writing them would
+MADV_POPULATE_WRITE = 23
+
+
+def populated(nbytes: int, capacity: int = 0) -> np.ndarray:
+    """A flat uint8 array of ``max(nbytes, capacity)`` bytes in a private anonymous mapping whose first
+    ``nbytes`` the kernel allocates at once (``MAP_POPULATE`` where that is the whole array, else
+    ``MADV_POPULATE_WRITE`` on Linux 5.14+), where that exists; ``np.empty`` elsewhere.
 
     Why: a new window buffer is written right away by the decode threads, which otherwise fault its
     pages in one at a time. Measured on cached MiniLM SST-2 epochs (session 27): the decode threads'
     faults fell from 69 k to 2 k an epoch, for ~0.1 s of populating on the decode loop's thread before
     the jobs start; the decode's wall time stayed within the noise (0.69-0.71 s an epoch, against
     0.66-0.75 s faulting in the jobs)."""
-    if not hasattr(mmap, "MAP_POPULATE"):
-        return np.empty(nbytes, np.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_POPULATE
-    return np.frombuffer(mmap.mmap(-1, max(1, int(nbytes)), flags=flags), np.uint8, count=int(nbytes))
+    size = max(int(nbytes), int(capacity), 1)
+    if not hasattr(mmap, "MAP_PRIVATE"):
+        return np.empty(size, np.uint8)
+    whole = size == nbytes and hasattr(mmap, "MAP_POPULATE")
+    flags = mmap.MAP_PRIVATE | (mmap.MAP_POPULATE if whole else 0)
+    arr = np.frombuffer(mmap.mmap(-1, size, flags=flags), np.uint8, count=size)
+    if not whole and nbytes > 0 and _madvise is not None and sys.platform == "linux":
+        _madvise(ctypes.c_void_p(arr.ctypes.data), ctypes.c_size_t(int(nbytes)), MADV_POPULATE_WRITE)
+    return arr
 
 
 def drop_pages(buf: np.ndarray, start: int) -> None:

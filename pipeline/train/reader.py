@@ -479,6 +479,18 @@ class CacheReader:
         rows = max((int(self.lengths[idx].sum()) for w in plan for idx in w.batches), default=0)
         return self._value_bytes() * self.hidden * rows
 
+    def _window_buffer_capacity(self, plan: list[Window]) -> int:
+        """Bytes of the plan's largest window buffer (one piece's rows of one tap, or of one decoder
+        tap): the window buffers map this much each, so any freed one can serve any later request."""
+        if not self.load_acts:
+            return 0
+        pieces = [p for w in plan for p in w.pieces]
+        rows = max((p.r1 - p.r0 for p in pieces), default=0)
+        dec_rows = max(((p.e1 - p.e0) * self.dec_rows for p in pieces), default=0)
+        per_row = [self._store_dtype(a).itemsize * self.hidden for a, _ in self._acts]
+        per_dec = [self._store_dtype(a).itemsize * self.hidden for a, _ in self._dec]
+        return max([rows * b for b in per_row] + [dec_rows * b for b in per_dec] + [4 * max(rows, dec_rows)])
+
     def _value_bytes(self) -> int:
         """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
         one (int8 codes are scaled to fp32 as they are gathered)."""
@@ -812,7 +824,7 @@ class CacheReader:
                 dw.dscales.append(dscales)
             sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype, *_ in wanted]
             for buf, nbytes, (shape, dtype, (arr, direct, lead, r0, row_axis), into, tensor) in zip(
-                    run.pool.take_all(sizes, reserved=run.window_held), sizes, wanted):
+                    run.pool.take_all(sizes), sizes, wanted):
                 dw.buffers.append(buf)
                 acc.add("window", nbytes)
                 dw.nbytes += nbytes
@@ -999,7 +1011,7 @@ class CacheReader:
     # -- the epoch -------------------------------------------------------------------------------
     def _reserve_window(self, run: _Run, n: int) -> bool:
         with run.cond:
-            while not run.stopped and (run.window_held + run.pool.overhead + n > self.layout.window_bytes
+            while not run.stopped and (run.window_held + n > self.layout.window_bytes
                                        or run.windows >= MAX_WINDOWS_IN_FLIGHT):
                 run.cond.wait()
             if run.stopped:
@@ -1127,7 +1139,8 @@ class CacheReader:
     def iter_epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan_epoch(epoch)
         self._acts, self._scales, self._dec, self._dec_scales = self._values[epoch % len(self._values)]
-        run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d)),
+        run = _Run(WindowBufferPool(self.layout.window_bytes, on_change=lambda d: self.accounting.add("pool", d),
+                                    capacity=self._window_buffer_capacity(plan)),
                    GatherBuffers(on_change=lambda d: self.accounting.add("gather", d),
                                  capacity=self._gather_capacity(plan)))
         handoff: queue.Queue = queue.Queue()
