@@ -71,16 +71,18 @@ for better mixing; ``layout.describe()`` prints these numbers.
 Stall fraction: the training loop waits only when the reader falls behind (``stats``). With room
 for one window ahead and a queue of several batches, decoding hides behind training as before.
 At small budgets the queue shrinks to one or two batches and windows shrink to a few batches, so
-each window's decode (and a re-decode of the inner chunk cut at each piece edge, at most two
-chunks per piece and tap) is less well hidden; when half the window budget cannot hold one batch,
+each window's decode (and a second read of the inner chunk cut at each piece edge, at most two
+chunks per piece and tap, of which only the blocks holding the piece's rows are decoded) is less
+well hidden; when half the window budget cannot hold one batch,
 decoding and training alternate and the stall fraction approaches decode / (decode + step) time.
 
-Decoding: chunk-sized read jobs (``DirectArray.read_into``: shard index plus the compressed frames
-of the overlapping inner chunks, never a whole shard file) run on ``workers`` threads (Blosc
-releases the GIL) straight into per-piece buffers; only the requested taps and the planned rows are
-read. Nothing on that path is allocated per chunk or per window: each decode thread reads frames and
-cut chunks into one scratch it keeps for the epoch, and a window's piece buffers are handed to the
-next window (``bufpool.WindowBufferPool``, within the window share); both are in the byte accounting
+Decoding: one read job per piece and array (``DirectArray.read_into``: each shard's index, then the
+compressed frames of the overlapping inner chunks one at a time, never a whole shard file) runs on
+``workers`` threads straight into per-piece buffers, each thread decoding through a c-blosc2
+context of its own (``blosc_decode.ThreadDecoder``: no shared lock, the GIL released); only the
+requested taps and the planned rows are read. Nothing on that path is allocated per chunk or per
+window: each decode thread reads frames into one scratch it keeps for the epoch, and a window's piece
+buffers are handed to the next window (``bufpool.WindowBufferPool``, within the window share); both are in the byte accounting
 (``scratch``, ``pool``) and released when the epoch ends. A batch is gathered with one copy per
 example and tap from those buffers into a preallocated zero-padded [B, L, d] fp32 tensor (int8
 scaled in place), with no concatenated copy of a window.
