@@ -206,6 +206,7 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["cached_over_floor_cold"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_cold_s"], rel=0.02)
     assert res["cached_first_over_floor_steady"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
     assert res["floor_cold_s"] == min(res["floor_cold_s_samples"])
+    assert [x >= 1 for x in res["cached_warm_over_own_steps_samples"]] == [True, True]
     assert set(res["goals_met"]) >= {"cached_over_floor<=1.1", "cached_over_floor_cold<=1.1"}
     # the cached runs' reader-thread CPU, set against the floor
     assert len(res["cached_reader_cpu_s_samples"]) == 2 and all(x >= 0 for x in res["cached_reader_cpu_s_samples"])

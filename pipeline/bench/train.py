@@ -26,7 +26,9 @@ one-epoch cached run against the floor's steady pass, which charged those first 
 that ratio is still reported, as ``cached_first_over_floor_steady``.
 On a shared VM whose speed drifts by tens of percent within minutes, ``repeats`` > 1 times the
 cached runs and the floors alternately that many times and compares their minima (every sample is
-reported). ``cached_epoch_s`` (set against the one live epoch) is the cached run's first epoch.
+reported). ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
+(1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves.
+``cached_epoch_s`` (set against the one live epoch) is the cached run's first epoch.
 ``side_flops_per_s`` and ``backbone_flops_per_s`` are the FLOP rates each part really reaches,
 against which the FLOP limit can be read.
 """
@@ -202,6 +204,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "speedup_over_limit": round(speedup / lim, 4),
             "cached_stall_fraction": cached["epochs"][0]["stall_fraction"],
             "cached_warm_stall_fraction_samples": [e["stall_fraction"] for e in warm],
+            # each steady epoch over its own time outside the reader (1 / (1 - stall)): the reader's wait
+            # alone, read within one process, so free of the drift between processes that the floor has
+            "cached_warm_over_own_steps_samples": [round(1 / (1 - e["stall_fraction"]), 3) for e in warm],
             "floor_s": round(floor, 3), "cached_over_floor": round(warm_s / floor, 3),
             "floor_cold_s": round(floor_cold, 3), "cached_over_floor_cold": round(cached_s / floor_cold, 3),
             # the definition until session 27: a fresh process's first epoch against the floor's steady pass
