@@ -233,6 +233,25 @@ def test_read_into_equals_zarr(caches):
             assert scratch.nbytes == held  # sized once, never grown
 
 
+def test_read_into_without_a_decoding_context_decodes_cut_chunks_through_its_chunk_scratch(caches, monkeypatch):
+    """Where c-blosc2 has no context API, a scratch keeps a decoded-chunk buffer instead and the
+    rows still equal Zarr's (a cut chunk is decoded whole into it and copied)."""
+    import pipeline.cache.fastread as F
+
+    monkeypatch.setattr(F, "contexts_available", lambda: False)
+    v = caches["bf16"].split("train")
+    arr = v.tap_array(caches["bf16"].taps[0])
+    d = F.DirectArray.for_array(arr)
+    sizes = (d.chunk_nbytes + F.FRAME_OVERHEAD, d.chunk_nbytes, d.block_nbytes())
+    scratch = F.ReadScratch(*sizes)
+    assert scratch.decoder is None and scratch.nbytes == F.ReadScratch.sizes(*sizes) == 2 * d.chunk_nbytes + F.FRAME_OVERHEAD
+    full = arr[:]
+    for a, b in ((1, 7), (3, len(full) - 2), (0, len(full))):
+        out = np.zeros((b - a, *full.shape[1:]), dtype=full.dtype)
+        d.read_into(a, b, out, scratch=scratch)
+        np.testing.assert_array_equal(out, full[a:b])
+
+
 def test_a_budget_too_small_for_one_batch_is_refused(caches):
     cache = caches["bf16"]
     need = CacheReader(cache, "train", cache.taps, batch_size=4, memory_budget=BIG).layout.min_budget

@@ -168,6 +168,11 @@ def _context_api(so: ctypes.CDLL | None):
 _CTX_API = _context_api(_LIB)
 
 
+def contexts_available() -> bool:
+    """Whether ``ThreadDecoder`` works here (c-blosc2's context API, of a known version)."""
+    return _CTX_API is not None
+
+
 def context_nbytes(block_nbytes: int) -> int:
     """What one ``ThreadDecoder``'s context holds once used on frames of ``block_nbytes`` blocks:
     c-blosc2's serial temporaries (four blocks, each with a header of four bytes per item of the
@@ -193,7 +198,7 @@ class ThreadDecoder:
 
     @property
     def available(self) -> bool:
-        return _CTX_API is not None
+        return contexts_available()
 
     def _context(self) -> int:
         if self._ctx is None:

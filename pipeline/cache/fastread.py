@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 
-from pipeline.cache.blosc_decode import ThreadDecoder, context_nbytes, decompress_into
+from pipeline.cache.blosc_decode import ThreadDecoder, context_nbytes, contexts_available, decompress_into
 from pipeline.errors import ChecksumError
 
 EMPTY = np.uint64(2**64 - 1)
@@ -258,8 +258,7 @@ class ReadScratch:
         ``chunk_bytes``) where the caller knows the largest it reads, so what it accounts for never
         changes."""
         self._frame = bytearray(frame_bytes)
-        decoder = ThreadDecoder()
-        self.decoder: ThreadDecoder | None = decoder if decoder.available else None
+        self.decoder: ThreadDecoder | None = ThreadDecoder() if contexts_available() else None
         self._decoder_bytes = context_nbytes(chunk_bytes if block_bytes is None else block_bytes) \
             if self.decoder is not None else 0
         self._chunk = np.empty(0 if self.decoder is not None else chunk_bytes, np.uint8)
@@ -267,7 +266,7 @@ class ReadScratch:
     @staticmethod
     def sizes(frame_bytes: int, chunk_bytes: int, block_bytes: int | None = None) -> int:
         """``nbytes`` of a scratch built with these sizes (for planning before any is built)."""
-        if ThreadDecoder().available:
+        if contexts_available():
             return frame_bytes + context_nbytes(chunk_bytes if block_bytes is None else block_bytes)
         return frame_bytes + chunk_bytes
 
