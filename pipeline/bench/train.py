@@ -1,4 +1,4 @@
-"""`lst bench train`: one epoch of the same side network from the cache and with the live backbone.
+"""`lst bench train`: the same side network trained from the cache (two epochs) and with the live backbone (one).
 
 Both arms are the command a user runs, each in a fresh process: `lst train --cache C --epochs 2`
 and `--live --epochs 1` (`cached_epoch_s`/`live_epoch_s` are those runs' own epoch times, so
