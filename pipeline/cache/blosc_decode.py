@@ -106,8 +106,8 @@ def shared_decoder() -> str:
     return "numcodecs" if _SHARED is None or os.getpid() != _IMPORT_PID else _SHARED[0]
 
 
-def _header(frame, out: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """The frame as uint8 and its (decoded, compressed) byte counts, checked against ``out``."""
+def _header(frame) -> tuple[np.ndarray, int, int]:
+    """The frame as uint8 and its (decoded, compressed) byte counts, the latter checked against it."""
     src = np.frombuffer(frame, np.uint8)
     if src.nbytes < HEADER_BYTES:
         raise RuntimeError(f"error during blosc decompression: a {src.nbytes}-byte frame has no header")
@@ -118,14 +118,20 @@ def _header(frame, out: np.ndarray) -> tuple[np.ndarray, int, int]:
     return src, nbytes, cbytes
 
 
+def _whole(frame, out: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``_header``, and the whole decoded frame checked to fit ``out``."""
+    src, nbytes, cbytes = _header(frame)
+    if nbytes > out.nbytes:
+        raise ValueError(f"destination buffer too small; expected at least {nbytes}, got {out.nbytes}")
+    return src, nbytes, cbytes
+
+
 def decompress_into(frame, out: np.ndarray) -> None:
     """Decode one Blosc ``frame`` (bytes-like) into ``out``, which must hold exactly its bytes."""
     if _SHARED is None or os.getpid() != _IMPORT_PID or not out.flags.c_contiguous:
         blosc.decompress(frame, out)
         return
-    src, nbytes, cbytes = _header(frame, out)
-    if nbytes > out.nbytes:
-        raise ValueError(f"destination buffer too small; expected at least {nbytes}, got {out.nbytes}")
+    src, nbytes, cbytes = _whole(frame, out)
     got = _SHARED[1](src.ctypes.data, cbytes, out.ctypes.data, out.nbytes)
     if got != nbytes:
         raise RuntimeError(f"error during blosc decompression: {got}")
@@ -212,9 +218,7 @@ class ThreadDecoder:
         """As the module's ``decompress_into``, through this thread's context."""
         if not out.flags.c_contiguous:
             raise ValueError("ThreadDecoder decodes into contiguous buffers only")
-        src, nbytes, cbytes = _header(frame, out)
-        if nbytes > out.nbytes:
-            raise ValueError(f"destination buffer too small; expected at least {nbytes}, got {out.nbytes}")
+        src, nbytes, cbytes = _whole(frame, out)
         got = _CTX_API[1](self._context(), src.ctypes.data, cbytes, out.ctypes.data, out.nbytes)
         if got != nbytes:
             raise RuntimeError(f"error during blosc decompression: {got}")
@@ -225,7 +229,7 @@ class ThreadDecoder:
         typesize."""
         if not out.flags.c_contiguous:
             raise ValueError("ThreadDecoder decodes into contiguous buffers only")
-        src, nbytes, cbytes = _header(frame, out)
+        src, nbytes, cbytes = _header(frame)
         typesize = int(src[3])
         if offset < 0 or offset + out.nbytes > nbytes or offset % typesize or out.nbytes % typesize:
             raise ValueError(f"bytes {offset}:{offset + out.nbytes} are not whole {typesize}-byte items "

@@ -259,16 +259,21 @@ class ReadScratch:
         changes."""
         self._frame = bytearray(frame_bytes)
         self.decoder: ThreadDecoder | None = ThreadDecoder() if contexts_available() else None
-        self._decoder_bytes = context_nbytes(chunk_bytes if block_bytes is None else block_bytes) \
-            if self.decoder is not None else 0
-        self._chunk = np.empty(0 if self.decoder is not None else chunk_bytes, np.uint8)
+        self._decoder_bytes, chunk = self._besides_frame(chunk_bytes, block_bytes)
+        self._chunk = np.empty(chunk, np.uint8)
+
+    @staticmethod
+    def _besides_frame(chunk_bytes: int, block_bytes: int | None) -> tuple[int, int]:
+        """(decoding context, chunk buffer) bytes a scratch holds beside its frame buffer: the context's
+        temporaries where c-blosc2 has contexts, else a decoded chunk."""
+        if contexts_available():
+            return context_nbytes(chunk_bytes if block_bytes is None else block_bytes), 0
+        return 0, chunk_bytes
 
     @staticmethod
     def sizes(frame_bytes: int, chunk_bytes: int, block_bytes: int | None = None) -> int:
         """``nbytes`` of a scratch built with these sizes (for planning before any is built)."""
-        if contexts_available():
-            return frame_bytes + context_nbytes(chunk_bytes if block_bytes is None else block_bytes)
-        return frame_bytes + chunk_bytes
+        return frame_bytes + sum(ReadScratch._besides_frame(chunk_bytes, block_bytes))
 
     @property
     def nbytes(self) -> int:

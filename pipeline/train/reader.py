@@ -83,9 +83,9 @@ context of its own (``blosc_decode.ThreadDecoder``: no shared lock, the GIL rele
 requested taps and the planned rows are read. Nothing on that path is allocated per chunk or per
 window: each decode thread reads frames into one scratch it keeps for the epoch, and a window's piece
 buffers are handed to the next window (``bufpool.WindowBufferPool``, within the window share); both
-are in the byte accounting (``scratch``, ``pool``) and released when the epoch ends. A batch is gathered with one copy per
-example and tap from those buffers into a preallocated zero-padded [B, L, d] fp32 tensor (int8
-scaled in place), with no concatenated copy of a window.
+are in the byte accounting (``scratch``, ``pool``) and released when the epoch ends. A batch is
+gathered with one copy per example and tap from those buffers into a preallocated zero-padded
+[B, L, d] fp32 tensor (int8 scaled in place), with no concatenated copy of a window.
 By default (``inline``) a batch is gathered on the consumer's thread when the loop asks for it, so
 only the decode threads run beside the training step; ``inline=False`` gathers on an assembler
 thread into a queue of ``prefetch`` batches instead. An inline packed batch whose rows are one run of
