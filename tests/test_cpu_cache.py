@@ -43,11 +43,14 @@ small = torch.nn.functional.gelu(torch.randn(10, 30))  # under the threshold: th
 held = [torch.ones(300_000) for _ in range(8)]           # 8 x 1.2 MB live at once, then freed together
 del held
 s = alloc.stats()
-alloc.release()
+peak = alloc.release()
 after = alloc.stats()
+alloc.restore_peak(peak)
+restored = alloc.stats()
 print(json.dumps({"installed": installed, "losses": losses, "small": small.sum().item(),
-                  "stats": None if s is None else s.__dict__,
-                  "after_release": None if after is None else after.__dict__}))
+                  "stats": None if s is None else s.__dict__, "released_peak": peak,
+                  "after_release": None if after is None else after.__dict__,
+                  "restored": None if restored is None else restored.__dict__}))
 """
 
 
@@ -134,6 +137,10 @@ def test_cache_reuses_freed_buffers_within_its_cap_and_changes_no_value():
     after = with_cache["after_release"]
     assert after["cached_bytes"] == 0  # release() unmaps what the cache holds...
     assert after["peak_live_bytes"] == after["live_bytes"]  # ...and earlier peaks no longer license more
+    # until ``restore_peak`` hands back the peak ``release`` returned (after an evaluation)
+    assert with_cache["released_peak"] == s["peak_live_bytes"] > 0
+    assert with_cache["restored"]["peak_live_bytes"] == s["peak_live_bytes"]
+    assert with_cache["restored"]["cached_bytes"] == 0
 
 
 @pytest.mark.integration

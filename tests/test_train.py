@@ -218,6 +218,36 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert (tmp_path / "live" / "summary.json").exists() and (tmp_path / "cached" / "summary.json").exists()
 
 
+@pytest.mark.parametrize("recompute", ["ffn", "none"])
+def test_the_bench_floor_takes_the_runs_own_steps_recompute_included(tmp_path, minilm_fp32, monkeypatch, recompute):
+    """The reader-free floor times the steps the run takes: its first pass, a fresh network on epoch 0's
+    batches, gives `lst train`'s losses bit for bit, on a network built with the run's ``recompute``
+    (until session 29 the floor left out the default ffn recompute and timed a cheaper step)."""
+    from dataclasses import replace
+
+    import pipeline.train.loop as loop
+    from pipeline.bench.train import floor_passes
+    from pipeline.side.blocks.base import SideBlock
+
+    cfg = TrainConfig(cache=minilm_fp32, out=str(tmp_path / "run"), epochs=2, batch_size=8, progress=False,
+                      seed=3, recompute=recompute)
+    ran = train(cfg)
+    losses, models = [], []
+    real = loop.VariantRunner.train_step
+
+    def spy(self, *a, **k):
+        models.append(self.variant.model)
+        losses.append(real(self, *a, **k))
+        return losses[-1]
+
+    monkeypatch.setattr(loop.VariantRunner, "train_step", spy)
+    got = floor_passes(ActivationCache.open(minilm_fp32), replace(cfg, out=str(tmp_path / "floor")))
+    assert got["floor_s"] > 0 and got["floor_cold_s"] > 0
+    assert losses[:len(ran["first_losses"])] == ran["first_losses"]
+    blocks = [m for m in models[0].modules() if isinstance(m, SideBlock)]
+    assert blocks and all(b.recompute_ffn == (recompute == "ffn") for b in blocks)
+
+
 def test_cpu_buffer_cache_changes_no_loss_or_score(tmp_path, minilm_fp32):
     """`lst train` with the bounded CPU buffer cache (the default) and without it: the same numbers."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -236,26 +266,33 @@ def test_cpu_buffer_cache_changes_no_loss_or_score(tmp_path, minilm_fp32):
     assert 0 < got["1MB"]["cpu_cache_hit_rate"] <= 1
 
 
-def test_mkl_buffers_are_freed_after_every_step_with_the_same_losses(tmp_path, minilm_fp32, monkeypatch):
-    """The loop trims MKL's buffer cache once per batch, after every variant's step (here at cap 0, so
-    at every step), and the run's numbers are those of a run that never frees them."""
+def test_mkl_buffers_are_trimmed_between_steps_and_freed_before_eval_with_the_same_losses(tmp_path, minilm_fp32,
+                                                                                         monkeypatch):
+    """The loop trims MKL's buffer cache after each step (here at cap 0: the first step's buffers go,
+    later steps' only past what one step needs) and frees it before each evaluation, and the run's
+    numbers are those of a run that never frees them."""
     import pipeline.train.loop as loop
     from pipeline.alloc import mkl_buffers
 
     real = mkl_buffers.find(0)
-    frees = []
+    frees, made = [], []
 
     def find(cap):
-        if real is None:  # torch without MKL: count the trims against a stand-in
-            return mkl_buffers.MklBuffers(held=lambda: 1, free=lambda: frees.append(1), cap=0)
-        return mkl_buffers.MklBuffers(held=real.held, free=lambda: (frees.append(1), real.free()), cap=0)
+        if real is None:  # torch without MKL: count the frees against a stand-in
+            m = mkl_buffers.MklBuffers(held=lambda: 1, free=lambda: frees.append(1), cap=0)
+        else:
+            m = mkl_buffers.MklBuffers(held=real.held, free=lambda: (frees.append(1), real.free()), cap=0)
+        made.append(m)
+        return m
 
     common = dict(cache=minilm_fp32, max_steps=5, epochs=1, batch_size=8, progress=False, seed=2)
     monkeypatch.setattr(loop.mkl_buffers, "find", lambda cap: None)
     kept = train(TrainConfig(out=str(tmp_path / "kept"), **common))
     monkeypatch.setattr(loop.mkl_buffers, "find", find)
     trimmed = train(TrainConfig(out=str(tmp_path / "trimmed"), **common))
-    assert trimmed["steps"] == 5 and len(frees) == 5
+    assert trimmed["steps"] == 5 and len(made) == 1
+    assert 2 <= len(frees) <= 6  # the first step's trim and the release before the evaluation, at least
+    assert made[0].need > 0  # learned from the step after the first free
     assert trimmed["first_losses"] == kept["first_losses"]
     assert trimmed["dev_score"] == kept["dev_score"]
 

@@ -124,6 +124,11 @@ class BoundedCachingCPUAllocator final : public c10::Allocator {
     for (auto& u : unmap) munmap(u.first, u.second);
   }
 
+  void restore_peak(size_t peak) {
+    std::lock_guard<std::mutex> g(mu_);
+    peak_live_ = std::max(peak_live_, peak);
+  }
+
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> g(mu_);
     return {int64_t(cached_), int64_t(peak_cached_), int64_t(cap_), hits_, misses_, int64_t(live_.size()),
@@ -246,4 +251,10 @@ std::vector<int64_t> stats() { return g_cache ? g_cache->stats() : std::vector<i
 // Unmap every cached block (the cache itself stays installed).
 void release() {
   if (g_cache) g_cache->release_all();
+}
+
+// Cache against a peak of live bytes again (at least `peak`): the training steps' peak after an
+// evaluation's `release`, so the next epoch keeps as many blocks as the one before did.
+void restore_peak(int64_t peak) {
+  if (g_cache && peak > 0) g_cache->restore_peak(size_t(peak));
 }

@@ -47,7 +47,7 @@ import yaml
 from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.bench.memory import _lst, run_measured
 from pipeline.cache.store import ActivationCache
-from pipeline.train.trainer import TrainConfig, build_side, make_readers, planned_batches
+from pipeline.train.trainer import TrainConfig, build_side, make_readers, planned_batches, side_network
 
 
 @dataclass
@@ -94,8 +94,8 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
     from pipeline.train.trainer import total_steps
 
     device = resolve_device(cfg.device)
-    model, _ = build_side(cache, cfg.side, cfg.seed)
-    model.to(device).train()
+    model, _ = side_network(cache, cfg, device)  # as the run builds it, its recompute included
+    model.train()
     taps = model.required_taps()
     reader, _ = make_readers(cache, cfg, taps, [], device, data_seed=cfg.seed,
                              packed=getattr(model, "accepts_packed_taps", False))

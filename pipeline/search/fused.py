@@ -43,7 +43,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.loop import (OnEpoch, Variant, VariantRunner, cached_taps, cuda_rng_state, run_loop, summary,
                                  variant_pool)
 from pipeline.train.rundir import RunDir
-from pipeline.train.trainer import build_side, label_meta, make_readers, reader_peak_mb, set_recompute, total_steps
+from pipeline.train.trainer import label_meta, make_readers, reader_peak_mb, side_network, total_steps
 
 __all__ = ["train_many", "train_group", "group_key", "side_train_memory_mb", "OnEpoch", "FUSE_MODES", "resolve_fuse",
            "resolve_variant_threads"]
@@ -162,9 +162,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
     for i, c in zip(indices, cfgs):
         run = RunDir(c.out)
         run.prepare(c, fp, resumable=False)
-        model, report = build_side(cache, c.side, c.seed)
-        model.to(device)
-        set_recompute(model, c.recompute)
+        model, report = side_network(cache, c, device)
         torch.manual_seed(c.seed + 1)  # train()'s dropout stream
         variants.append(Variant(index=i, cfg=c, model=model, run=run, init_report=report, rng=torch.get_rng_state(),
                                 cuda_rng=cuda_rng_state(device)))

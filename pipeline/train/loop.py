@@ -228,11 +228,17 @@ def evaluate(runners: list[VariantRunner], reader: CacheReader, source: TapSourc
              pool: ThreadPoolExecutor | None = None) -> list[dict]:
     """Dev metrics of every runner's variant from one pass over the eval split.
 
-    The CPU buffer cache first lets go of the training steps' freed buffers (``alloc.release``): it
+    The CPU buffer cache first lets go of the training steps' freed buffers (``alloc.released``): it
     keeps up to what a step held at its peak, which the no-grad eval pass never needs, and which sat
     beside the eval reader's window and batches (cached MiniLM SST-2: ~100 MB of cache, and the eval
-    pass peaking within 1 MB of training). The next epoch's first steps map them again."""
-    alloc.release()
+    pass peaking within 1 MB of training). The next epoch's first steps map them again, and cache
+    against the training steps' peak again."""
+    with alloc.released():
+        return _eval_pass(runners, reader, source, metric, pool)
+
+
+def _eval_pass(runners: list[VariantRunner], reader: CacheReader, source: TapSource, metric: str,
+               pool: ThreadPoolExecutor | None) -> list[dict]:
     for r in runners:
         r.variant.model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in runners]
@@ -270,7 +276,7 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
     steps_per_epoch = train_reader.num_batches(0)
     for r in runners:
         r.variant.model.train()
-    # MKL's GEMM buffers, freed between steps once they pass a share of the reader's budget
+    # MKL's GEMM buffers, freed between steps of what a step does not need again (``mkl_buffers``)
     mkl = (mkl_buffers.find(mkl_buffers.cap_bytes(train_reader.memory_budget))
            if any(r.device.type == "cpu" for r in runners) else None)
     start = min((r.variant.epoch for r in runners), default=0)
@@ -316,6 +322,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         epoch_s = time.perf_counter() - t0
         wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
         reader_cpu = train_reader.stats.cpu_s - c0
+        if mkl is not None:
+            mkl.release()  # a training step's GEMM buffers would sit beside the eval pass's peak
         evals = evaluate(active, eval_reader, source, metric, pool)
         for r, ev in zip(active, evals):
             v = r.variant

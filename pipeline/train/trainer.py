@@ -30,7 +30,7 @@ from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
 from pipeline.sizes import parse_size
 
-__all__ = ["TrainConfig", "train", "build_side", "LiveTaps", "make_readers", "label_meta", "reader_peak_mb"]
+__all__ = ["TrainConfig", "train", "build_side", "side_network", "LiveTaps", "make_readers", "label_meta", "reader_peak_mb"]
 
 SIDE_KEYS = {f.name for f in dataclasses.fields(SideConfig)}
 
@@ -115,6 +115,16 @@ def build_side(cache: ActivationCache, side: dict, seed: int) -> tuple[SideModel
     return model, report
 
 
+def side_network(cache: ActivationCache, cfg: TrainConfig, device: torch.device) -> tuple[SideModel, dict]:
+    """``build_side`` of a run's config, on its device, with its ``recompute``: the one network a run's
+    steps train, for every entry point that trains or times them (`lst train`, fused sweeps, the
+    bench's reader-free floor, which timed steps without the default ffn recompute until session 29)."""
+    model, report = build_side(cache, cfg.side, cfg.seed)
+    model.to(device)
+    set_recompute(model, cfg.recompute)
+    return model, report
+
+
 def set_recompute(model: SideModel, mode: str) -> None:
     """``TrainConfig.recompute`` on a side network (a training setting, not part of its config):
     'ffn' marks every side block's feed-forward sublayer, 'blocks' the network's whole blocks."""
@@ -191,9 +201,7 @@ def train(cfg: TrainConfig) -> dict:
         model, runner_cls, weights_file, described = build_method(cache, cfg, device)
         init_report: dict = {}
     else:
-        model, init_report = build_side(cache, cfg.side, cfg.seed)
-        model.to(device)
-        set_recompute(model, cfg.recompute)
+        model, init_report = side_network(cache, cfg, device)
         runner_cls, weights_file = VariantRunner, "side.safetensors"
         described = {"side": model.config.to_dict(), "init_report": init_report, **label_meta(model, cache)}
     taps, dec_taps = model.required_taps(), model.required_decoder_taps()
