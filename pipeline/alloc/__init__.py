@@ -115,7 +115,8 @@ def build(verbose: bool = False) -> Path:
     if bindir not in env_path.split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + env_path
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".build-") as tmp:
-        load_inline(name=MODULE, cpp_sources=[SOURCE.read_text()], functions=["install", "stats", "release", "restore_peak"],
+        load_inline(name=MODULE, cpp_sources=[SOURCE.read_text()],
+                    functions=["install", "stats", "release", "restore_peak"],
                     build_directory=tmp, verbose=verbose, extra_cflags=["-O2"])
         staged = Path(tmp) / "out"
         staged.mkdir()

@@ -68,7 +68,8 @@ class MklBuffers:
 
 
 def find(cap: int) -> MklBuffers | None:
-    """MKL's buffer cache in torch's CPU library, trimmed at ``cap`` bytes; None where torch has no MKL."""
+    """MKL's buffer cache in torch's CPU library, trimmed past a step's need plus ``cap`` bytes; None where
+    torch has no MKL."""
     import torch
 
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")

@@ -30,7 +30,8 @@ from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
 from pipeline.sizes import parse_size
 
-__all__ = ["TrainConfig", "train", "build_side", "side_network", "LiveTaps", "make_readers", "label_meta", "reader_peak_mb"]
+__all__ = ["TrainConfig", "train", "build_side", "side_network", "LiveTaps", "make_readers", "label_meta",
+           "reader_peak_mb"]
 
 SIDE_KEYS = {f.name for f in dataclasses.fields(SideConfig)}
 
