@@ -106,6 +106,11 @@ def shared_decoder() -> str:
     return "numcodecs" if _SHARED is None or os.getpid() != _IMPORT_PID else _SHARED[0]
 
 
+def header_block_nbytes(head) -> int:
+    """Decoded bytes of one Blosc block, from a frame's header (its first ``HEADER_BYTES``)."""
+    return int.from_bytes(bytes(head[8:12]), "little")
+
+
 def _header(frame) -> tuple[np.ndarray, int, int]:
     """The frame as uint8 and its (decoded, compressed) byte counts, the latter checked against it."""
     src = np.frombuffer(frame, np.uint8)
@@ -196,15 +201,11 @@ class ThreadDecoder:
     only the blocks that hold the rows asked for, straight into the destination, where a chunk cut at a
     piece edge was decoded whole into scratch and copied. Its temporaries are kept between calls
     (``context_nbytes``) and freed by ``close``. Where c-blosc2's context API is missing (or of an
-    unknown version) ``available`` is False and callers decode as before.
+    unknown version) ``contexts_available()`` is False and callers decode as before.
     """
 
     def __init__(self) -> None:
         self._ctx: int | None = None
-
-    @property
-    def available(self) -> bool:
-        return contexts_available()
 
     def _context(self) -> int:
         if self._ctx is None:

@@ -24,7 +24,8 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 
-from pipeline.cache.blosc_decode import ThreadDecoder, context_nbytes, contexts_available, decompress_into
+from pipeline.cache.blosc_decode import (HEADER_BYTES, ThreadDecoder, context_nbytes, contexts_available,
+                                          decompress_into, header_block_nbytes)
 from pipeline.errors import ChecksumError
 
 EMPTY = np.uint64(2**64 - 1)
@@ -148,8 +149,7 @@ class DirectArray:
                     idx = np.frombuffer(os.pread(fh.fileno(), self.index_nbytes, size - self.index_nbytes)[:-4], "<u8")
                     for off, _ in idx.reshape(-1, 2):
                         if off != EMPTY:
-                            head = os.pread(fh.fileno(), 16, int(off))
-                            block = int.from_bytes(head[8:12], "little")
+                            block = header_block_nbytes(os.pread(fh.fileno(), HEADER_BYTES, int(off)))
                             if 0 < block <= self.chunk_nbytes:
                                 self._block_nbytes = block
                             break
