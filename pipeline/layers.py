@@ -4,7 +4,7 @@ A module may import from its own package and from any package of a *lower* layer
 same layer's other packages or from above. ``tests/test_layers.py`` checks every ``import`` in
 ``pipeline/`` (function-level ones included) against this table, so the dependency graph stays
 a one-way stack: cli -> bench -> search -> train/importance -> extract/side -> cache/data/backbones
--> alloc -> leaves -> errors. Stage two (``train``, ``side``) never reaches stage one (``extract``): what it reads of
+-> alloc -> native -> leaves -> errors. Stage two (``train``, ``side``) never reaches stage one (``extract``): what it reads of
 stage one's output lives in ``cache`` and the leaves.
 """
 
@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("extract", "side"),
     ("cache", "data", "backbones"),
     ("alloc",),  # the CPU buffer cache, set up with memory's mmap setting (``alloc.prepare_process``)
+    ("native",),  # the C++ extensions' builder (alloc's cache, side's attention kernel)
     ("devices", "metrics", "memory"),
     ("errors", "layers", "lazy", "sizes"),  # sizes: pure parsing, read by memory's environment setting
 )

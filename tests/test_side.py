@@ -528,10 +528,15 @@ def test_tap_noise_is_multiplicative_gaussian_at_training_time_only():
     assert not torch.allclose(plain(taps, mask), noisy(taps, mask))
 
 
-def test_cpu_attention_with_dropout_is_softmax_dropout_matmul():
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_attention_with_dropout_is_softmax_dropout_matmul(native, monkeypatch):
+    """Both CPU paths: the C++ kernel reads the same draws in its lane order (``native_attention``)."""
+    from pipeline.side.blocks import native_attention
     from pipeline.side.blocks.attention import attend
     from pipeline.side.blocks.context import mask_bias
 
+    monkeypatch.setenv(native_attention.ENV, "1" if native else "0")
+    assert (native_attention.kernels() is not None) == native  # set-up built it
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
     bias = mask_bias(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.float32, causal=False)
@@ -541,7 +546,11 @@ def test_cpu_attention_with_dropout_is_softmax_dropout_matmul():
     probs = (q @ k.transpose(-1, -2) * 0.5 + bias).softmax(-1)
     from pipeline.side.blocks.dropout import drop_mask
 
-    ref = torch.where(~drop_mask(probs.shape, 0.2, probs), probs / 0.8, torch.zeros(())) @ v
+    drop = drop_mask(probs.shape, 0.2, probs)
+    if native:  # draw n of the flat mask is element lane_order(positions)[n]
+        where = native_attention.lane_order(torch.arange(drop.numel()).view(drop.shape))
+        drop = torch.empty_like(drop).view(-1).index_put_((where,), drop.reshape(-1)).view(drop.shape)
+    ref = torch.where(~drop, probs / 0.8, torch.zeros(())) @ v
     torch.testing.assert_close(got, ref)
     # no dropout: SDPA, same arithmetic
     torch.testing.assert_close(attend(q, k, v, bias, 0.5, 0.2, training=False), probs @ v)
@@ -657,11 +666,16 @@ def test_softmax_in_place_and_its_backward_match_torch(length):
     assert (got[0, :, :, 0] == 0).all() if length > 1 else torch.equal(got, torch.ones_like(got))
 
 
-def test_cpu_attention_without_dropout_on_short_rows_matches_sdpa():
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_attention_without_dropout_on_short_rows_matches_sdpa(native, monkeypatch):
     """Eval and dropout-free training on CPU: rows under SMALL_SOFTMAX go through the written-out
-    Function (SDPA's CPU path is ~4x slower there); output and gradients match SDPA's."""
+    Function (SDPA's CPU path is ~4x slower there), or the C++ kernel where it is built; output and
+    gradients match SDPA's."""
+    from pipeline.side.blocks import native_attention
     from pipeline.side.blocks.attention import SMALL_SOFTMAX, attend
     from pipeline.side.blocks.context import mask_bias
+
+    monkeypatch.setenv(native_attention.ENV, "1" if native else "0")
 
     torch.manual_seed(3)
     L = SMALL_SOFTMAX - 3
@@ -675,7 +689,8 @@ def test_cpu_attention_without_dropout_on_short_rows_matches_sdpa():
         ga, gw = (torch.autograd.grad(t.pow(2).sum(), (q, k, v)) for t in (got, want))
         for a, w in zip(ga, gw):
             torch.testing.assert_close(a, w)
-    assert got.grad_fn is not None and "DropoutAttention" in type(got.grad_fn).__name__
+    name = "_NativeAttention" if native else "_DropoutAttention"
+    assert got.grad_fn is not None and type(got.grad_fn).__name__ == name + "Backward"
 
 
 def test_attention_keep_mask_drawn_in_chunks_equals_one_draw(monkeypatch):

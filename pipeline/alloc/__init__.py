@@ -8,22 +8,22 @@ own mapping. It keeps ``cap`` bytes of them, or more while the live buffers are 
 (what a step's forward held comes back for the next one): live + cached never passes
 max(peak live, live + cap), so the peak RSS grows by at most ``cap``.
 
-The C++ source is compiled once per torch version with torch's own extension builder (a C++
-compiler and ninja, both found at set-up) into ``~/.cache/lst/native``; ``scripts/setup.sh`` builds it,
+The C++ source is compiled once per torch version (``pipeline.native``: torch's own extension builder,
+into ``~/.cache/lst/native``); ``scripts/setup.sh`` builds it,
 and a process that finds no build makes one (~30 s) unless another process is already at it. Where
 it cannot be built, `lst` runs as before. ``LST_CPU_CACHE`` sets the cap ("0" turns the cache off).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
+
+from pipeline import native
 
 #: environment variable: the cache's cap (a size such as "8MB"), or "0"/"off" for no cache
 ENV = "LST_CPU_CACHE"
@@ -42,6 +42,7 @@ MIN_BYTES = 128 << 10
 SLACK = 0.5
 SOURCE = Path(__file__).with_name("cpu_cache.cpp")
 MODULE = "lst_cpu_cache"
+EXTENSION = native.Extension(MODULE, SOURCE, functions=("install", "stats", "release", "restore_peak"))
 
 
 @dataclass(frozen=True)
@@ -90,72 +91,12 @@ def budget_share(budget: int | None) -> int:
 
 def build_dir() -> Path:
     """Where the build for this torch version and this source lives."""
-    import torch
-
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lst" / "native"
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return root / f"{MODULE}-{tag}"
-
-
-def _library(d: Path) -> Path:
-    return d / f"{MODULE}.so"
+    return native.build_dir(EXTENSION)
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension into ``build_dir()`` and return the library's path. Builds in a private
-    folder and renames the result into place, so concurrent builders never see half a library."""
-    from torch.utils.cpp_extension import load_inline
-
-    final = build_dir()
-    if _library(final).exists():
-        return _library(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    env_path = os.environ.get("PATH", "")
-    bindir = str(Path(sys.executable).parent)  # the venv's ninja, when lst runs without activating it
-    if bindir not in env_path.split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + env_path
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".build-") as tmp:
-        load_inline(name=MODULE, cpp_sources=[SOURCE.read_text()],
-                    functions=["install", "stats", "release", "restore_peak"],
-                    build_directory=tmp, verbose=verbose, extra_cflags=["-O2"])
-        staged = Path(tmp) / "out"
-        staged.mkdir()
-        os.replace(Path(tmp) / f"{MODULE}.so", staged / f"{MODULE}.so")
-        try:
-            os.replace(staged, final)
-        except OSError:  # another process published the same build first
-            pass
-    return _library(final)
-
-
-def _load(path: Path):
-    import importlib.util
-
-    import torch  # noqa: F401  (the library links against torch's)
-
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    spec = importlib.util.spec_from_file_location(MODULE, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[MODULE] = module
-    return module
-
-
-def _build_once_here(quiet: bool) -> Path | None:
-    """Build unless another process holds the build lock (then run without the cache this time)."""
-    import fcntl
-
-    d = build_dir()
-    d.parent.mkdir(parents=True, exist_ok=True)
-    with open(d.parent / f".{d.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return None
-        if not quiet:
-            print(f"lst: compiling the CPU buffer cache once (~30 s; {ENV}=0 skips it)", file=sys.stderr)
-        return build()
+    """Compile the extension into ``build_dir()`` and return the library's path (``native.build``)."""
+    return native.build(EXTENSION, verbose=verbose)
 
 
 def install(cap: int, *, build_if_missing: bool = True, quiet: bool = False) -> bool:
@@ -165,14 +106,15 @@ def install(cap: int, *, build_if_missing: bool = True, quiet: bool = False) -> 
     if cap <= 0:
         return False
     try:
-        path = _library(build_dir())
+        path = native.library(EXTENSION)
         if not path.exists():
             if not build_if_missing:
                 return False
-            path = _build_once_here(quiet)
+            note = None if quiet else f"lst: compiling the CPU buffer cache once (~30 s; {ENV}=0 skips it)"
+            path = native.build_once_here(EXTENSION, note)
             if path is None:
                 return False
-        module = _load(path)
+        module = native.load(EXTENSION, path)
         module.install(MIN_BYTES, int(cap), SLACK)
         return True
     except Exception as e:  # no compiler, no ninja, an unloadable library: run as before

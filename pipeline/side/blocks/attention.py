@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native_attention
 from .dropout import lane_mask
 
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
@@ -33,13 +34,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
     and draws the mask with ``bernoulli_``; the same arithmetic written out with the cheaper CPU
     dropout mask (``blocks.dropout``) is faster there. On CPU rows of fewer than ``SMALL_SOFTMAX``
     keys take the written-out arithmetic too, dropout or not (SDPA's softmax is a scalar loop there).
-    Everywhere else SDPA's own kernels run."""
+    Small heads on CPU (``native_attention.fits``) take the C++ kernel before either, where it is
+    built. Everywhere else SDPA's own kernels run."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if bias is not None:
         bias = bias.to(q.dtype)
+    drops = training and dropout > 0
+    if native_attention.fits(q, k, bias, drops) and native_attention.kernels() is not None:
+        # the same draws as the torch path's mask, read in the kernel's lane order
+        bits = _pack_bits(keep_mask(q.shape[:-1] + (k.shape[-2],), dropout, q)) if drops else None
+        return native_attention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout) if drops else 1.0, bits)
     if q.device.type == "cpu" and training and dropout > 0:
         keep = keep_mask(q.shape[:-1] + (k.shape[-2],), dropout, q)
         return _DropoutAttention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout), keep)

@@ -33,17 +33,18 @@ def mask_bias(mask: Tensor, dtype: torch.dtype, causal: bool, query_len: int | N
     """Additive attention bias from a [B, L_k] key mask (and causality).
 
     Uses ``torch.where`` rather than adding two masks, so a position masked twice gets
-    finfo.min and not -inf (an all -inf row would turn into NaN in softmax).
+    finfo.min and not -inf (an all -inf row would turn into NaN in softmax). Without causality the
+    rows are one [B, 1, 1, L_k] row expanded (the CPU attention kernel then reads one row per example).
     """
     b, lk = mask.shape
     lq = lk if query_len is None else query_len
-    allowed = mask[:, None, None, :].bool().expand(b, 1, lq, lk)
-    if causal:
-        tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
-        allowed = allowed & tri
+    allowed = mask[:, None, None, :].bool()
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
-    return torch.where(allowed, zero, neg)
+    if not causal:  # every query row is the same: one row per example, expanded (a view)
+        return torch.where(allowed, zero, neg).expand(b, 1, lq, lk)
+    tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+    return torch.where(allowed.expand(b, 1, lq, lk) & tri, zero, neg)
 
 
 def make_context(attention_mask: Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> BlockContext:

@@ -1,0 +1,337 @@
+// Attention for small heads on CPU (pipeline/side/blocks/native_attention.py): softmax(q k^T * scale +
+// bias), dropped out by a keep mask and scaled by c, times v; and its backward, which recomputes the
+// probabilities from q and k as fused attention kernels do.
+//
+// Why: a side network's heads are tiny (MiniLM's: 12 heads of dim 4), so torch's batched matmuls and
+// softmax over [B, H, L, L] spend their time on per-row overhead and on the [B, H, L, L] temporaries.
+// Here W = 16 (batch, head) pairs are computed side by side, one per vector lane: every step of the
+// arithmetic (a score, a running max, an exp, a gradient) is one full-width vector operation over 16
+// pairs, with no row remainders and no horizontal reductions, and nothing of size [L, L] is stored.
+// A group's q, k and v are gathered into lane order once ([L][D] vectors, a few KB).
+//
+// The keep mask comes as bits in lane order: (group, query row, key, lane), 16 bits per (row, key);
+// a last group of `valid` < 16 pairs holds `valid` bits per (row, key).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int W = 16;  // (batch, head) pairs computed side by side, one per vector lane
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline v16 splat(float x) { return v16{} + x; }
+
+// exp(x) for x <= 0 (softmax after the row max is subtracted), Cephes' expf: ~1 ulp; 0 below -87
+inline v16 exp_neg(v16 x) {
+  const v16 lo = splat(-87.0f);
+  const v16 xc = x < lo ? lo : x;
+  const v16 t = xc * 1.44269504088896341f + 0.5f;
+  vi16 n = __builtin_convertvector(t, vi16);  // toward zero; t > -126, so floor is n or n - 1
+  n += (__builtin_convertvector(n, v16) > t);  // true is -1
+  const v16 fx = __builtin_convertvector(n, v16);
+  const v16 r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const v16 z = r * r;
+  v16 y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+           + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const v16 scale = (v16)((n + 127) << 23);
+  return x < lo ? v16{} : y * scale;
+}
+
+struct View4 {
+  float* p = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+};
+
+View4 view4(const at::Tensor& t) {
+  View4 v;
+  v.p = t.data_ptr<float>();
+  for (int i = 0; i < 4; ++i) v.s[i] = t.stride(i);
+  return v;
+}
+
+inline void lane_offsets(const View4& v, int64_t t0, int64_t T, int64_t H, int64_t* off) {
+  for (int l = 0; l < W; ++l) {
+    const int64_t t = std::min(t0 + l, T - 1);
+    off[l] = (t / H) * v.s[0] + (t % H) * v.s[1];
+  }
+}
+
+// [L][D] lane vectors from a view's rows of the group's lanes
+template <int D>
+inline void gather(const View4& v, const int64_t* off, int64_t L, v16* out) {
+  for (int64_t i = 0; i < L; ++i)
+    for (int d = 0; d < D; ++d) {
+      float tmp[W];
+      const float* base = v.p + i * v.s[2] + d * v.s[3];
+      for (int l = 0; l < W; ++l) tmp[l] = base[off[l]];
+      std::memcpy(&out[i * D + d], tmp, sizeof(tmp));
+    }
+}
+
+template <int D>
+inline void scatter(const v16* in, const int64_t* off, int64_t L, int valid, const View4& v) {
+  for (int64_t i = 0; i < L; ++i)
+    for (int d = 0; d < D; ++d) {
+      float tmp[W];
+      std::memcpy(tmp, &in[i * D + d], sizeof(tmp));
+      float* base = v.p + i * v.s[2] + d * v.s[3];
+      for (int l = 0; l < valid; ++l) base[off[l]] = tmp[l];
+    }
+}
+
+struct Extras {
+  View4 bias;
+  bool has_bias = false;
+  const uint8_t* bits = nullptr;  // keep mask, bits in lane order (see keep_row)
+  float c = 1.0f;
+  float scale = 1.0f;
+};
+
+// the bias row i of the group's lanes, [Lk] lane vectors
+inline void bias_row(const Extras& x, const int64_t* boff, int64_t i, int64_t Lk, v16* out) {
+  for (int64_t j = 0; j < Lk; ++j) {
+    float tmp[W];
+    const float* base = x.bias.p + i * x.bias.s[2] + j * x.bias.s[3];
+    for (int l = 0; l < W; ++l) tmp[l] = base[boff[l]];
+    std::memcpy(&out[j], tmp, sizeof(tmp));
+  }
+}
+
+// keep factors (c or 0) of row i: the mask's bits run (group, i, j, lane); a last group of `valid` < W
+// lanes holds `valid` bits per (i, j)
+inline void keep_row(const Extras& x, int64_t g, int valid, int64_t i, int64_t Lq, int64_t Lk, v16* out) {
+  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16 c = splat(x.c);
+  if (valid == W) {
+    const uint8_t* w = x.bits + 2 * ((g * Lq + i) * Lk);
+    for (int64_t j = 0; j < Lk; ++j) {
+      uint16_t word;
+      std::memcpy(&word, w + 2 * j, 2);
+      const vi16 on = ((vi16{} + static_cast<int32_t>(word)) >> lane) & 1;
+      out[j] = on != 0 ? c : v16{};
+    }
+    return;
+  }
+  const int64_t base = g * W * Lq * Lk + i * Lk * valid;
+  for (int64_t j = 0; j < Lk; ++j) {
+    float tmp[W] = {};
+    for (int l = 0; l < valid; ++l) {
+      const int64_t b = base + j * valid + l;
+      tmp[l] = ((x.bits[b >> 3] >> (b & 7)) & 1) ? x.c : 0.0f;
+    }
+    std::memcpy(&out[j], tmp, sizeof(tmp));
+  }
+}
+
+// row i's probabilities (before dropout) into p[Lk]
+template <int D>
+inline void row_probs(const v16* q, const v16* K, const v16* bias, int64_t Lk, float scale, v16* p) {
+  v16 m = splat(-INFINITY);
+  for (int64_t j = 0; j < Lk; ++j) {
+    v16 s = q[0] * K[j * D];
+    for (int d = 1; d < D; ++d) s += q[d] * K[j * D + d];
+    s = bias ? s * scale + bias[j] : s * scale;
+    p[j] = s;
+    m = s > m ? s : m;
+  }
+  v16 sum{};
+  for (int64_t j = 0; j < Lk; ++j) {
+    const v16 e = exp_neg(p[j] - m);
+    p[j] = e;
+    sum += e;
+  }
+  const v16 inv = 1.0f / sum;
+  for (int64_t j = 0; j < Lk; ++j) p[j] *= inv;
+}
+
+template <int D>
+void forward_groups(const View4& Q, const View4& K, const View4& V, const View4& O, const Extras& x, int64_t T,
+                    int64_t H, int64_t Lq, int64_t Lk, int64_t g0, int64_t g1) {
+  std::vector<v16> q(Lq * D), k(Lk * D), v(Lk * D), o(Lq * D), p(Lk), kp(Lk), br(Lk);
+  int64_t qo[W], ko[W], vo[W], oo[W], bo[W];
+  const bool bias_rows = x.has_bias && x.bias.s[2] != 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t t0 = g * W;
+    const int valid = static_cast<int>(std::min<int64_t>(W, T - t0));
+    lane_offsets(Q, t0, T, H, qo);
+    lane_offsets(K, t0, T, H, ko);
+    lane_offsets(V, t0, T, H, vo);
+    lane_offsets(O, t0, T, H, oo);
+    gather<D>(Q, qo, Lq, q.data());
+    gather<D>(K, ko, Lk, k.data());
+    gather<D>(V, vo, Lk, v.data());
+    if (x.has_bias) {
+      lane_offsets(x.bias, t0, T, H, bo);
+      if (!bias_rows) bias_row(x, bo, 0, Lk, br.data());
+    }
+    for (int64_t i = 0; i < Lq; ++i) {
+      if (bias_rows) bias_row(x, bo, i, Lk, br.data());
+      row_probs<D>(&q[i * D], k.data(), x.has_bias ? br.data() : nullptr, Lk, x.scale, p.data());
+      if (x.bits) {
+        keep_row(x, g, valid, i, Lq, Lk, kp.data());
+        for (int64_t j = 0; j < Lk; ++j) p[j] *= kp[j];
+      }
+      v16 acc[D];
+      for (int d = 0; d < D; ++d) acc[d] = p[0] * v[d];
+      for (int64_t j = 1; j < Lk; ++j)
+        for (int d = 0; d < D; ++d) acc[d] += p[j] * v[j * D + d];
+      for (int d = 0; d < D; ++d) o[i * D + d] = acc[d];
+    }
+    scatter<D>(o.data(), oo, Lq, valid, O);
+  }
+}
+
+template <int D>
+void backward_groups(const View4& G, const View4& Q, const View4& K, const View4& V, const View4& GQ, const View4& GK,
+                     const View4& GV, const Extras& x, int64_t T, int64_t H, int64_t Lq, int64_t Lk, int64_t g0,
+                     int64_t g1) {
+  std::vector<v16> q(Lq * D), k(Lk * D), v(Lk * D), go(Lq * D), gq(Lq * D), gk(Lk * D), gv(Lk * D), p(Lk), kp(Lk),
+      gp(Lk), br(Lk);
+  int64_t qo[W], ko[W], vo[W], go_o[W], gqo[W], gko[W], gvo[W], bo[W];
+  const float scale = x.scale;
+  const bool bias_rows = x.has_bias && x.bias.s[2] != 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t t0 = g * W;
+    const int valid = static_cast<int>(std::min<int64_t>(W, T - t0));
+    lane_offsets(Q, t0, T, H, qo);
+    lane_offsets(K, t0, T, H, ko);
+    lane_offsets(V, t0, T, H, vo);
+    lane_offsets(G, t0, T, H, go_o);
+    lane_offsets(GQ, t0, T, H, gqo);
+    lane_offsets(GK, t0, T, H, gko);
+    lane_offsets(GV, t0, T, H, gvo);
+    gather<D>(Q, qo, Lq, q.data());
+    gather<D>(K, ko, Lk, k.data());
+    gather<D>(V, vo, Lk, v.data());
+    gather<D>(G, go_o, Lq, go.data());
+    std::fill(gk.begin(), gk.end(), v16{});
+    std::fill(gv.begin(), gv.end(), v16{});
+    if (x.has_bias) {
+      lane_offsets(x.bias, t0, T, H, bo);
+      if (!bias_rows) bias_row(x, bo, 0, Lk, br.data());
+    }
+    for (int64_t i = 0; i < Lq; ++i) {
+      if (bias_rows) bias_row(x, bo, i, Lk, br.data());
+      const v16* qi = &q[i * D];
+      const v16* gi = &go[i * D];
+      row_probs<D>(qi, k.data(), x.has_bias ? br.data() : nullptr, Lk, scale, p.data());
+      if (x.bits) keep_row(x, g, valid, i, Lq, Lk, kp.data());
+      v16 dot{};
+      for (int64_t j = 0; j < Lk; ++j) {
+        v16 s = gi[0] * v[j * D];
+        for (int d = 1; d < D; ++d) s += gi[d] * v[j * D + d];
+        v16 pd = p[j];
+        if (x.bits) {
+          s *= kp[j];
+          pd *= kp[j];
+        }
+        for (int d = 0; d < D; ++d) gv[j * D + d] += pd * gi[d];
+        gp[j] = s;
+        dot += s * p[j];
+      }
+      v16 acc[D];
+      v16 qs[D];
+      for (int d = 0; d < D; ++d) {
+        acc[d] = v16{};
+        qs[d] = qi[d] * scale;
+      }
+      for (int64_t j = 0; j < Lk; ++j) {
+        const v16 ds = (gp[j] - dot) * p[j];
+        for (int d = 0; d < D; ++d) {
+          acc[d] += ds * k[j * D + d];
+          gk[j * D + d] += ds * qs[d];
+        }
+      }
+      for (int d = 0; d < D; ++d) gq[i * D + d] = acc[d] * scale;
+    }
+    scatter<D>(gq.data(), gqo, Lq, valid, GQ);
+    scatter<D>(gk.data(), gko, Lk, valid, GK);
+    scatter<D>(gv.data(), gvo, Lk, valid, GV);
+  }
+}
+
+Extras extras(const c10::optional<at::Tensor>& bias, double scale, double c, const c10::optional<at::Tensor>& bits) {
+  Extras x;
+  x.has_bias = bias.has_value() && bias->defined();
+  if (x.has_bias) x.bias = view4(*bias);
+  if (bits.has_value() && bits->defined()) x.bits = bits->data_ptr<uint8_t>();
+  x.c = static_cast<float>(c);
+  x.scale = static_cast<float>(scale);
+  return x;
+}
+
+#define LST_DISPATCH_D(D_, ...)                                            \
+  switch (D_) {                                                            \
+    case 4: { constexpr int D = 4; __VA_ARGS__; break; }                   \
+    case 8: { constexpr int D = 8; __VA_ARGS__; break; }                   \
+    case 16: { constexpr int D = 16; __VA_ARGS__; break; }                 \
+    default: TORCH_CHECK(false, "head dim ", D_, " has no native kernel"); \
+  }
+
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& bias,
+           const c10::optional<at::Tensor>& bits) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, L, D]");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors only");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "k and v must match q's batch, heads and head dim");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->sizes() == at::IntArrayRef({B, H, Lq, Lk}),
+                "bias must be float32, expanded to [B, H, Lq, Lk]");
+  if (bits.has_value() && bits->defined())
+    TORCH_CHECK(bits->scalar_type() == at::kByte && bits->is_contiguous() && bits->numel() * 8 >= B * H * Lq * Lk,
+                "bits must hold B * H * Lq * Lk mask bits (uint8, contiguous)");
+}
+
+}  // namespace
+
+// q [B, H, Lq, D], k and v [B, H, Lk, D] (float32, any strides), bias expanded to [B, H, Lq, Lk] or
+// None, bits the keep mask or None (no dropout). The output [B, H, Lq, D] is laid out [B, Lq, H, D],
+// so that merging its heads is a view.
+at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const c10::optional<at::Tensor>& bias, double scale, double c,
+                   const c10::optional<at::Tensor>& bits) {
+  check(q, k, v, bias, bits);
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dh = q.size(3), Lk = k.size(2), T = B * H;
+  auto out = at::empty({B, Lq, H, Dh}, q.options()).transpose(1, 2);
+  const View4 Qv = view4(q), Kv = view4(k), Vv = view4(v), Ov = view4(out);
+  const Extras x = extras(bias, scale, c, bits);
+  const int64_t groups = (T + W - 1) / W;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    LST_DISPATCH_D(Dh, forward_groups<D>(Qv, Kv, Vv, Ov, x, T, H, Lq, Lk, g0, g1));
+  });
+  return out;
+}
+
+// The gradients of q, k and v, laid out [B, L, H, D] (as the projections the heads are views of).
+std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const c10::optional<at::Tensor>& bias, double scale,
+                                 double c, const c10::optional<at::Tensor>& bits) {
+  check(q, k, v, bias, bits);
+  TORCH_CHECK(go.sizes() == q.sizes() && go.scalar_type() == at::kFloat, "grad_out must be shaped as q");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dh = q.size(3), Lk = k.size(2), T = B * H;
+  auto gq = at::empty({B, Lq, H, Dh}, q.options()).transpose(1, 2);
+  auto gk = at::empty({B, Lk, H, Dh}, q.options()).transpose(1, 2);
+  auto gv = at::empty({B, Lk, H, Dh}, q.options()).transpose(1, 2);
+  const View4 Gv = view4(go), Qv = view4(q), Kv = view4(k), Vv = view4(v), GQv = view4(gq), GKv = view4(gk),
+               GVv = view4(gv);
+  const Extras x = extras(bias, scale, c, bits);
+  const int64_t groups = (T + W - 1) / W;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    LST_DISPATCH_D(Dh, backward_groups<D>(Gv, Qv, Kv, Vv, GQv, GKv, GVv, x, T, H, Lq, Lk, g0, g1));
+  });
+  return {gq, gk, gv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // the GIL is let go while a kernel runs: a fused sweep steps variants on several threads at once
+  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, py::call_guard<py::gil_scoped_release>());
+  m.attr("lanes") = W;
+}

@@ -1,0 +1,131 @@
+"""Small-head attention on CPU in C++ (``attention_cpu.cpp``), forward and backward.
+
+Why: a side network's heads are tiny. On MiniLM, 12 heads of dim 4: torch's batched matmuls and
+softmax over [B, H, L, L] are per-row overhead and [B, H, L, L] temporaries, and attention took ~43%
+of a cached side step (session 30's profile, one thread). The kernel computes 16 (batch, head) pairs
+side by side, one per vector lane, keeps nothing of size [L, L], reads q, k and v through their
+strides (no head copies) and writes its outputs in the layout ``merge_heads`` reads as a view. Forward
+and backward at [100, 12, 28, 4] with dropout, one thread: 2.3 ms against 12.7 ms for the written-out
+``_DropoutAttention``; without dropout 1.9 ms against 4.6-10.3 ms for SDPA's.
+
+Where it runs (``fits``): float32 on CPU, head dim 4, 8 or 16 (16 only with attention dropout: SDPA's
+kernel was as fast there without it), at most ``MAX_KEYS`` keys, and a bias that needs no gradient
+(T5's and MPNet's learned position biases do: they take the torch path). Everywhere else, and where
+the kernel cannot be built, ``attention.attend`` runs torch's arithmetic, to float rounding the same.
+
+The dropout mask is drawn as before (``keep_mask``: the same random draws, so the stream moves the
+same way) and read in the kernel's lane order: mask bit n is (lane group, query row, key, lane), not
+(batch, head, query row, key). So the dropped elements differ from the torch path's, drawn from the
+same distribution. ``lane_order`` maps a [B, H, Lq, Lk] mask to that order (for tests and for anyone
+comparing the two paths).
+
+``LST_NATIVE_ATTENTION=0`` turns the kernel off. A process that finds no build compiles it (~25 s)
+unless another process is already at it; ``scripts/setup.sh`` builds it
+(``python -m pipeline.side.blocks``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from pipeline import native
+
+__all__ = ["EXTENSION", "ENV", "LANES", "MAX_KEYS", "kernels", "fits", "apply", "lane_order"]
+
+#: environment variable: "0"/"off" runs torch's attention arithmetic instead of the kernel
+ENV = "LST_NATIVE_ATTENTION"
+EXTENSION = native.Extension(
+    "lst_attention_cpu", Path(__file__).with_name("attention_cpu.cpp"),
+    cflags=("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
+    ldflags=("-fopenmp",),  # resolves to the libgomp torch already loaded: the same thread pool
+    this_cpu=True)
+#: (batch, head) pairs per vector lane group (the kernel's W)
+LANES = 16
+#: head dims the kernel is compiled for; without dropout only up to ``NO_DROPOUT_MAX_DIM``
+HEAD_DIMS = (4, 8, 16)
+NO_DROPOUT_MAX_DIM = 8
+#: longer rows take torch's path: a group's gathered k, v and gradients grow with the keys, and at
+#: 512 keys the kernel was level with SDPA (session 30: 7.6 against 7.55 ms at [2, 12, 512, 4])
+MAX_KEYS = 512
+
+
+def _disabled(env: dict | None = None) -> bool:
+    return (os.environ if env is None else env).get(ENV, "").strip().lower() in ("0", "off", "no", "none")
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> ModuleType | None:
+    """The built kernel, compiled here first if missing (None: unbuildable, or another process is
+    compiling it; this process then runs torch's arithmetic throughout)."""
+    import sys
+
+    try:
+        path = native.library(EXTENSION)
+        if not path.exists():
+            path = native.build_once_here(
+                EXTENSION, f"lst: compiling the small-head CPU attention kernel once (~25 s; {ENV}=0 skips it)")
+            if path is None:
+                return None
+        return native.load(EXTENSION, path)
+    except Exception as e:  # no compiler, no ninja, an unloadable library: torch's path
+        print(f"lst: small-head CPU attention kernel unavailable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using torch's attention", file=sys.stderr)
+        return None
+
+
+def kernels() -> ModuleType | None:
+    """The kernel module, or None where it is off (``ENV``) or cannot be built."""
+    return None if _disabled() else _load()
+
+
+def fits(q: Tensor, k: Tensor, bias: Tensor | None, dropout: bool) -> bool:
+    """Whether the kernel computes this attention (see the module's docstring)."""
+    d = q.shape[-1]
+    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and q.dim() == 4
+            and q.shape[1] == k.shape[1] and d in HEAD_DIMS and (dropout or d <= NO_DROPOUT_MAX_DIM)
+            and k.shape[-2] <= MAX_KEYS
+            and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
+
+
+class _NativeAttention(torch.autograd.Function):
+    """Saves q, k, v (the projections' own views), the bias and the mask bits; the backward
+    recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float,
+                bits: Tensor | None) -> Tensor:
+        ctx.save_for_backward(q, k, v, bias, bits)
+        ctx.scale, ctx.c = scale, c
+        return _load().forward(q, k, v, bias, scale, c, bits)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, bias, bits = ctx.saved_tensors
+        gq, gk, gv = _load().backward(grad_out, q, k, v, bias, ctx.scale, ctx.c, bits)
+        return gq, gk, gv, None, None, None, None
+
+
+def apply(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float, bits: Tensor | None) -> Tensor:
+    """softmax(q k^T * scale + bias), dropped out where ``bits`` (lane order) are 0 and scaled by c,
+    times v; [B, H, Lq, D] laid out [B, Lq, H, D]. ``fits`` must hold."""
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return _NativeAttention.apply(q, k, v, bias, scale, c, bits)
+
+
+def lane_order(mask: Tensor) -> Tensor:
+    """A [B, H, Lq, Lk] mask flattened in the kernel's order: (group of ``LANES`` (batch, head) pairs,
+    query row, key, lane); the last group holds its own count of lanes."""
+    b, h, lq, lk = mask.shape
+    flat = mask.reshape(b * h, lq, lk)
+    full = (b * h) // LANES * LANES
+    parts = [flat[:full].reshape(-1, LANES, lq, lk).permute(0, 2, 3, 1).reshape(-1)]
+    if full < b * h:
+        parts.append(flat[full:].permute(1, 2, 0).reshape(-1))
+    return torch.cat(parts)
