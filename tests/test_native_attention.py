@@ -1,6 +1,7 @@
-"""The small-head CPU attention kernel (``native_attention``, C++) against torch's arithmetic.
+"""lst's CPU kernels (``cpu_kernels``, C++): small-head attention (``native_attention``) and dropout,
+against torch's arithmetic.
 
-Set-up builds the kernel; these tests need it (``kernels()`` not None), as the cache tests need the
+Set-up builds the kernels; these tests need them (``kernels()`` not None), as the cache tests need the
 CPU buffer cache."""
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ import pytest
 import torch
 
 from pipeline.side.blocks import attention as A
+from pipeline.side.blocks import cpu_kernels as K
+from pipeline.side.blocks import dropout as Dr
 from pipeline.side.blocks import native_attention as N
 from pipeline.side.blocks.context import mask_bias
 
 
 @pytest.fixture(autouse=True)
 def kernel_on(monkeypatch):
-    monkeypatch.setenv(N.ENV, "1")
-    assert N.kernels() is not None, "scripts/setup.sh builds the kernel (python -m pipeline.side.blocks)"
+    monkeypatch.setenv(K.ENV, "1")
+    assert K.kernels() is not None, "scripts/setup.sh builds the kernels (python -m pipeline.side.blocks)"
 
 
 def _qkv(b: int, h: int, lq: int, lk: int, d: int, seed: int):
@@ -76,7 +79,7 @@ def test_attend_takes_the_kernel_where_it_fits_with_the_torch_paths_draws(dropou
     after_native = torch.rand(2)
     assert type(got.grad_fn).__name__ == "_NativeAttentionBackward"
 
-    monkeypatch.setenv(N.ENV, "0")
+    monkeypatch.setenv(K.ENV, "0")
     shape = torch.Size((3, 6, 10, 10))
     torch.manual_seed(11)
     keep = A.keep_mask(shape, dropout, q) if dropout else None
@@ -112,17 +115,58 @@ def test_what_the_kernel_takes():
 def test_the_kernel_refuses_what_would_read_out_of_bounds():
     q, k, v = _qkv(2, 4, 5, 5, 4, seed=0)
     with pytest.raises(RuntimeError, match="mask bits"):
-        N.kernels().forward(q, k, v, None, 0.5, 1.0, torch.zeros(2, dtype=torch.uint8))
+        K.kernels().forward(q, k, v, None, 0.5, 1.0, torch.zeros(2, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="bias"):
-        N.kernels().forward(q, k, v, torch.zeros(2, 1, 1, 5), 0.5, 1.0, None)  # not expanded
+        K.kernels().forward(q, k, v, torch.zeros(2, 1, 1, 5), 0.5, 1.0, None)  # not expanded
     with pytest.raises(RuntimeError, match="head dim"):
         a, b, c = _qkv(1, 2, 3, 3, 5, seed=0)
-        N.kernels().forward(a, b, c, None, 0.5, 1.0, None)
+        K.kernels().forward(a, b, c, None, 0.5, 1.0, None)
 
 
 def test_off_switch_runs_torchs_attention(monkeypatch):
-    monkeypatch.setenv(N.ENV, "0")
-    assert N.kernels() is None
+    monkeypatch.setenv(K.ENV, "0")
+    assert K.kernels() is None
     q, k, v = _qkv(2, 4, 5, 5, 4, seed=0)
     out = A.attend(q, k, v, None, 0.5, 0.0, training=True)
     assert type(out.grad_fn).__name__ == "_DropoutAttentionBackward"
+
+
+@pytest.mark.parametrize("b,h,l", [(3, 12, 7), (2, 8, 5), (1, 5, 9)])  # partial, one full, one partial group
+def test_attention_drawing_its_mask_from_lanes_equals_the_mask_given_as_bits(b, h, l):
+    """``forward_lanes`` compares the random lanes itself and hands back the mask's bits: the torch
+    path's ``keep_mask`` from the same lanes, packed in draw order (which the kernel reads as lane order)."""
+    q, k, v = _qkv(b, h, l, l, 4, seed=l)
+    shape = torch.Size((b, h, l, l))
+    torch.manual_seed(3)
+    keep = A.keep_mask(shape, 0.3, q)
+    torch.manual_seed(3)
+    lanes = Dr.random_words(shape.numel(), q)
+    out, bits = K.kernels().forward_lanes(q, k, v, None, 0.5, 1 / 0.7, lanes, Dr.mask_threshold(0.3))
+    want_bits = A._pack_bits(keep)
+    assert torch.equal(bits, want_bits)
+    assert torch.equal(out, K.kernels().forward(q, k, v, None, 0.5, 1 / 0.7, want_bits))
+
+
+@pytest.mark.parametrize("shape", [(100, 13, 48), (7,), (3, 5, 11), (2, 70000)])
+def test_kernel_dropout_is_the_torch_paths_dropout_bit_for_bit(shape, monkeypatch):
+    """The same lanes, so the same mask; values and gradients equal bit for bit, for sizes that are
+    no multiple of 8 or 16 and ones split over several parallel tasks; a non-contiguous input too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g)
+    for inp in (x, x.transpose(0, -1) if x.dim() > 1 else x):
+        got_in = inp.detach().requires_grad_()
+        torch.manual_seed(9)
+        got = Dr.dropout(got_in, 0.1)
+        after = torch.rand(1)
+        assert type(got.grad_fn).__name__ == "_KernelDropoutBackward"
+        monkeypatch.setenv(K.ENV, "0")
+        want_in = inp.detach().requires_grad_()
+        torch.manual_seed(9)
+        want = Dr.dropout(want_in, 0.1)
+        assert torch.equal(torch.rand(1), after)  # the stream moved the same way
+        monkeypatch.setenv(K.ENV, "1")
+        assert got.shape == want.shape and torch.equal(got, want)
+        grad = torch.randn(want.shape, generator=g)
+        got.backward(grad)
+        want.backward(grad)
+        assert torch.equal(got_in.grad, want_in.grad)

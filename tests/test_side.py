@@ -531,12 +531,12 @@ def test_tap_noise_is_multiplicative_gaussian_at_training_time_only():
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_attention_with_dropout_is_softmax_dropout_matmul(native, monkeypatch):
     """Both CPU paths: the C++ kernel reads the same draws in its lane order (``native_attention``)."""
-    from pipeline.side.blocks import native_attention
+    from pipeline.side.blocks import cpu_kernels, native_attention
     from pipeline.side.blocks.attention import attend
     from pipeline.side.blocks.context import mask_bias
 
-    monkeypatch.setenv(native_attention.ENV, "1" if native else "0")
-    assert (native_attention.kernels() is not None) == native  # set-up built it
+    monkeypatch.setenv(cpu_kernels.ENV, "1" if native else "0")
+    assert (cpu_kernels.kernels() is not None) == native  # set-up built it
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
     bias = mask_bias(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.float32, causal=False)
@@ -671,11 +671,11 @@ def test_cpu_attention_without_dropout_on_short_rows_matches_sdpa(native, monkey
     """Eval and dropout-free training on CPU: rows under SMALL_SOFTMAX go through the written-out
     Function (SDPA's CPU path is ~4x slower there), or the C++ kernel where it is built; output and
     gradients match SDPA's."""
-    from pipeline.side.blocks import native_attention
+    from pipeline.side.blocks import cpu_kernels
     from pipeline.side.blocks.attention import SMALL_SOFTMAX, attend
     from pipeline.side.blocks.context import mask_bias
 
-    monkeypatch.setenv(native_attention.ENV, "1" if native else "0")
+    monkeypatch.setenv(cpu_kernels.ENV, "1" if native else "0")
 
     torch.manual_seed(3)
     L = SMALL_SOFTMAX - 3

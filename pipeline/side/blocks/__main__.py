@@ -1,6 +1,6 @@
-"""``python -m pipeline.side.blocks``: build the small-head CPU attention kernel now (set-up does this)."""
+"""``python -m pipeline.side.blocks``: build lst's CPU side-network kernels now (set-up does this)."""
 
 from pipeline import native
-from pipeline.side.blocks import native_attention
+from pipeline.side.blocks import cpu_kernels
 
-print(native.build(native_attention.EXTENSION))
+print(native.build(cpu_kernels.EXTENSION))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native_attention
-from .dropout import lane_mask
+from . import cpu_kernels, native_attention
+from .dropout import lane_mask, mask_threshold, random_words
 
 __all__ = ["split_heads", "merge_heads", "attend", "relative_position_bucket", "rotary_cos_sin", "apply_rotary"]
 
@@ -43,10 +43,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
     if bias is not None:
         bias = bias.to(q.dtype)
     drops = training and dropout > 0
-    if native_attention.fits(q, k, bias, drops) and native_attention.kernels() is not None:
+    if native_attention.fits(q, k, bias, drops) and cpu_kernels.kernels() is not None:
+        if not drops:
+            return native_attention.apply(q, k, v, bias, scale, 1.0)
         # the same draws as the torch path's mask, read in the kernel's lane order
-        bits = _pack_bits(keep_mask(q.shape[:-1] + (k.shape[-2],), dropout, q)) if drops else None
-        return native_attention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout) if drops else 1.0, bits)
+        shape = q.shape[:-1] + (k.shape[-2],)
+        c = 1.0 / (1.0 - dropout)
+        if math.prod(shape) <= native_attention.LANES_AT_ONCE:
+            return native_attention.apply(q, k, v, bias, scale, c, lanes=random_words(math.prod(shape), q),
+                                          threshold=mask_threshold(dropout))
+        return native_attention.apply(q, k, v, bias, scale, c, bits=_pack_bits(keep_mask(shape, dropout, q)))
     if q.device.type == "cpu" and training and dropout > 0:
         keep = keep_mask(q.shape[:-1] + (k.shape[-2],), dropout, q)
         return _DropoutAttention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout), keep)

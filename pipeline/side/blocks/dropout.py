@@ -6,8 +6,9 @@ is small, so its dropout masks cost as much as its matmuls. A mask element needs
 bits than a float: ``drop_mask`` takes 15 bits per element, two from each 32-bit draw of torch's CPU
 generator, and compares them with round(p * 2**15) (so p is rounded to a multiple of 2**-15: 0.1 ->
 0.100006). On the 2-core box a [100, 12, 20, 20] mask costs 0.7 ms against 1.6 ms for float
-uniforms compared with p (session 18), which cost 60% of ``bernoulli_``. Off CPU, ``nn.Dropout`` is
-used as is (CUDA's kernel is fused and fast).
+uniforms compared with p (session 18), which cost 60% of ``bernoulli_``. Where lst's CPU kernels are
+built (``cpu_kernels``), the compare and the arithmetic are one pass in C++ on the same lanes (same
+mask, same values). Off CPU, ``nn.Dropout`` is used as is (CUDA's kernel is fused and fast).
 
 Where the random bits come from: torch's global generator, unless ``dropout_stream(g)`` names a
 generator for the current thread (a ``ContextVar``). A fused sweep trains variants on several
@@ -27,7 +28,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Dropout", "dropout", "dropout_stream", "drop_mask", "lane_mask", "random_lanes", "mask_threshold", "normal", "checkpoint"]
+from . import cpu_kernels
+
+__all__ = ["Dropout", "dropout", "dropout_stream", "drop_mask", "lane_mask", "random_words", "random_lanes",
+           "mask_threshold", "normal", "checkpoint"]
 
 #: random bits behind one mask element
 MASK_BITS = 15
@@ -50,12 +54,18 @@ def normal(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     return torch.randn(shape, dtype=like.dtype, device=like.device, generator=_STREAM.get())
 
 
+def random_words(n: int, like: Tensor) -> Tensor:
+    """``n`` int16 halves of (n + 1) // 2 draws of ``int32.random_()`` (31 random bits) from the current
+    stream, in order: ``random_lanes`` before its mask (the CPU kernels mask as they read)."""
+    words = torch.empty(((n + 1) // 2,), dtype=torch.int32, device=like.device).random_(generator=_STREAM.get())
+    return words.view(torch.int16)[:n]
+
+
 def random_lanes(n: int, like: Tensor) -> Tensor:
     """``n`` uniform ``MASK_BITS``-bit integers (int16) from the current stream: the two 16-bit halves of
     each of (n + 1) // 2 draws of ``int32.random_()`` (31 random bits), each masked to 15 bits, in
     order. So lanes drawn in chunks of an even size are the lanes of one draw."""
-    words = torch.empty(((n + 1) // 2,), dtype=torch.int32, device=like.device).random_(generator=_STREAM.get())
-    return words.view(torch.int16)[:n].bitwise_and_((1 << MASK_BITS) - 1)
+    return random_words(n, like).bitwise_and_((1 << MASK_BITS) - 1)
 
 
 def mask_threshold(p: float) -> int:
@@ -90,10 +100,31 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu":
         return nn.functional.dropout(x, p, True)
+    if x.dtype == torch.float32 and cpu_kernels.kernels() is not None:
+        return _KernelDropout.apply(x, random_words(x.numel(), x), mask_threshold(p), 1.0 / (1.0 - p))
     # the same values as where(u >= p, x / (1 - p), 0), one temporary fewer (each one is mapped and
     # zero-filled afresh under lst's 128 KiB mmap threshold)
     drop = drop_mask(x.shape, p, x)
     return (x * (1.0 / (1.0 - p))).masked_fill_(drop, 0.0)
+
+
+class _KernelDropout(torch.autograd.Function):
+    """``dropout``'s mask and arithmetic in one pass of the C++ kernel (``cpu_kernels``): the same lanes,
+    so the same mask and the same values bit for bit, where torch's path takes a compare, a multiply and
+    a masked fill (two passes in the backward) and keeps a bool per element; this keeps a bit."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lanes: Tensor, threshold: int, c: float) -> Tensor:
+        kern = cpu_kernels.kernels()
+        out, bits = kern.dropout_forward(x, lanes, threshold, c)
+        ctx.save_for_backward(bits)
+        ctx.c, ctx.kernels = c, kern  # the backward runs where the forward ran
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (bits,) = ctx.saved_tensors
+        return ctx.kernels.dropout_backward(grad, bits, ctx.c).view(grad.shape), None, None, None
 
 
 class Dropout(nn.Dropout):

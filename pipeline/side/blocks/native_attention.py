@@ -1,4 +1,4 @@
-"""Small-head attention on CPU in C++ (``attention_cpu.cpp``), forward and backward.
+"""Small-head attention on CPU in C++ (``kernels_cpu.cpp``, loaded by ``cpu_kernels``), forward and backward.
 
 Why: a side network's heads are tiny. On MiniLM, 12 heads of dim 4: torch's batched matmuls and
 softmax over [B, H, L, L] are per-row overhead and [B, H, L, L] temporaries, and attention took ~43%
@@ -19,32 +19,20 @@ same way) and read in the kernel's lane order: mask bit n is (lane group, query 
 same distribution. ``lane_order`` maps a [B, H, Lq, Lk] mask to that order (for tests and for anyone
 comparing the two paths).
 
-``LST_NATIVE_ATTENTION=0`` turns the kernel off. A process that finds no build compiles it (~25 s)
-unless another process is already at it; ``scripts/setup.sh`` builds it
-(``python -m pipeline.side.blocks``).
+The mask's random lanes go to the kernel as drawn (``random_words``, up to ``LANES_AT_ONCE``), which
+compares them and keeps the mask as bits; a larger mask is drawn in chunks as the torch path draws
+it (``keep_mask``) and handed over as bits. ``LST_CPU_KERNELS=0`` turns the kernel off.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from pathlib import Path
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from pipeline import native
+from . import cpu_kernels
 
-__all__ = ["EXTENSION", "ENV", "LANES", "MAX_KEYS", "kernels", "fits", "apply", "lane_order"]
+__all__ = ["LANES", "MAX_KEYS", "LANES_AT_ONCE", "fits", "apply", "lane_order"]
 
-#: environment variable: "0"/"off" runs torch's attention arithmetic instead of the kernel
-ENV = "LST_NATIVE_ATTENTION"
-EXTENSION = native.Extension(
-    "lst_attention_cpu", Path(__file__).with_name("attention_cpu.cpp"),
-    cflags=("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
-    ldflags=("-fopenmp",),  # resolves to the libgomp torch already loaded: the same thread pool
-    this_cpu=True)
 #: (batch, head) pairs per vector lane group (the kernel's W)
 LANES = 16
 #: head dims the kernel is compiled for; without dropout only up to ``NO_DROPOUT_MAX_DIM``
@@ -53,35 +41,9 @@ NO_DROPOUT_MAX_DIM = 8
 #: longer rows take torch's path: a group's gathered k, v and gradients grow with the keys, and at
 #: 512 keys the kernel was level with SDPA (session 30: 7.6 against 7.55 ms at [2, 12, 512, 4])
 MAX_KEYS = 512
-
-
-def _disabled(env: dict | None = None) -> bool:
-    return (os.environ if env is None else env).get(ENV, "").strip().lower() in ("0", "off", "no", "none")
-
-
-@functools.lru_cache(maxsize=1)
-def _load() -> ModuleType | None:
-    """The built kernel, compiled here first if missing (None: unbuildable, or another process is
-    compiling it; this process then runs torch's arithmetic throughout)."""
-    import sys
-
-    try:
-        path = native.library(EXTENSION)
-        if not path.exists():
-            path = native.build_once_here(
-                EXTENSION, f"lst: compiling the small-head CPU attention kernel once (~25 s; {ENV}=0 skips it)")
-            if path is None:
-                return None
-        return native.load(EXTENSION, path)
-    except Exception as e:  # no compiler, no ninja, an unloadable library: torch's path
-        print(f"lst: small-head CPU attention kernel unavailable ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using torch's attention", file=sys.stderr)
-        return None
-
-
-def kernels() -> ModuleType | None:
-    """The kernel module, or None where it is off (``ENV``) or cannot be built."""
-    return None if _disabled() else _load()
+#: mask elements whose random lanes (int16: 8 MB) are drawn at once and handed to the kernel; a
+#: larger mask is drawn a chunk at a time into bits, bounding that temporary as the torch path does
+LANES_AT_ONCE = 4 << 20
 
 
 def fits(q: Tensor, k: Tensor, bias: Tensor | None, dropout: bool) -> bool:
@@ -99,24 +61,31 @@ class _NativeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float,
-                bits: Tensor | None) -> Tensor:
+                bits: Tensor | None, lanes: Tensor | None, threshold: int) -> Tensor:
+        kern = cpu_kernels.kernels()
+        if lanes is not None:
+            out, bits = kern.forward_lanes(q, k, v, bias, scale, c, lanes, threshold)
+        else:
+            out = kern.forward(q, k, v, bias, scale, c, bits)
         ctx.save_for_backward(q, k, v, bias, bits)
-        ctx.scale, ctx.c = scale, c
-        return _load().forward(q, k, v, bias, scale, c, bits)
+        ctx.scale, ctx.c, ctx.kernels = scale, c, kern  # the backward runs where the forward ran
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, bias, bits = ctx.saved_tensors
-        gq, gk, gv = _load().backward(grad_out, q, k, v, bias, ctx.scale, ctx.c, bits)
-        return gq, gk, gv, None, None, None, None
+        gq, gk, gv = ctx.kernels.backward(grad_out, q, k, v, bias, ctx.scale, ctx.c, bits)
+        return gq, gk, gv, None, None, None, None, None, None
 
 
-def apply(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float, bits: Tensor | None) -> Tensor:
-    """softmax(q k^T * scale + bias), dropped out where ``bits`` (lane order) are 0 and scaled by c,
-    times v; [B, H, Lq, D] laid out [B, Lq, H, D]. ``fits`` must hold."""
+def apply(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c: float, bits: Tensor | None = None,
+          lanes: Tensor | None = None, threshold: int = 0) -> Tensor:
+    """softmax(q k^T * scale + bias), dropped out where the mask (lane order: ``bits``, or random
+    ``lanes`` below ``threshold``) drops and scaled by c, times v; [B, H, Lq, D] laid out
+    [B, Lq, H, D]. ``fits`` must hold."""
     if bias is not None:
         bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return _NativeAttention.apply(q, k, v, bias, scale, c, bits)
+    return _NativeAttention.apply(q, k, v, bias, scale, c, bits, lanes, threshold)
 
 
 def lane_order(mask: Tensor) -> Tensor:

@@ -1,18 +1,27 @@
-// Attention for small heads on CPU (pipeline/side/blocks/native_attention.py): softmax(q k^T * scale +
-// bias), dropped out by a keep mask and scaled by c, times v; and its backward, which recomputes the
-// probabilities from q and k as fused attention kernels do.
+// lst's CPU kernels for small side networks (pipeline/side/blocks/cpu_kernels.py loads them).
 //
-// Why: a side network's heads are tiny (MiniLM's: 12 heads of dim 4), so torch's batched matmuls and
-// softmax over [B, H, L, L] spend their time on per-row overhead and on the [B, H, L, L] temporaries.
-// Here W = 16 (batch, head) pairs are computed side by side, one per vector lane: every step of the
-// arithmetic (a score, a running max, an exp, a gradient) is one full-width vector operation over 16
-// pairs, with no row remainders and no horizontal reductions, and nothing of size [L, L] is stored.
-// A group's q, k and v are gathered into lane order once ([L][D] vectors, a few KB).
+// Attention (native_attention.py): softmax(q k^T * scale + bias), dropped out by a keep mask and
+// scaled by c, times v; and its backward, which recomputes the probabilities from q and k as fused
+// attention kernels do. Why: a side network's heads are tiny (MiniLM's: 12 heads of dim 4), so
+// torch's batched matmuls and softmax over [B, H, L, L] spend their time on per-row overhead and on
+// the [B, H, L, L] temporaries. Here W = 16 (batch, head) pairs are computed side by side, one per
+// vector lane: every step of the arithmetic (a score, a running max, an exp, a gradient) is one
+// full-width vector operation over 16 pairs, with no row remainders and no horizontal reductions,
+// and nothing of size [L, L] is stored. A group's q, k and v are gathered into lane order once.
 //
-// The keep mask comes as bits in lane order: (group, query row, key, lane), 16 bits per (row, key);
-// a last group of `valid` < 16 pairs holds `valid` bits per (row, key).
+// Dropout masks come as random int16 lanes (dropout.py's random_words), of which the low 15 bits count
+// (random_lanes): a lane below the threshold t is dropped. The kernels compare them and keep the mask
+// as bits for the backward. The attention
+// mask's lanes run (group, query row, key, lane), 16 per (row, key); a last group of `valid` < 16
+// pairs holds `valid` per (row, key). Its bits are in the same order.
+//
+// Hidden-state dropout (dropout.py): x * c where the lane is kept, 0 where dropped, and the mask
+// as bits; its backward grad * c where kept. One pass each instead of torch's compare, multiply
+// and masked fill (and the bool mask they keep).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -24,6 +33,29 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 inline v16 splat(float x) { return v16{} + x; }
+
+// The mask of 16 random lanes (kept: low 15 bits >= t) as 16 bits, and a vector kept where its bit is
+// set (else 0). With AVX-512 a compare into a mask register and a masked move; elsewhere lane by lane.
+#if defined(__AVX512F__)
+inline uint16_t keep_bits16(const int16_t* lanes, int32_t t) {
+  __m256i raw;
+  std::memcpy(&raw, lanes, sizeof(raw));
+  const __m512i lv = _mm512_and_si512(_mm512_cvtepi16_epi32(raw), _mm512_set1_epi32(0x7fff));
+  return static_cast<uint16_t>(_mm512_cmpge_epi32_mask(lv, _mm512_set1_epi32(t)));
+}
+inline v16 where_bits(uint16_t bits, v16 a) { return (v16)_mm512_maskz_mov_ps(bits, (__m512)a); }
+#else
+inline uint16_t keep_bits16(const int16_t* lanes, int32_t t) {
+  uint16_t word = 0;
+  for (int l = 0; l < W; ++l) word |= static_cast<uint16_t>((lanes[l] & 0x7fff) >= t) << l;
+  return word;
+}
+inline v16 where_bits(uint16_t bits, v16 a) {
+  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vi16 on = ((vi16{} + static_cast<int32_t>(bits)) >> lane) & 1;
+  return on != 0 ? a : v16{};
+}
+#endif
 
 // exp(x) for x <= 0 (softmax after the row max is subtracted), Cephes' expf: ~1 ulp; 0 below -87
 inline v16 exp_neg(v16 x) {
@@ -88,6 +120,9 @@ struct Extras {
   View4 bias;
   bool has_bias = false;
   const uint8_t* bits = nullptr;  // keep mask, bits in lane order (see keep_row)
+  const int16_t* lanes = nullptr;  // or the random lanes it is drawn from (forward), in the same order
+  uint8_t* bits_out = nullptr;  // where the forward writes the mask it drew from ``lanes``
+  int32_t threshold = 0;  // a lane below it is dropped
   float c = 1.0f;
   float scale = 1.0f;
 };
@@ -102,18 +137,27 @@ inline void bias_row(const Extras& x, const int64_t* boff, int64_t i, int64_t Lk
   }
 }
 
-// keep factors (c or 0) of row i: the mask's bits run (group, i, j, lane); a last group of `valid` < W
-// lanes holds `valid` bits per (i, j)
+// keep factors (c or 0) of row i, from the mask's bits or (forward) from its random lanes, whose
+// bits then go to bits_out; lanes and bits run (group, i, j, lane); a last group of `valid` < W lanes
+// holds `valid` per (i, j)
 inline void keep_row(const Extras& x, int64_t g, int valid, int64_t i, int64_t Lq, int64_t Lk, v16* out) {
-  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const v16 c = splat(x.c);
   if (valid == W) {
-    const uint8_t* w = x.bits + 2 * ((g * Lq + i) * Lk);
+    const int64_t at = (g * Lq + i) * Lk;  // in units of W lanes (16 bits, two bytes of mask)
+    if (x.lanes) {
+      const int16_t* ln = x.lanes + at * W;
+      for (int64_t j = 0; j < Lk; ++j) {
+        const uint16_t word = keep_bits16(ln + j * W, x.threshold);
+        out[j] = where_bits(word, c);
+        std::memcpy(x.bits_out + 2 * (at + j), &word, 2);
+      }
+      return;
+    }
+    const uint8_t* w = x.bits + 2 * at;
     for (int64_t j = 0; j < Lk; ++j) {
       uint16_t word;
       std::memcpy(&word, w + 2 * j, 2);
-      const vi16 on = ((vi16{} + static_cast<int32_t>(word)) >> lane) & 1;
-      out[j] = on != 0 ? c : v16{};
+      out[j] = where_bits(word, c);
     }
     return;
   }
@@ -122,7 +166,15 @@ inline void keep_row(const Extras& x, int64_t g, int valid, int64_t i, int64_t L
     float tmp[W] = {};
     for (int l = 0; l < valid; ++l) {
       const int64_t b = base + j * valid + l;
-      tmp[l] = ((x.bits[b >> 3] >> (b & 7)) & 1) ? x.c : 0.0f;
+      bool on;
+      if (x.lanes) {
+        on = (x.lanes[b] & 0x7fff) >= x.threshold;
+        const uint8_t bit = static_cast<uint8_t>(1u << (b & 7));
+        x.bits_out[b >> 3] = on ? (x.bits_out[b >> 3] | bit) : (x.bits_out[b >> 3] & ~bit);
+      } else {
+        on = (x.bits[b >> 3] >> (b & 7)) & 1;
+      }
+      tmp[l] = on ? x.c : 0.0f;
     }
     std::memcpy(&out[j], tmp, sizeof(tmp));
   }
@@ -172,7 +224,7 @@ void forward_groups(const View4& Q, const View4& K, const View4& V, const View4&
     for (int64_t i = 0; i < Lq; ++i) {
       if (bias_rows) bias_row(x, bo, i, Lk, br.data());
       row_probs<D>(&q[i * D], k.data(), x.has_bias ? br.data() : nullptr, Lk, x.scale, p.data());
-      if (x.bits) {
+      if (x.bits || x.lanes) {
         keep_row(x, g, valid, i, Lq, Lk, kp.data());
         for (int64_t j = 0; j < Lk; ++j) p[j] *= kp[j];
       }
@@ -329,9 +381,113 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& q, cons
   return {gq, gk, gv};
 }
 
+// forward() drawing its mask from random lanes (T * Lq * Lk int16, lane order) against `threshold`;
+// returns the output and the mask's bits for backward().
+std::vector<at::Tensor> forward_lanes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& bias, double scale, double c,
+                                      const at::Tensor& lanes, int64_t threshold) {
+  check(q, k, v, bias, c10::nullopt);
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dh = q.size(3), Lk = k.size(2), T = B * H;
+  TORCH_CHECK(lanes.scalar_type() == at::kShort && lanes.is_contiguous() && lanes.numel() >= T * Lq * Lk,
+              "lanes must hold B * H * Lq * Lk int16 lanes (contiguous)");
+  auto out = at::empty({B, Lq, H, Dh}, q.options()).transpose(1, 2);
+  auto bits = at::zeros({(T * Lq * Lk + 7) / 8}, q.options().dtype(at::kByte));  // padding bits 0, as numpy's
+  const View4 Qv = view4(q), Kv = view4(k), Vv = view4(v), Ov = view4(out);
+  Extras x = extras(bias, scale, c, c10::nullopt);
+  x.lanes = lanes.data_ptr<int16_t>();
+  x.bits_out = bits.data_ptr<uint8_t>();
+  x.threshold = static_cast<int32_t>(threshold);
+  const int64_t groups = (T + W - 1) / W;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    LST_DISPATCH_D(Dh, forward_groups<D>(Qv, Kv, Vv, Ov, x, T, H, Lq, Lk, g0, g1));
+  });
+  return {out, bits};
+}
+
+namespace {
+
+// elements [i0, i1) of dropout's forward; i0 and i1 are multiples of 8 (or i1 = n): whole mask bytes
+void dropout_span(const float* x, const int16_t* lanes, int32_t t, float c, float* out, uint8_t* bits, int64_t i0,
+                  int64_t i1) {
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+    v16 xv;
+    std::memcpy(&xv, x + i, sizeof(xv));
+    const uint16_t word = keep_bits16(lanes + i, t);
+    const v16 y = where_bits(word, xv * c);
+    std::memcpy(out + i, &y, sizeof(y));
+    std::memcpy(bits + i / 8, &word, 2);
+  }
+  for (; i < i1; i += 8) {
+    uint8_t byte = 0;
+    for (int64_t e = i; e < std::min(i + 8, i1); ++e) {
+      const bool on = (lanes[e] & 0x7fff) >= t;
+      out[e] = on ? x[e] * c : 0.0f;
+      byte |= static_cast<uint8_t>(on) << (e - i);
+    }
+    bits[i / 8] = byte;
+  }
+}
+
+constexpr int64_t DROPOUT_GRAIN = 1 << 16;  // elements per parallel task (a multiple of 8)
+
+}  // namespace
+
+// Inverted dropout of x (float32): x * c where lane & 0x7fff >= threshold, else 0; and the mask's bits.
+std::vector<at::Tensor> dropout_forward(const at::Tensor& x, const at::Tensor& lanes, int64_t threshold, double c) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "float32 CPU tensors only");
+  TORCH_CHECK(lanes.scalar_type() == at::kShort && lanes.is_contiguous() && lanes.numel() >= x.numel(),
+              "lanes must hold one int16 lane per element (contiguous)");
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  auto out = at::empty_like(xc);
+  auto bits = at::empty({(n + 7) / 8}, xc.options().dtype(at::kByte));
+  const float* xp = xc.data_ptr<float>();
+  const int16_t* lp = lanes.data_ptr<int16_t>();
+  float* op = out.data_ptr<float>();
+  uint8_t* bp = bits.data_ptr<uint8_t>();
+  const float fc = static_cast<float>(c);
+  const int32_t t = static_cast<int32_t>(threshold);
+  at::parallel_for(0, (n + DROPOUT_GRAIN - 1) / DROPOUT_GRAIN, 1, [&](int64_t b0, int64_t b1) {
+    dropout_span(xp, lp, t, fc, op, bp, b0 * DROPOUT_GRAIN, std::min(n, b1 * DROPOUT_GRAIN));
+  });
+  return {out, bits};
+}
+
+// grad * c where the mask's bit is set, else 0.
+at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& bits, double c) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device().is_cpu(), "float32 CPU tensors only");
+  const at::Tensor g = grad.contiguous();
+  const int64_t n = g.numel();
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.numel() * 8 >= n,
+              "bits must hold one bit per element");
+  auto out = at::empty_like(g);
+  const float* gp = g.data_ptr<float>();
+  const uint8_t* bp = bits.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const float fc = static_cast<float>(c);
+  at::parallel_for(0, (n + DROPOUT_GRAIN - 1) / DROPOUT_GRAIN, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t i1 = std::min(n, b1 * DROPOUT_GRAIN);
+    int64_t i = b0 * DROPOUT_GRAIN;
+    for (; i + W <= i1; i += W) {
+      uint16_t word;
+      std::memcpy(&word, bp + i / 8, 2);
+      v16 gv;
+      std::memcpy(&gv, gp + i, sizeof(gv));
+      const v16 y = where_bits(word, gv * fc);
+      std::memcpy(op + i, &y, sizeof(y));
+    }
+    for (; i < i1; ++i) op[i] = ((bp[i >> 3] >> (i & 7)) & 1) ? gp[i] * fc : 0.0f;
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is let go while a kernel runs: a fused sweep steps variants on several threads at once
   m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>());
+  m.def("forward_lanes", &forward_lanes, py::call_guard<py::gil_scoped_release>());
+  m.def("dropout_forward", &dropout_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("dropout_backward", &dropout_backward, py::call_guard<py::gil_scoped_release>());
   m.attr("lanes") = W;
 }
