@@ -201,37 +201,65 @@ inline void row_probs(const v16* q, const v16* K, const v16* bias, int64_t Lk, f
   for (int64_t j = 0; j < Lk; ++j) p[j] *= inv;
 }
 
+// One lane group's q, k and v gathered into lane order ([L][D] vectors), and its bias rows.
+template <int D>
+struct GroupInputs {
+  const View4 &Q, &K, &V;
+  const Extras& x;
+  int64_t T, H, Lq, Lk;
+  std::vector<v16> q, k, v, br;
+  int64_t bo[W] = {};
+  bool bias_rows;
+
+  GroupInputs(const View4& Q_, const View4& K_, const View4& V_, const Extras& x_, int64_t T_, int64_t H_,
+              int64_t Lq_, int64_t Lk_)
+      : Q(Q_), K(K_), V(V_), x(x_), T(T_), H(H_), Lq(Lq_), Lk(Lk_), q(Lq_ * D), k(Lk_ * D), v(Lk_ * D), br(Lk_),
+        bias_rows(x_.has_bias && x_.bias.s[2] != 0) {}
+
+  // gathers group g; returns how many of its lanes are real pairs
+  int load(int64_t g) {
+    const int64_t t0 = g * W;
+    int64_t off[W];
+    lane_offsets(Q, t0, T, H, off);
+    gather<D>(Q, off, Lq, q.data());
+    lane_offsets(K, t0, T, H, off);
+    gather<D>(K, off, Lk, k.data());
+    lane_offsets(V, t0, T, H, off);
+    gather<D>(V, off, Lk, v.data());
+    if (x.has_bias) {
+      lane_offsets(x.bias, t0, T, H, bo);
+      if (!bias_rows) bias_row(x, bo, 0, Lk, br.data());  // one row for every query (a padding mask)
+    }
+    return static_cast<int>(std::min<int64_t>(W, T - t0));
+  }
+
+  // query row i's bias (nullptr: none)
+  const v16* bias(int64_t i) {
+    if (!x.has_bias) return nullptr;
+    if (bias_rows) bias_row(x, bo, i, Lk, br.data());
+    return br.data();
+  }
+};
+
 template <int D>
 void forward_groups(const View4& Q, const View4& K, const View4& V, const View4& O, const Extras& x, int64_t T,
                     int64_t H, int64_t Lq, int64_t Lk, int64_t g0, int64_t g1) {
-  std::vector<v16> q(Lq * D), k(Lk * D), v(Lk * D), o(Lq * D), p(Lk), kp(Lk), br(Lk);
-  int64_t qo[W], ko[W], vo[W], oo[W], bo[W];
-  const bool bias_rows = x.has_bias && x.bias.s[2] != 0;
+  GroupInputs<D> in(Q, K, V, x, T, H, Lq, Lk);
+  std::vector<v16> o(Lq * D), p(Lk), kp(Lk);
+  int64_t oo[W];
   for (int64_t g = g0; g < g1; ++g) {
-    const int64_t t0 = g * W;
-    const int valid = static_cast<int>(std::min<int64_t>(W, T - t0));
-    lane_offsets(Q, t0, T, H, qo);
-    lane_offsets(K, t0, T, H, ko);
-    lane_offsets(V, t0, T, H, vo);
-    lane_offsets(O, t0, T, H, oo);
-    gather<D>(Q, qo, Lq, q.data());
-    gather<D>(K, ko, Lk, k.data());
-    gather<D>(V, vo, Lk, v.data());
-    if (x.has_bias) {
-      lane_offsets(x.bias, t0, T, H, bo);
-      if (!bias_rows) bias_row(x, bo, 0, Lk, br.data());
-    }
+    const int valid = in.load(g);
+    lane_offsets(O, g * W, T, H, oo);
     for (int64_t i = 0; i < Lq; ++i) {
-      if (bias_rows) bias_row(x, bo, i, Lk, br.data());
-      row_probs<D>(&q[i * D], k.data(), x.has_bias ? br.data() : nullptr, Lk, x.scale, p.data());
+      row_probs<D>(&in.q[i * D], in.k.data(), in.bias(i), Lk, x.scale, p.data());
       if (x.bits || x.lanes) {
         keep_row(x, g, valid, i, Lq, Lk, kp.data());
         for (int64_t j = 0; j < Lk; ++j) p[j] *= kp[j];
       }
       v16 acc[D];
-      for (int d = 0; d < D; ++d) acc[d] = p[0] * v[d];
+      for (int d = 0; d < D; ++d) acc[d] = p[0] * in.v[d];
       for (int64_t j = 1; j < Lk; ++j)
-        for (int d = 0; d < D; ++d) acc[d] += p[j] * v[j * D + d];
+        for (int d = 0; d < D; ++d) acc[d] += p[j] * in.v[j * D + d];
       for (int d = 0; d < D; ++d) o[i * D + d] = acc[d];
     }
     scatter<D>(o.data(), oo, Lq, valid, O);
@@ -242,36 +270,27 @@ template <int D>
 void backward_groups(const View4& G, const View4& Q, const View4& K, const View4& V, const View4& GQ, const View4& GK,
                      const View4& GV, const Extras& x, int64_t T, int64_t H, int64_t Lq, int64_t Lk, int64_t g0,
                      int64_t g1) {
-  std::vector<v16> q(Lq * D), k(Lk * D), v(Lk * D), go(Lq * D), gq(Lq * D), gk(Lk * D), gv(Lk * D), p(Lk), kp(Lk),
-      gp(Lk), br(Lk);
-  int64_t qo[W], ko[W], vo[W], go_o[W], gqo[W], gko[W], gvo[W], bo[W];
+  GroupInputs<D> in(Q, K, V, x, T, H, Lq, Lk);
+  const std::vector<v16>& q = in.q;
+  const std::vector<v16>& k = in.k;
+  const std::vector<v16>& v = in.v;
+  std::vector<v16> go(Lq * D), gq(Lq * D), gk(Lk * D), gv(Lk * D), p(Lk), kp(Lk), gp(Lk);
+  int64_t go_o[W], gqo[W], gko[W], gvo[W];
   const float scale = x.scale;
-  const bool bias_rows = x.has_bias && x.bias.s[2] != 0;
   for (int64_t g = g0; g < g1; ++g) {
+    const int valid = in.load(g);
     const int64_t t0 = g * W;
-    const int valid = static_cast<int>(std::min<int64_t>(W, T - t0));
-    lane_offsets(Q, t0, T, H, qo);
-    lane_offsets(K, t0, T, H, ko);
-    lane_offsets(V, t0, T, H, vo);
     lane_offsets(G, t0, T, H, go_o);
     lane_offsets(GQ, t0, T, H, gqo);
     lane_offsets(GK, t0, T, H, gko);
     lane_offsets(GV, t0, T, H, gvo);
-    gather<D>(Q, qo, Lq, q.data());
-    gather<D>(K, ko, Lk, k.data());
-    gather<D>(V, vo, Lk, v.data());
     gather<D>(G, go_o, Lq, go.data());
     std::fill(gk.begin(), gk.end(), v16{});
     std::fill(gv.begin(), gv.end(), v16{});
-    if (x.has_bias) {
-      lane_offsets(x.bias, t0, T, H, bo);
-      if (!bias_rows) bias_row(x, bo, 0, Lk, br.data());
-    }
     for (int64_t i = 0; i < Lq; ++i) {
-      if (bias_rows) bias_row(x, bo, i, Lk, br.data());
       const v16* qi = &q[i * D];
       const v16* gi = &go[i * D];
-      row_probs<D>(qi, k.data(), x.has_bias ? br.data() : nullptr, Lk, scale, p.data());
+      row_probs<D>(qi, k.data(), in.bias(i), Lk, scale, p.data());
       if (x.bits) keep_row(x, g, valid, i, Lq, Lk, kp.data());
       v16 dot{};
       for (int64_t j = 0; j < Lk; ++j) {
