@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +30,8 @@ EXTENSION = native.Extension(
     cflags=("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
     ldflags=("-fopenmp",),  # resolves to the libgomp torch already loaded: the same thread pool
     this_cpu=True)
+#: the first load (or build) happens once even where variant threads ask at the same moment
+_LOAD_LOCK = threading.Lock()
 
 
 def _disabled() -> bool:
@@ -55,4 +58,7 @@ def _load() -> ModuleType | None:
 
 def kernels() -> ModuleType | None:
     """The kernel module, or None where they are off (``ENV``) or cannot be built."""
-    return None if _disabled() else _load()
+    if _disabled():
+        return None
+    with _LOAD_LOCK:
+        return _load()
