@@ -110,6 +110,8 @@ def test_what_the_kernel_takes():
     assert not N.fits(q, k, learned, dropout=True)
     _, long_k, _ = _qkv(1, 4, 1, N.MAX_KEYS + 1, 4, seed=0)
     assert not N.fits(q[:1, :, :1], long_k, None, dropout=True)
+    _, k65, _ = _qkv(1, 4, 1, N.NO_DROPOUT_MAX_KEYS + 1, 4, seed=0)  # SDPA's there without dropout
+    assert N.fits(q[:1, :, :1], k65, None, dropout=True) and not N.fits(q[:1, :, :1], k65, None, dropout=False)
 
 
 def test_the_kernel_refuses_what_would_read_out_of_bounds():

@@ -8,8 +8,9 @@ strides (no head copies) and writes its outputs in the layout ``merge_heads`` re
 and backward at [100, 12, 28, 4] with dropout, one thread: 2.3 ms against 12.7 ms for the written-out
 ``_DropoutAttention``; without dropout 1.9 ms against 4.6-10.3 ms for SDPA's.
 
-Where it runs (``fits``): float32 on CPU, head dim 4, 8 or 16 (16 only with attention dropout: SDPA's
-kernel was as fast there without it), at most ``MAX_KEYS`` keys, and a bias that needs no gradient
+Where it runs (``fits``): float32 on CPU, head dim 4, 8 or 16, at most ``MAX_KEYS`` keys (without
+attention dropout: head dim 4 or 8 and at most ``NO_DROPOUT_MAX_KEYS`` keys, where it measured faster
+than SDPA's kernel), and a bias that needs no gradient
 (T5's and MPNet's learned position biases do: they take the torch path). Everywhere else, and where
 the kernel cannot be built, ``attention.attend`` runs torch's arithmetic, to float rounding the same.
 
@@ -38,6 +39,10 @@ LANES = 16
 #: head dims the kernel is compiled for; without dropout only up to ``NO_DROPOUT_MAX_DIM``
 HEAD_DIMS = (4, 8, 16)
 NO_DROPOUT_MAX_DIM = 8
+#: without dropout SDPA's kernel (which parallelises over query blocks too) is the faster from here,
+#: on a causal bias most (session 30, 2 threads: [4, 9, 256, 8] causal 8.4 against 3.5 ms; [16, 9, 56, 8]
+#: 1.2 against 1.5 ms; [4, 12, 128, 4] padding 1.1 against 1.3, causal 1.5 against 1.3)
+NO_DROPOUT_MAX_KEYS = 64
 #: longer rows take torch's path: a group's gathered k, v and gradients grow with the keys, and at
 #: 512 keys the kernel was level with SDPA (session 30: 7.6 against 7.55 ms at [2, 12, 512, 4])
 MAX_KEYS = 512
@@ -50,8 +55,8 @@ def fits(q: Tensor, k: Tensor, bias: Tensor | None, dropout: bool) -> bool:
     """Whether the kernel computes this attention (see the module's docstring)."""
     d = q.shape[-1]
     return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and q.dim() == 4
-            and q.shape[1] == k.shape[1] and d in HEAD_DIMS and (dropout or d <= NO_DROPOUT_MAX_DIM)
-            and k.shape[-2] <= MAX_KEYS
+            and q.shape[1] == k.shape[1] and d in HEAD_DIMS and k.shape[-2] <= MAX_KEYS
+            and (dropout or (d <= NO_DROPOUT_MAX_DIM and k.shape[-2] <= NO_DROPOUT_MAX_KEYS))
             and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
 
 
