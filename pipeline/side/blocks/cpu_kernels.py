@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -25,9 +26,11 @@ __all__ = ["EXTENSION", "ENV", "kernels"]
 ENV = "LST_CPU_KERNELS"
 #: its first name (session 30's attention kernel), still read
 OLD_ENV = "LST_NATIVE_ATTENTION"
+#: 512-bit vectors where there are any (GCC otherwise splits the kernels' 16-lane vectors in two)
+_WIDE = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()
 EXTENSION = native.Extension(
     "lst_side_cpu", Path(__file__).with_name("kernels_cpu.cpp"),
-    cflags=("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
+    cflags=("-O3", "-march=native", *_WIDE, "-fopenmp"),
     ldflags=("-fopenmp",),  # resolves to the libgomp torch already loaded: the same thread pool
     this_cpu=True)
 #: the first load (or build) happens once even where variant threads ask at the same moment

@@ -20,7 +20,9 @@
 // and masked fill (and the bool mask they keep).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstring>

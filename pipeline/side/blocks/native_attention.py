@@ -14,15 +14,14 @@ than SDPA's kernel), and a bias that needs no gradient
 (T5's and MPNet's learned position biases do: they take the torch path). Everywhere else, and where
 the kernel cannot be built, ``attention.attend`` runs torch's arithmetic, to float rounding the same.
 
-The dropout mask is drawn as before (``keep_mask``: the same random draws, so the stream moves the
-same way) and read in the kernel's lane order: mask bit n is (lane group, query row, key, lane), not
+The dropout mask comes from the same random draws as the torch path's (so the stream moves the same
+way), read in the kernel's lane order: draw n is mask element (lane group, query row, key, lane), not
 (batch, head, query row, key). So the dropped elements differ from the torch path's, drawn from the
 same distribution. ``lane_order`` maps a [B, H, Lq, Lk] mask to that order (for tests and for anyone
-comparing the two paths).
-
-The mask's random lanes go to the kernel as drawn (``random_words``, up to ``LANES_AT_ONCE``), which
-compares them and keeps the mask as bits; a larger mask is drawn in chunks as the torch path draws
-it (``keep_mask``) and handed over as bits. ``LST_CPU_KERNELS=0`` turns the kernel off.
+comparing the two paths). Up to ``LANES_AT_ONCE`` elements the random lanes go to the kernel as drawn
+(``random_words``), which compares them and keeps the mask as bits; a larger mask is drawn a chunk at a
+time as the torch path draws it (``keep_mask``) and handed over as bits. ``LST_CPU_KERNELS=0`` turns
+the kernel off.
 """
 
 from __future__ import annotations
