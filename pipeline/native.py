@@ -1,8 +1,8 @@
 """C++ extensions of `lst`: each source compiled once, with torch's own extension builder, into
 ``~/.cache/lst/native`` (a C++ compiler and ninja, both found at set-up).
 
-Why one builder: the CPU buffer cache (``pipeline.alloc``) and the small-head CPU attention kernel
-(``pipeline.side.blocks.native_attention``) are built, published and loaded the same way. A build
+Why one builder: the CPU buffer cache (``pipeline.alloc``) and the side network's CPU kernels
+(``pipeline.side.blocks.cpu_kernels``: attention, dropout) are built, published and loaded the same way. A build
 goes to a private folder and is renamed into place, so concurrent builders never see half a library;
 a process that finds another one compiling runs without the extension that time instead of waiting.
 Every extension is optional: where it cannot be built, `lst` runs the same arithmetic in torch.
