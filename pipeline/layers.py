@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("extract", "side"),
     ("cache", "data", "backbones"),
     ("alloc",),  # the CPU buffer cache, set up with memory's mmap setting (``alloc.prepare_process``)
-    ("native",),  # the C++ extensions' builder (alloc's cache, side's attention kernel)
+    ("native",),  # the C++ extensions' builder (alloc's cache, side's CPU kernels)
     ("devices", "metrics", "memory"),
     ("errors", "layers", "lazy", "sizes"),  # sizes: pure parsing, read by memory's environment setting
 )

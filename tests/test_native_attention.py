@@ -30,12 +30,6 @@ def _qkv(b: int, h: int, lq: int, lk: int, d: int, seed: int):
     return [t.detach().requires_grad_() for t in (q, k, v)]
 
 
-def _from_lane_order(flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The [B, H, Lq, Lk] mask whose ``lane_order`` is ``flat``."""
-    where = N.lane_order(torch.arange(flat.numel()).view(shape))
-    return torch.empty_like(flat).index_put_((where,), flat).view(shape)
-
-
 @pytest.mark.parametrize("b,h,lq,lk,d,bias_kind,dropout", [
     (3, 12, 7, 7, 4, "padding", 0.1),  # 36 pairs: two full lane groups and one of 4
     (2, 8, 5, 5, 4, "padding", 0.0),  # exactly one group
@@ -88,7 +82,7 @@ def test_attend_takes_the_kernel_where_it_fits_with_the_torch_paths_draws(dropou
     assert torch.equal(torch.rand(2), after_native)  # the stream moved the same way
     assert type(plain.grad_fn).__name__ != "_NativeAttentionBackward"
     if dropout:  # torch's arithmetic on the mask the kernel read
-        keep = _from_lane_order(keep.reshape(-1), shape)
+        keep = N.from_lane_order(keep.reshape(-1), shape)
     kr, vr = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
     want = A._DropoutAttention.apply(q, kr, vr, bias, 0.5, 1.0 / (1.0 - dropout), keep)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)

@@ -548,8 +548,7 @@ def test_cpu_attention_with_dropout_is_softmax_dropout_matmul(native, monkeypatc
 
     drop = drop_mask(probs.shape, 0.2, probs)
     if native:  # draw n of the flat mask is element lane_order(positions)[n]
-        where = native_attention.lane_order(torch.arange(drop.numel()).view(drop.shape))
-        drop = torch.empty_like(drop).view(-1).index_put_((where,), drop.reshape(-1)).view(drop.shape)
+        drop = native_attention.from_lane_order(drop.reshape(-1), drop.shape)
     ref = torch.where(~drop, probs / 0.8, torch.zeros(())) @ v
     torch.testing.assert_close(got, ref)
     # no dropout: SDPA, same arithmetic

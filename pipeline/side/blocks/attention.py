@@ -43,19 +43,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, d
     if bias is not None:
         bias = bias.to(q.dtype)
     drops = training and dropout > 0
+    shape = q.shape[:-1] + (k.shape[-2],)  # the scores' (and a dropout mask's)
+    c = 1.0 / (1.0 - dropout) if drops else 1.0
     if native_attention.fits(q, k, bias, drops) and cpu_kernels.kernels() is not None:
         if not drops:
-            return native_attention.apply(q, k, v, bias, scale, 1.0)
+            return native_attention.apply(q, k, v, bias, scale, c)
         # the same draws as the torch path's mask, read in the kernel's lane order
-        shape = q.shape[:-1] + (k.shape[-2],)
-        c = 1.0 / (1.0 - dropout)
         if math.prod(shape) <= native_attention.LANES_AT_ONCE:
             return native_attention.apply(q, k, v, bias, scale, c, lanes=random_words(math.prod(shape), q),
                                           threshold=mask_threshold(dropout))
         return native_attention.apply(q, k, v, bias, scale, c, bits=_pack_bits(keep_mask(shape, dropout, q)))
-    if q.device.type == "cpu" and training and dropout > 0:
-        keep = keep_mask(q.shape[:-1] + (k.shape[-2],), dropout, q)
-        return _DropoutAttention.apply(q, k, v, bias, scale, 1.0 / (1.0 - dropout), keep)
+    if q.device.type == "cpu" and drops:
+        return _DropoutAttention.apply(q, k, v, bias, scale, c, keep_mask(shape, dropout, q))
     if q.device.type == "cpu" and k.shape[-2] < SMALL_SOFTMAX:
         return _DropoutAttention.apply(q, k, v, bias, scale, 1.0, None)
     return F.scaled_dot_product_attention(

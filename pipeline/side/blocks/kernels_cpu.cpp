@@ -362,6 +362,18 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
                 "bits must hold B * H * Lq * Lk mask bits (uint8, contiguous)");
 }
 
+// the forward over every lane group (checked inputs): [B, H, Lq, D] laid out [B, Lq, H, D]
+at::Tensor run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Extras& x) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dh = q.size(3), Lk = k.size(2), T = B * H;
+  auto out = at::empty({B, Lq, H, Dh}, q.options()).transpose(1, 2);
+  const View4 Qv = view4(q), Kv = view4(k), Vv = view4(v), Ov = view4(out);
+  const int64_t groups = (T + W - 1) / W;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    LST_DISPATCH_D(Dh, forward_groups<D>(Qv, Kv, Vv, Ov, x, T, H, Lq, Lk, g0, g1));
+  });
+  return out;
+}
+
 }  // namespace
 
 // q [B, H, Lq, D], k and v [B, H, Lk, D] (float32, any strides), bias expanded to [B, H, Lq, Lk] or
@@ -371,15 +383,7 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const c10::optional<at::Tensor>& bias, double scale, double c,
                    const c10::optional<at::Tensor>& bits) {
   check(q, k, v, bias, bits);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dh = q.size(3), Lk = k.size(2), T = B * H;
-  auto out = at::empty({B, Lq, H, Dh}, q.options()).transpose(1, 2);
-  const View4 Qv = view4(q), Kv = view4(k), Vv = view4(v), Ov = view4(out);
-  const Extras x = extras(bias, scale, c, bits);
-  const int64_t groups = (T + W - 1) / W;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    LST_DISPATCH_D(Dh, forward_groups<D>(Qv, Kv, Vv, Ov, x, T, H, Lq, Lk, g0, g1));
-  });
-  return out;
+  return run_forward(q, k, v, extras(bias, scale, c, bits));
 }
 
 // The gradients of q, k and v, laid out [B, L, H, D] (as the projections the heads are views of).
@@ -408,20 +412,15 @@ std::vector<at::Tensor> forward_lanes(const at::Tensor& q, const at::Tensor& k, 
                                       const c10::optional<at::Tensor>& bias, double scale, double c,
                                       const at::Tensor& lanes, int64_t threshold) {
   check(q, k, v, bias, c10::nullopt);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dh = q.size(3), Lk = k.size(2), T = B * H;
-  TORCH_CHECK(lanes.scalar_type() == at::kShort && lanes.is_contiguous() && lanes.numel() >= T * Lq * Lk,
+  const int64_t n = q.size(0) * q.size(1) * q.size(2) * k.size(2);
+  TORCH_CHECK(lanes.scalar_type() == at::kShort && lanes.is_contiguous() && lanes.numel() >= n,
               "lanes must hold B * H * Lq * Lk int16 lanes (contiguous)");
-  auto out = at::empty({B, Lq, H, Dh}, q.options()).transpose(1, 2);
-  auto bits = at::zeros({(T * Lq * Lk + 7) / 8}, q.options().dtype(at::kByte));  // padding bits 0, as numpy's
-  const View4 Qv = view4(q), Kv = view4(k), Vv = view4(v), Ov = view4(out);
+  auto bits = at::zeros({(n + 7) / 8}, q.options().dtype(at::kByte));  // padding bits 0, as numpy's
   Extras x = extras(bias, scale, c, c10::nullopt);
   x.lanes = lanes.data_ptr<int16_t>();
   x.bits_out = bits.data_ptr<uint8_t>();
   x.threshold = static_cast<int32_t>(threshold);
-  const int64_t groups = (T + W - 1) / W;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    LST_DISPATCH_D(Dh, forward_groups<D>(Qv, Kv, Vv, Ov, x, T, H, Lq, Lk, g0, g1));
-  });
+  const at::Tensor out = run_forward(q, k, v, x);
   return {out, bits};
 }
 

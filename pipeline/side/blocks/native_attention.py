@@ -17,11 +17,11 @@ the kernel cannot be built, ``attention.attend`` runs torch's arithmetic, to flo
 The dropout mask comes from the same random draws as the torch path's (so the stream moves the same
 way), read in the kernel's lane order: draw n is mask element (lane group, query row, key, lane), not
 (batch, head, query row, key). So the dropped elements differ from the torch path's, drawn from the
-same distribution. ``lane_order`` maps a [B, H, Lq, Lk] mask to that order (for tests and for anyone
-comparing the two paths). Up to ``LANES_AT_ONCE`` elements the random lanes go to the kernel as drawn
-(``random_words``), which compares them and keeps the mask as bits; a larger mask is drawn a chunk at a
-time as the torch path draws it (``keep_mask``) and handed over as bits. ``LST_CPU_KERNELS=0`` turns
-the kernel off.
+same distribution. ``lane_order`` maps a [B, H, Lq, Lk] mask to that order and ``from_lane_order``
+back (for tests and for anyone comparing the two paths). Up to ``LANES_AT_ONCE`` elements the random
+lanes go to the kernel as drawn (``random_words``), which compares them and keeps the mask as bits; a
+larger mask is drawn a chunk at a time as the torch path draws it (``keep_mask``) and handed over as
+bits. ``LST_CPU_KERNELS=0`` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import cpu_kernels
 
-__all__ = ["LANES", "MAX_KEYS", "LANES_AT_ONCE", "fits", "apply", "lane_order"]
+__all__ = ["LANES", "MAX_KEYS", "LANES_AT_ONCE", "fits", "apply", "lane_order", "from_lane_order"]
 
 #: (batch, head) pairs per vector lane group (the kernel's W)
 LANES = 16
@@ -102,3 +102,10 @@ def lane_order(mask: Tensor) -> Tensor:
     if full < b * h:
         parts.append(flat[full:].permute(1, 2, 0).reshape(-1))
     return torch.cat(parts)
+
+
+def from_lane_order(flat: Tensor, shape: torch.Size) -> Tensor:
+    """The [B, H, Lq, Lk] mask whose ``lane_order`` is ``flat`` (the mask a kernel draw means, laid
+    out as the torch path's)."""
+    where = lane_order(torch.arange(flat.numel()).view(shape))
+    return torch.empty_like(flat).index_put_((where,), flat).view(shape)
