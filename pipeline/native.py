@@ -19,11 +19,17 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["Extension", "build_dir", "library", "build", "load", "build_once_here", "cpu_signature"]
+__all__ = ["Extension", "Optional", "KERNELS_ENV", "build_dir", "library", "build", "load", "build_once_here",
+           "cpu_signature"]
+
+#: environment variable: "0"/"off" runs every optional C++ kernel's work in Python/torch instead
+KERNELS_ENV = "LST_CPU_KERNELS"
+_OFF = ("0", "off", "no", "none")
 
 
 @dataclass(frozen=True)
@@ -120,3 +126,43 @@ def build_once_here(ext: Extension, note: str | None = None) -> Path | None:
         if note:
             print(note, file=sys.stderr)
         return build(ext)
+
+
+class Optional:
+    """An extension a process uses where it can: loaded once (built here first if missing, unless
+    another process is compiling it), or None for the whole process where it is switched off (any of
+    ``envs`` set to 0/off), cannot be built or cannot be loaded; callers then run the same work in
+    Python or torch. The first load happens under a lock, so threads asking at once build it once."""
+
+    def __init__(self, ext: Extension, what: str, envs: tuple[str, ...] = (KERNELS_ENV,),
+                 build_note: str = "~25 s") -> None:
+        self.ext, self.what, self.envs, self.build_note = ext, what, envs, build_note
+        self._lock = threading.Lock()
+        self._tried = False
+        self._module: ModuleType | None = None
+
+    def disabled(self) -> bool:
+        return any(os.environ.get(v, "").strip().lower() in _OFF for v in self.envs)
+
+    def get(self) -> ModuleType | None:
+        if self.disabled():
+            return None
+        with self._lock:
+            if not self._tried:
+                self._module = self._load()
+                self._tried = True
+            return self._module
+
+    def _load(self) -> ModuleType | None:
+        try:
+            path = library(self.ext)
+            if not path.exists():
+                path = build_once_here(self.ext, f"lst: compiling the {self.what} once ({self.build_note}; "
+                                                 f"{self.envs[0]}=0 skips it)")
+                if path is None:
+                    return None
+            return load(self.ext, path)
+        except Exception as e:  # no compiler, no ninja, an unloadable library: the Python/torch path
+            print(f"lst: {self.what} unavailable ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); running without them", file=sys.stderr)
+            return None

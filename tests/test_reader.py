@@ -18,6 +18,7 @@ import torch
 
 from pipeline.backbones import make_tiny_backbone
 from pipeline.cache import codecs as C
+from pipeline.cache import native_read
 from pipeline.cache import store as S
 from pipeline.cache.store import ActivationCache
 from pipeline.errors import CacheError
@@ -536,10 +537,11 @@ def test_packed_batches_reuse_their_buffers_unless_the_consumer_keeps_them(cache
 
 def test_without_decode_ahead_a_window_decodes_only_once_the_last_batch_is_done(caches):
     """``decode_ahead=False``: the next window decodes only after the consumer has taken the current
-    window's last batch and asked for more (not beside its step), and the batches are the same."""
+    window's last batch and asked for more (not beside its step), and the batches are the same (as
+    grids: a window decoded in batch order hands out its rows in batch order, not grouped by piece)."""
     cache = caches["bf16"]
     kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True)
-    ahead = [(b.index.tolist(), [t.values.clone() for t in b.taps]) for b in _tiny(cache, **kw).iter_epoch(0)]
+    ahead = [(b.index.tolist(), [t.padded() for t in b.taps]) for b in _tiny(cache, **kw).iter_epoch(0)]
     r = _tiny(cache, decode_ahead=False, **kw)
     windows = r.plan_epoch(0)
     assert len(windows) > 2
@@ -555,7 +557,7 @@ def test_without_decode_ahead_a_window_decodes_only_once_the_last_batch_is_done(
     waited = []
     for b in r.iter_epoch(0):
         got[0] += 1
-        waited.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
+        waited.append((b.index.tolist(), [t.padded() for t in b.taps]))
         time.sleep(0.002)  # a step: long enough for an eager decode thread to start the next window
     ends = np.cumsum([len(w.batches) for w in windows])
     assert taken == [0, *ends[:-1].tolist()]
@@ -703,7 +705,8 @@ def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, de
     """A packed batch of one example needs no gathering: its taps are views of the window's rows, the
     gather buffers hold nothing while it is out, the window buffers are still reused, and the values are
     those a reader that gathers every batch (an assembler thread) hands out. With ``decode_ahead`` a
-    window's last batch is gathered: the window goes before that batch's step."""
+    window's last batch is gathered: the window goes before that batch's step; so it is where windows are
+    laid out in batch order (``_scatters``), whose gather buffers then stay resident for the next one."""
     cache = caches["bf16"]
     kw = dict(batch_size=1, seed=3, packed=True, decode_ahead=decode_ahead)
     r = _tiny(cache, **kw)
@@ -712,14 +715,15 @@ def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, de
     for b in r.iter_epoch(0):
         run = runs[-1]
         ptr = b.taps[0].values.untyped_storage().data_ptr()
-        gathered = r.accounting.current["gather"]
-        views += gathered == 0
-        if gathered == 0:  # the tap lives in one of the window's buffers
-            assert any(w.ctypes.data <= ptr < w.ctypes.data + w.nbytes for w in run.pool._in_use_buffers())
+        view = any(w.ctypes.data <= ptr < w.ctypes.data + w.nbytes for w in run.pool._in_use_buffers())
+        views += view
+        if view and not r._scatters:  # nothing gathered is held while a view is out
+            assert r.accounting.current["gather"] == 0
         seen.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
         del b
     windows = len(r.plan_epoch(0))
-    assert views == len(seen) - (windows if decode_ahead else 0) > 0
+    assert r._scatters == (not decode_ahead and native_read.module() is not None)
+    assert views == len(seen) - (windows if decode_ahead or r._scatters else 0) > 0
     assert r.stats.buffer_hits > 0  # a view's buffer goes back to the pool once its batch is dropped
     assert r.peak_bytes <= r.memory_budget
     gathering = _tiny(cache, inline=False, **kw)

@@ -179,6 +179,14 @@ def _context_api(so: ctypes.CDLL | None):
 _CTX_API = _context_api(_LIB)
 
 
+def context_functions() -> tuple[int, int] | None:
+    """Addresses of c-blosc2's ``blosc2_decompress_ctx`` and ``blosc2_getitem_ctx`` (for native code that
+    decodes through ``ThreadDecoder`` contexts), or None where ``contexts_available()`` is False."""
+    if _CTX_API is None:
+        return None
+    return tuple(ctypes.cast(fn, ctypes.c_void_p).value for fn in _CTX_API[1:3])
+
+
 def contexts_available() -> bool:
     """Whether ``ThreadDecoder`` works here (c-blosc2's context API, of a known version)."""
     return _CTX_API is not None
@@ -214,6 +222,10 @@ class ThreadDecoder:
                 raise MemoryError("c-blosc2 could not create a decompression context")
             self._ctx = ctx
         return self._ctx
+
+    def address(self) -> int:
+        """The context's address (created on first use), for native code that decodes through it."""
+        return self._context()
 
     def decompress_into(self, frame, out: np.ndarray) -> None:
         """As the module's ``decompress_into``, through this thread's context."""

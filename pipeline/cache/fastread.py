@@ -180,7 +180,6 @@ class DirectArray:
         if end <= start:
             return
         track = track or (lambda e, s: nullcontext())
-        n = self.chunks_per_shard
         for shard in range(start // self.shard_rows, (end - 1) // self.shard_rows + 1):
             s0 = shard * self.shard_rows
             lo_s, hi_s = max(start, s0), min(end, s0 + self.shard_rows)
@@ -192,17 +191,8 @@ class DirectArray:
                 continue
             try:
                 with track(2 * self.index_nbytes, 0):
-                    size = os.fstat(fd).st_size
-                    idx_raw = os.pread(fd, self.index_nbytes, size - self.index_nbytes)
-                    if len(idx_raw) != self.index_nbytes or \
-                            crc32c.crc32c(idx_raw[:-4]) != int.from_bytes(idx_raw[-4:], "little"):
-                        raise ChecksumError(f"{f}: shard index checksum mismatch")
-                    index = np.frombuffer(idx_raw[:-4], dtype="<u8").reshape(n, 2)
-                    for c in range((lo_s - s0) // self.chunk_rows, (hi_s - 1 - s0) // self.chunk_rows + 1):
-                        c0 = s0 + c * self.chunk_rows
-                        c1 = c0 + self.chunk_rows
-                        lo, hi = max(c0, start), min(c1, end)
-                        off, nbytes = index[c]
+                    index = self._shard_index(fd, f)
+                    for c0, c1, lo, hi, off, nbytes in self._chunks_of(index, s0, lo_s, hi_s):
                         if off == EMPTY:
                             out[lo - start:hi - start] = self.fill_value
                             continue
@@ -238,6 +228,197 @@ class DirectArray:
                             raw = None  # the pread's bytes go while the accounting still holds them
             finally:
                 os.close(fd)
+
+    def _shard_index(self, fd: int, f: Path) -> np.ndarray:
+        """The open shard file's index, [chunks, 2] (offset, nbytes), its checksum verified."""
+        size = os.fstat(fd).st_size
+        idx_raw = os.pread(fd, self.index_nbytes, size - self.index_nbytes)
+        if len(idx_raw) != self.index_nbytes or \
+                crc32c.crc32c(idx_raw[:-4]) != int.from_bytes(idx_raw[-4:], "little"):
+            raise ChecksumError(f"{f}: shard index checksum mismatch")
+        return np.frombuffer(idx_raw[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
+
+    def _chunks_of(self, index: np.ndarray, s0: int, lo_s: int, hi_s: int):
+        """(first row, end row, first row wanted, end row wanted, frame offset, frame bytes) of each
+        inner chunk of the shard at row ``s0`` that rows [lo_s, hi_s) overlap."""
+        for c in range((lo_s - s0) // self.chunk_rows, (hi_s - 1 - s0) // self.chunk_rows + 1):
+            c0 = s0 + c * self.chunk_rows
+            c1 = c0 + self.chunk_rows
+            off, nbytes = index[c]
+            yield c0, c1, max(c0, lo_s), min(c1, hi_s), off, nbytes
+
+    def frame_tasks(self, start: int, end: int, out: np.ndarray, tasks: "FrameTasks") -> None:
+        """Rows [start, end) into ``out`` (C-contiguous, shape [end - start, *row_shape]), as tasks for the
+        native frame reader (``native_read``): each overlapping inner chunk's frame, to be read from the
+        shard file ``tasks`` holds open, checked and decoded into ``out`` (only the blocks of the rows
+        wanted where the range cuts the chunk). Shard indexes are read and verified here; rows with no
+        file or no chunk take the fill value now."""
+        if end <= start:
+            return
+        if not out.flags.c_contiguous:
+            raise ValueError("native frame reads go into C-contiguous buffers only")
+        row_bytes = self.chunk_nbytes // self.chunk_rows
+        base = out.ctypes.data
+        for shard in range(start // self.shard_rows, (end - 1) // self.shard_rows + 1):
+            s0 = shard * self.shard_rows
+            lo_s, hi_s = max(start, s0), min(end, s0 + self.shard_rows)
+            f = self._shard_file(shard)
+            fd = tasks.open(f)
+            if fd is None:
+                out[lo_s - start:hi_s - start] = self.fill_value
+                continue
+            for c0, c1, lo, hi, off, nbytes in self._chunks_of(self._shard_index(fd, f), s0, lo_s, hi_s):
+                if off == EMPTY:
+                    out[lo - start:hi - start] = self.fill_value
+                    continue
+                part = -1 if (lo == c0 and hi == c1) else (lo - c0) * row_bytes
+                tasks.add(fd, int(off), int(nbytes), base + (lo - start) * row_bytes, (hi - lo) * row_bytes, part,
+                          (f, c0, c1))
+
+    def scatter_tasks(self, segs: "Segments", out: np.ndarray, tasks: "FrameTasks") -> None:
+        """``segs``' runs of rows into rows of ``out`` (C-contiguous, [rows, *row_shape]), as tasks for the
+        native frame reader: each inner chunk's frame decoded once (only its blocks holding wanted rows
+        where the runs do not cover it) into the reader's chunk scratch, and its runs copied out. Rows with
+        no file or no chunk take the fill value now. Built with array arithmetic over every chunk at once
+        (the Python loop is per shard file): a MiniLM window has ~100 chunks and ~3,000 runs a tap."""
+        if not out.flags.c_contiguous:
+            raise ValueError("native frame reads go into C-contiguous buffers only")
+        if segs.chunk_rows != self.chunk_rows:
+            raise ValueError(f"segments cut at {segs.chunk_rows}-row chunks, this array's are {self.chunk_rows} rows")
+        if not len(segs.chunk):
+            return
+        rb = self.chunk_nbytes // self.chunk_rows
+        per_shard = self.shard_rows // self.chunk_rows
+        shard, c = np.divmod(segs.chunk, per_shard)
+        off = np.full(len(shard), EMPTY, np.uint64)
+        nbytes = np.zeros(len(shard), np.uint64)
+        fds = np.full(len(shard), -1, np.int64)
+        files = {}
+        for sh in np.unique(shard).tolist():
+            f = self._shard_file(sh)
+            fd = tasks.open(f)
+            if fd is None:
+                continue
+            at = shard == sh
+            index = tasks.index(fd, f, self._shard_index)
+            off[at], nbytes[at], fds[at] = index[c[at], 0], index[c[at], 1], fd
+            files[fd] = f
+        empty = off == EMPTY
+        for g in np.flatnonzero(empty).tolist():  # no file or no chunk: the fill value, now
+            a, b = int(segs.bounds[g]), int(segs.bounds[g + 1])
+            for d, n in zip(segs.dst[a:b].tolist(), segs.n[a:b].tolist()):
+                out[d:d + n] = self.fill_value
+        c0 = segs.chunk * self.chunk_rows
+        whole = (segs.lo == c0) & (segs.hi == c0 + self.chunk_rows)
+        part = np.where(whole, -1, (segs.lo - c0) * rb)
+        lo_of_seg = np.repeat(segs.lo, np.diff(segs.bounds))
+        table = np.stack([(segs.src - lo_of_seg) * rb, segs.n * rb, out.ctypes.data + segs.dst * rb], axis=1)
+        keep = np.flatnonzero(~empty)
+        tasks.add_many(np.stack([fds[keep], off[keep].astype(np.int64), nbytes[keep].astype(np.int64),
+                                 np.zeros(len(keep), np.int64), (segs.hi - segs.lo)[keep] * rb, part[keep],
+                                 segs.bounds[:-1][keep], segs.bounds[1:][keep]], axis=1),
+                       table, [(files[int(fds[g])], int(c0[g]), int(c0[g]) + self.chunk_rows) for g in keep.tolist()])
+
+
+class Segments:
+    """Runs of rows (first source row, rows, first destination row) cut at the edges of ``chunk_rows``-row
+    inner chunks and grouped by chunk: group ``g`` is chunk ``chunk[g]`` (global, row // chunk_rows),
+    whose rows [lo[g], hi[g]) are wanted, by segments [bounds[g], bounds[g + 1]) in source order.
+    Arrays of one store share their row layout, so one ``Segments`` serves every tap."""
+
+    def __init__(self, src: np.ndarray, n: np.ndarray, dst: np.ndarray, chunk_rows: int) -> None:
+        src, n, dst = (np.asarray(x, np.int64) for x in (src, n, dst))
+        keep = n > 0
+        src, n, dst = src[keep], n[keep], dst[keep]
+        first, last = src // chunk_rows, (src + n - 1) // chunk_rows
+        parts = last - first + 1
+        run = np.repeat(np.arange(len(src)), parts)
+        k = np.arange(len(run)) - np.repeat(np.cumsum(parts) - parts, parts)  # the part of its run
+        chunk = first[run] + k
+        s0 = np.maximum(src[run], chunk * chunk_rows)
+        s1 = np.minimum(src[run] + n[run], (chunk + 1) * chunk_rows)
+        order = np.lexsort((s0, chunk))
+        self.chunk_rows = int(chunk_rows)
+        self.src, self.n = s0[order], (s1 - s0)[order]
+        self.dst = (dst[run] + (s0 - src[run]))[order]
+        seg_chunk = chunk[order]
+        starts = np.flatnonzero(np.r_[True, seg_chunk[1:] != seg_chunk[:-1]]) if len(seg_chunk) else \
+            np.zeros(0, np.int64)
+        self.chunk = seg_chunk[starts]
+        self.bounds = np.r_[starts, len(seg_chunk)].astype(np.int64)
+        self.lo = self.src[starts] if len(starts) else np.zeros(0, np.int64)
+        ends = self.src + self.n
+        self.hi = np.maximum.reduceat(ends, starts) if len(starts) else np.zeros(0, np.int64)
+
+
+class FrameTasks:
+    """Frames for one call of the native frame reader, and the shard files they are read from (open
+    until ``close``, their checked indexes kept as long). ``where[i]`` names task ``i``'s file and
+    rows, for errors. A task with a segment table (``scatter_tasks``) decodes into the reader's chunk
+    scratch and copies its runs out."""
+
+    COLS = 8  # fd, file offset, frame bytes with its crc32c, destination address (0: segments), its bytes,
+    # part offset or -1, first and end row of its segments in the joined table
+    SEG_COLS = 3  # source byte offset from the first wanted byte, bytes, destination address
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, ...]] = []
+        self.where: list[tuple[Path, int, int]] = []
+        self.tables: list[np.ndarray] = []
+        self.segments = 0
+        self._fds: dict[Path, int] = {}
+        self._indexes: dict[Path, np.ndarray] = {}
+
+    def index(self, fd: int, f: Path, read: Callable[[int, Path], np.ndarray]) -> np.ndarray:
+        """Shard file ``f``'s index, read (``read(fd, f)``) once per call."""
+        idx = self._indexes.get(f)
+        if idx is None:
+            idx = self._indexes[f] = read(fd, f)
+        return idx
+
+    def segment_table(self) -> np.ndarray:
+        """Every task's segments, joined: int64 [S, SEG_COLS]."""
+        if not self.tables:
+            return np.zeros((0, self.SEG_COLS), np.int64)
+        return np.ascontiguousarray(np.concatenate(self.tables), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def open(self, f: Path) -> int | None:
+        """The shard file's descriptor (opened once per call), None where there is no such file."""
+        fd = self._fds.get(f)
+        if fd is None:
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            self._fds[f] = fd
+        return fd
+
+    def add(self, fd: int, offset: int, nbytes: int, dest: int, dest_nbytes: int, part: int,
+            where: tuple[Path, int, int], segments: np.ndarray | None = None) -> None:
+        s0 = self.segments
+        if segments is not None and len(segments):
+            self.tables.append(segments)
+            self.segments += len(segments)
+        self.rows.append((fd, offset, nbytes, dest, dest_nbytes, part, s0, self.segments))
+        self.where.append(where)
+
+    def add_many(self, rows: np.ndarray, table: np.ndarray, where: list[tuple[Path, int, int]]) -> None:
+        """Tasks [n, COLS] whose segment columns count rows of ``table`` (which joins the table here)."""
+        rows = rows.astype(np.int64, copy=True)
+        rows[:, 6:8] += self.segments
+        self.tables.append(table)
+        self.segments += len(table)
+        self.rows.extend(map(tuple, rows.tolist()))
+        self.where.extend(where)
+
+    def close(self) -> None:
+        self._indexes = {}
+        fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
 
 class ReadScratch:

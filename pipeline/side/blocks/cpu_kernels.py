@@ -10,11 +10,7 @@ compiles them (~25 s) unless another process is already at it; ``scripts/setup.s
 
 from __future__ import annotations
 
-import functools
-import os
 import platform
-import sys
-import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -23,7 +19,7 @@ from pipeline import native
 __all__ = ["EXTENSION", "ENV", "kernels"]
 
 #: environment variable: "0"/"off" runs torch's arithmetic instead of the kernels
-ENV = "LST_CPU_KERNELS"
+ENV = native.KERNELS_ENV
 #: its first name (session 30's attention kernel), still read
 OLD_ENV = "LST_NATIVE_ATTENTION"
 #: 512-bit vectors where there are any (GCC otherwise splits the kernels' 16-lane vectors in two)
@@ -33,35 +29,9 @@ EXTENSION = native.Extension(
     cflags=("-O3", "-march=native", *_WIDE, "-fopenmp"),
     ldflags=("-fopenmp",),  # resolves to the libgomp torch already loaded: the same thread pool
     this_cpu=True)
-#: the first load (or build) happens once even where variant threads ask at the same moment
-_LOAD_LOCK = threading.Lock()
-
-
-def _disabled() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("0", "off", "no", "none") for v in (ENV, OLD_ENV))
-
-
-@functools.lru_cache(maxsize=1)
-def _load() -> ModuleType | None:
-    """The built kernels, compiled here first if missing (None: unbuildable, or another process is
-    compiling them; this process then runs torch's arithmetic throughout)."""
-    try:
-        path = native.library(EXTENSION)
-        if not path.exists():
-            path = native.build_once_here(
-                EXTENSION, f"lst: compiling the CPU side-network kernels once (~25 s; {ENV}=0 skips it)")
-            if path is None:
-                return None
-        return native.load(EXTENSION, path)
-    except Exception as e:  # no compiler, no ninja, an unloadable library: torch's path
-        print(f"lst: CPU side-network kernels unavailable ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using torch's arithmetic", file=sys.stderr)
-        return None
+_KERNELS = native.Optional(EXTENSION, "CPU side-network kernels", envs=(ENV, OLD_ENV))
 
 
 def kernels() -> ModuleType | None:
     """The kernel module, or None where they are off (``ENV``) or cannot be built."""
-    if _disabled():
-        return None
-    with _LOAD_LOCK:
-        return _load()
+    return _KERNELS.get()
