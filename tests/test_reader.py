@@ -9,6 +9,7 @@ budget held, the reader's byte accounting under the budget, and batch values equ
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -738,3 +739,45 @@ def test_batches_kept_past_their_window_keep_their_values(caches):
     kept = list(_tiny(cache, **kw).iter_epoch(0))
     copied = _taps_of(_tiny(cache, inline=False, **kw))
     assert _same_batches([(b.index.tolist(), [t.values for t in b.taps]) for b in kept], copied)
+
+
+def _grids(reader: CacheReader, epoch: int = 0) -> list:
+    """Each batch's index and its taps as padded grids (packed rows' order aside)."""
+    out = []
+    for b in reader.iter_epoch(epoch):
+        out.append((b.index.tolist(), [t.padded() if hasattr(t, "padded") else t.clone() for t in b.taps]))
+    return out
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+@pytest.mark.parametrize("decode_ahead", [False, True])
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_native_frame_reader_hands_out_the_batches_python_decodes(caches, codec, decode_ahead, packed):
+    """With the native reader (decoding on the consumer's thread, where windows of packed store-dtype
+    batches are laid out in batch order, or on the decode threads) the batches equal those of the
+    Python decode, at the same plan and layout, within the budget."""
+    assert native_read.module() is not None, "scripts/setup.sh builds the native reader"
+    kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=packed, by_length=True, decode_ahead=decode_ahead)
+    py = _tiny(caches[codec], native=False, **kw)
+    nat = _tiny(caches[codec], native=True, **kw)
+    assert not py.native_read and nat.native_read
+    assert nat._scatters == (codec == "bf16" and packed and not decode_ahead) and not py._scatters
+    assert nat.layout == py.layout  # the plan never depends on whether the native reader is here
+    for epoch in (0, 1):
+        a, b = _grids(py, epoch), _grids(nat, epoch)
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(a, b))
+    assert nat.peak_bytes <= nat.memory_budget and py.peak_bytes <= py.memory_budget
+    assert nat.stats.buffer_hits > 0  # window buffers are reused in batch order too
+
+
+def test_a_window_in_batch_order_frees_its_frames_when_the_epoch_stops_early(caches):
+    """An epoch abandoned after one batch closes the shard files its undecoded windows held open."""
+    r = _tiny(caches["bf16"], native=True, batch_size=None, batch_tokens=120, seed=3, packed=True,
+              by_length=True, decode_ahead=False)
+    assert r._scatters
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in r.iter_epoch(0):
+        break
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert r.accounting.current["window"] == 0 and r.accounting.current["scratch"] == 0

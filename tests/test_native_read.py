@@ -1,0 +1,149 @@
+"""pipeline/cache/native_read.py and read_cpu.cpp: the native frame reader decodes what Zarr reads.
+
+Set-up builds the reader (``python -m pipeline.cache``); these tests need it. Arrays are made as
+``tests/test_fastread.py`` makes them (the store's codec chain, 4-row inner chunks, 16-row shards),
+and every native read is compared with Zarr's read of the same rows: whole and cut chunks, shard
+edges, missing shards and chunks, runs scattered to other rows, corrupted and truncated frames, one
+slot and several. The stage-two reader hands out the same batches with it and without it.
+"""
+
+from __future__ import annotations
+
+import crc32c
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import native_read
+from pipeline.cache.fastread import DirectArray, FrameTasks, Segments
+from pipeline.errors import ChecksumError
+from tests.test_fastread import HIDDEN, RANGES, ROWS, SHARD, T, _flip, _index, _make, _values
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    assert native_read.module() is not None, "scripts/setup.sh builds the reader (python -m pipeline.cache)"
+
+
+def _reader(d: DirectArray, slots: int = 2) -> native_read.FrameReader:
+    return native_read.FrameReader(slots, d.chunk_nbytes + 64, d.block_nbytes(), d.chunk_nbytes)
+
+
+def _decode(d: DirectArray, fill, slots: int = 2) -> None:
+    tasks = FrameTasks()
+    try:
+        fill(tasks)
+        r = _reader(d, slots)
+        try:
+            r.decode(tasks)
+        finally:
+            r.close()
+    finally:
+        tasks.close()
+
+
+def test_crc32c_equals_the_crc32c_package_at_every_length():
+    m = native_read.module()
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 4095, 12_287, 12_288, 12_289, 100_003, 786_432):
+        buf = rng.integers(0, 256, n, dtype=np.uint8)
+        assert m.crc32c(torch.from_numpy(buf)) == crc32c.crc32c(buf.tobytes()), n
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "fp32", "int8"])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_frame_tasks_decode_what_zarr_reads(tmp_path, codec, slots):
+    v = _make(tmp_path, codec)
+    arr = v.tap_array(1)
+    arr[:] = _values(codec, T)
+    d = DirectArray.for_array(arr)
+    for a, b in RANGES:
+        out = np.full((b - a, HIDDEN), 99, d.dtype)
+        _decode(d, lambda t: d.frame_tasks(a, b, out, t), slots)
+        np.testing.assert_array_equal(out, arr[a:b], err_msg=f"rows {a}:{b}")
+
+
+def test_scale_arrays_and_missing_shards_and_chunks(tmp_path):
+    v = _make(tmp_path, "int8")
+    sc = v.scale_array(0)
+    sc[:] = np.random.default_rng(5).uniform(0.1, 2.0, T).astype(np.float32)
+    ds = DirectArray.for_array(sc)
+    out = np.empty(T - 3, np.float32)
+    _decode(ds, lambda t: ds.frame_tasks(3, T, out, t))
+    np.testing.assert_array_equal(out, sc[3:T])
+
+    arr = v.tap_array(1)
+    vals = _values("int8", T)
+    arr[0:4] = vals[0:4]
+    arr[8:16] = vals[8:16]  # chunk 1 of shard 0 never written; shards 1-3 never written
+    arr[68:T] = vals[68:T]
+    d = DirectArray.for_array(arr)
+    for a, b in RANGES:
+        out = np.full((b - a, HIDDEN), 99, d.dtype)
+        _decode(d, lambda t: d.frame_tasks(a, b, out, t))
+        np.testing.assert_array_equal(out, arr[a:b], err_msg=f"rows {a}:{b}")
+
+
+def test_segments_cut_runs_at_chunk_edges_and_group_them_by_chunk():
+    s = Segments(src=[2, 9, 30], n=[5, 2, 0], dst=[10, 0, 50], chunk_rows=4)
+    # run 2:7 cut into 2:4 and 4:7; run 9:11 stays; the empty run goes
+    assert s.chunk.tolist() == [0, 1, 2]
+    assert s.src.tolist() == [2, 4, 9] and s.n.tolist() == [2, 3, 2] and s.dst.tolist() == [10, 12, 0]
+    assert s.bounds.tolist() == [0, 1, 2, 3] and s.lo.tolist() == [2, 4, 9] and s.hi.tolist() == [4, 7, 11]
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_scattered_runs_land_where_asked(tmp_path, slots):
+    """Runs of rows from anywhere (cut chunks, shard edges, a missing shard, the partial last shard) go
+    to the destination rows given, as the reader lays a window out in batch order."""
+    v = _make(tmp_path, "bf16")
+    arr = v.tap_array(1)
+    vals = _values("bf16", T)
+    arr[0:2 * SHARD] = vals[0:2 * SHARD]
+    arr[3 * SHARD:T] = vals[3 * SHARD:T]  # shard 2 never written
+    d = DirectArray.for_array(arr)
+    rng = np.random.default_rng(1)
+    bounds = np.unique(np.r_[0, rng.choice(np.arange(1, T), 20, replace=False), T])
+    src, n = bounds[:-1], np.diff(bounds)
+    order = rng.permutation(len(src))  # runs in a shuffled destination order
+    src, n = src[order], n[order]
+    dst = np.cumsum(n) - n
+    out = np.full((T, HIDDEN), 99, d.dtype)
+    _decode(d, lambda t: d.scatter_tasks(Segments(src, n, dst, ROWS), out, t), slots)
+    want = np.concatenate([arr[s:s + k] for s, k in zip(src, n)])
+    np.testing.assert_array_equal(out, want)
+
+
+def test_a_flipped_frame_byte_names_its_rows_and_a_cut_file_is_an_error(tmp_path):
+    v = _make(tmp_path, "fp32")
+    arr = v.tap_array(1)
+    arr[:] = _values("fp32", T)
+    d = DirectArray.for_array(arr)
+    f = d._shard_file(1)
+    off, nbytes = (int(x) for x in _index(f, d.chunks_per_shard)[2])  # inner chunk 2: rows 24:28
+    _flip(f, off + nbytes // 2)
+    out = np.empty((T, HIDDEN), d.dtype)
+    with pytest.raises(ChecksumError, match=r"rows 24:28 fails its checksum"):
+        _decode(d, lambda t: d.frame_tasks(0, T, out, t))
+    with pytest.raises(ChecksumError, match=r"rows 24:28"):
+        _decode(d, lambda t: d.scatter_tasks(Segments([25], [2], [0], ROWS), out, t))
+    # rows beside the damaged chunk still decode
+    _decode(d, lambda t: d.frame_tasks(0, 24, out[:24], t))
+    np.testing.assert_array_equal(out[:24], arr[0:24])
+
+    g = d._shard_file(3)  # cut the file inside its chunks' frames, keep a valid index at its end
+    data = g.read_bytes()
+    idx = _index(g, d.chunks_per_shard)
+    tail = data[len(data) - 16 * d.chunks_per_shard - 4:]
+    last_off = int(idx[:, 0].max())
+    g.write_bytes(data[:last_off + 4] + tail)  # the last frame: 4 bytes, then the index
+    with pytest.raises(ChecksumError):
+        _decode(d, lambda t: d.frame_tasks(3 * SHARD, 4 * SHARD, out[:SHARD], t))
+
+
+def test_the_reader_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv(native_read.ENV, "0")
+    assert native_read.module() is None
+    monkeypatch.setenv(native_read.ENV, "1")
+    monkeypatch.setenv("LST_CPU_KERNELS", "off")
+    assert native_read.module() is None
