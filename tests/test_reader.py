@@ -62,6 +62,15 @@ def _tiny(cache, **kw) -> CacheReader:
     return r
 
 
+def _small_windows(cache, **kw) -> CacheReader:
+    """A reader with room to spare (windows in batch order fit its budget, ``_scatters``) whose shuffle
+    window holds a few batches only, so an epoch has many windows."""
+    probe = CacheReader(cache, "train", kw.pop("taps", cache.taps), memory_budget=BIG, **kw)
+    r = CacheReader(cache, "train", probe.taps, memory_budget=BIG, window_cap=3 * probe.layout.window_min, **kw)
+    assert r.layout.mode == "bytes" and len(r.plan_epoch(0)) > 3
+    return r
+
+
 def _legacy_plan(r: CacheReader, epoch: int) -> list[list[np.ndarray]]:
     """The plan of the reader before budgets (windows of window_shards whole shards)."""
     rng = np.random.default_rng([r.seed, epoch])
@@ -607,7 +616,7 @@ def test_past_its_idle_cap_a_decoded_window_keeps_no_spare_buffers_or_scratch(ca
         assert r.accounting.current["scratch"] == 0
         seen.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
     kept = _tiny(cache, **kw)
-    kept._after_decode = lambda run: None
+    kept._after_decode = lambda run, consumer=False: None
     before = [(b.index.tolist(), [t.values.clone() for t in b.taps]) for b in kept.iter_epoch(0)]
     assert [i for i, _ in seen] == [i for i, _ in before]
     assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for (_, a), (_, b) in zip(seen, before))
@@ -701,8 +710,9 @@ def _same_batches(a: list, b: list) -> bool:
         all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(a, b))
 
 
+@pytest.mark.parametrize("make", ["tiny", "small_windows"])
 @pytest.mark.parametrize("decode_ahead", [False, True])
-def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, decode_ahead):
+def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, decode_ahead, make):
     """A packed batch of one example needs no gathering: its taps are views of the window's rows, the
     gather buffers hold nothing while it is out, the window buffers are still reused, and the values are
     those a reader that gathers every batch (an assembler thread) hands out. With ``decode_ahead`` a
@@ -710,7 +720,7 @@ def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, de
     laid out in batch order (``_scatters``), whose gather buffers then stay resident for the next one."""
     cache = caches["bf16"]
     kw = dict(batch_size=1, seed=3, packed=True, decode_ahead=decode_ahead)
-    r = _tiny(cache, **kw)
+    r = _tiny(cache, **kw) if make == "tiny" else _small_windows(cache, **kw)
     runs = _spy_runs(r)
     seen, views = [], 0
     for b in r.iter_epoch(0):
@@ -723,11 +733,12 @@ def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, de
         seen.append((b.index.tolist(), [t.values.clone() for t in b.taps]))
         del b
     windows = len(r.plan_epoch(0))
-    assert r._scatters == (not decode_ahead and native_read.module() is not None)
+    # a tiny budget has no room for windows in batch order; a roomy one has, without decode_ahead
+    assert r._scatters == (make == "small_windows" and not decode_ahead and native_read.module() is not None)
     assert views == len(seen) - (windows if decode_ahead or r._scatters else 0) > 0
     assert r.stats.buffer_hits > 0  # a view's buffer goes back to the pool once its batch is dropped
     assert r.peak_bytes <= r.memory_budget
-    gathering = _tiny(cache, inline=False, **kw)
+    gathering = (_tiny if make == "tiny" else _small_windows)(cache, inline=False, **kw)
     assert _same_batches(seen, _taps_of(gathering))
 
 
@@ -758,8 +769,8 @@ def test_the_native_frame_reader_hands_out_the_batches_python_decodes(caches, co
     Python decode, at the same plan and layout, within the budget."""
     assert native_read.module() is not None, "scripts/setup.sh builds the native reader"
     kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=packed, by_length=True, decode_ahead=decode_ahead)
-    py = _tiny(caches[codec], native=False, **kw)
-    nat = _tiny(caches[codec], native=True, **kw)
+    py = _small_windows(caches[codec], native=False, **kw)
+    nat = _small_windows(caches[codec], native=True, **kw)
     assert not py.native_read and nat.native_read
     assert nat._scatters == (codec == "bf16" and packed and not decode_ahead) and not py._scatters
     assert nat.layout == py.layout  # the plan never depends on whether the native reader is here
@@ -773,7 +784,7 @@ def test_the_native_frame_reader_hands_out_the_batches_python_decodes(caches, co
 
 def test_a_window_in_batch_order_frees_its_frames_when_the_epoch_stops_early(caches):
     """An epoch abandoned after one batch closes the shard files its undecoded windows held open."""
-    r = _tiny(caches["bf16"], native=True, batch_size=None, batch_tokens=120, seed=3, packed=True,
+    r = _small_windows(caches["bf16"], native=True, batch_size=None, batch_tokens=120, seed=3, packed=True,
               by_length=True, decode_ahead=False)
     assert r._scatters
     before = len(os.listdir("/proc/self/fd"))
@@ -781,3 +792,23 @@ def test_a_window_in_batch_order_frees_its_frames_when_the_epoch_stops_early(cac
         break
     assert len(os.listdir("/proc/self/fd")) <= before
     assert r.accounting.current["window"] == 0 and r.accounting.current["scratch"] == 0
+
+
+def test_the_decode_loop_never_frees_the_consumers_reader_while_it_decodes(caches):
+    """Past the idle cap the decode loop frees idle scratch after preparing a window (``_after_decode``)
+    while the consumer may be decoding the window before it with its own native reader: the loop frees
+    the decode threads' scratch only, and the consumer frees its own after its decode."""
+    r = _small_windows(caches["bf16"], native=True, batch_size=None, batch_tokens=120, seed=3, packed=True,
+              by_length=True, decode_ahead=False)
+    runs = _spy_runs(r)
+    it = r.iter_epoch(0)
+    next(it)
+    run = runs[-1]
+    consumer = r._scratch(run, consumer=True)
+    r.idle_cap = 0
+    r._after_decode(run)  # as the decode loop does
+    assert run.scratches.get("consumer") is consumer and consumer._contexts
+    r._after_decode(run, consumer=True)  # as the consumer does after its own decode
+    assert "consumer" not in run.scratches and not consumer._contexts
+    rest = list(it)
+    assert rest and r.accounting.current["scratch"] == 0

@@ -76,7 +76,15 @@ chunks per piece and tap, of which only the blocks holding the piece's rows are 
 well hidden; when half the window budget cannot hold one batch,
 decoding and training alternate and the stall fraction approaches decode / (decode + step) time.
 
-Decoding: one read job per piece and array (``DirectArray.read_into``: each shard's index, then the
+Decoding, native (``native_read``, where it is built): a window's frames are read, checked and decoded
+in one C++ call with the GIL released. Without ``decode_ahead`` the consumer makes that call when it
+asks for the window's first batch, on torch's own threads (``_decode_frames``), and a window of packed
+store-dtype batches is laid out in batch order as it decodes (``_decode_window_scattered``: each
+chunk's rows copied from the slot's scratch to where their batch wants them), so every batch but the
+window's last (gathered, since the consumer still holds it when the window goes) is a view of the
+window. With ``decode_ahead`` each read job below goes through the same call on its decode thread.
+
+Decoding, in Python: one read job per piece and array (``DirectArray.read_into``: each shard's index, then the
 compressed frames of the overlapping inner chunks one at a time, never a whole shard file) runs on
 ``workers`` threads straight into per-piece buffers, each thread decoding through a c-blosc2
 context of its own (``blosc_decode.ThreadDecoder``: no shared lock, the GIL released); only the
@@ -130,6 +138,7 @@ MAX_WINDOWS_IN_FLIGHT = 3  # the one being gathered and two decoding ahead (the 
 META_BYTES_PER_TOKEN = 32  # int64 ids, mask, token types and their construction temporaries
 MIN_PIECE_CHUNKS = 4  # bytes-mode pieces span at least this many inner chunks per tap
 _CONSUMER = "consumer"  # the consumer's key among a run's read scratches
+SCATTER_SHARE = 8  # windows in batch order where their resident extras fit 1/8 of the budget (``_scatters``)
 
 
 @dataclass
@@ -403,14 +412,17 @@ class CacheReader:
         # draws, ``pipeline.cache.draws``) that the epochs take in turn
         self.value_splits = list(value_splits or [split])
         self._open_arrays()
-        # each window's rows laid out in batch order as they are decoded, so each batch is a view of its
-        # window and nothing is gathered (``_decode_window_scattered``): where batches may be views and
-        # the consumer decodes. Its chunk scratch is budgeted wherever batches could be views, whether or
-        # not the native reader is here, so a plan never depends on which machine runs it
-        self._scatter_planned = self._may_view(True) and bool(self._acts) and \
-            all(d is not None for _, d in self._acts)
-        self._scatters = self._scatter_planned and self.native_read and not self.decode_ahead and self.inline
         self.layout = self._layout()
+        # each window's rows laid out in batch order as they are decoded, so each batch is a view of its
+        # window and nothing is gathered (``_decode_window_scattered``): where the consumer decodes
+        # natively, batches may be views, and what such windows keep beside the step (a chunk scratch
+        # per decode thread, each window's gathered last batch) fits in 1/SCATTER_SHARE of the budget. (On
+        # the 7B shape at 128 MB @ 128 tokens, whose batches are mostly one example and views already,
+        # they took the reader's peak from 115 to 127 MB.) A run-time choice: the layout budgets the chunk
+        # scratch for every reader of directly read taps, so the plan depends on none of this
+        self._scatters = (self.native_read and not self.decode_ahead and self._may_view(self.inline)
+                          and self._direct_taps() and self.workers * self._scratch_sizes()[1] +
+                          self.layout.batch_bound <= self.memory_budget // SCATTER_SHARE)
         self._pieces_cache: list[Piece] | None = None
 
     @property
@@ -791,10 +803,17 @@ class CacheReader:
         block = max((d.block_nbytes() for d in direct), default=0)
         return chunk + FRAME_OVERHEAD, chunk, block
 
+    def _direct_taps(self) -> bool:
+        """Whether every tap this reader reads is read directly (``DirectArray``)."""
+        return bool(self._acts) and all(d is not None for _, d in self._acts)
+
     def _scratch_bytes(self) -> int:
-        """One decode thread's scratch (or one slot of the consumer's ``FrameReader``) as budgeted."""
+        """One decode thread's scratch (or one slot of the consumer's ``FrameReader``) as budgeted: with a
+        decoded chunk's room for windows in batch order wherever taps are read directly, whether or not
+        this reader lays windows out so (``_scatters``) and the native reader is here, so that readers of
+        the same cache plan the same batches on any machine, packed or padded."""
         frame, chunk, block = self._scratch_sizes()
-        return ReadScratch.sizes(frame, chunk, block) + (chunk if self._scatter_planned else 0)
+        return ReadScratch.sizes(frame, chunk, block) + (chunk if self._direct_taps() else 0)
 
     def _scratch(self, run: _Run, consumer: bool = False):
         """This decode thread's read scratch (a ``ReadScratch``, or a one-slot ``FrameReader`` where
@@ -830,11 +849,16 @@ class CacheReader:
         finally:
             tasks.close()
             self.stats.add_cpu(time.process_time() - c0)
-        self._after_decode(run)
+        self._after_decode(run, consumer=True)
 
-    def _release_scratches(self, run: _Run) -> None:
+    def _release_scratches(self, run: _Run, consumer: bool | None = None) -> None:
+        """Free the run's read scratches: all of them (``consumer`` None, once no thread reads), or only
+        the consumer's (True) or only the decode threads' (False). Each side frees only its own while the
+        other may be decoding: the decode loop once freed the consumer's reader (its c-blosc2 contexts)
+        in the middle of the consumer's decode, a use after free."""
         with run.cond:
-            gone, run.scratches = list(run.scratches.values()), {}
+            mine = [k for k in run.scratches if consumer is None or (k == _CONSUMER) == consumer]
+            gone = [run.scratches.pop(k) for k in mine]
         for sc in gone:
             sc.close()
             self.accounting.sub("scratch", sc.nbytes)
@@ -1100,9 +1124,11 @@ class CacheReader:
                            np.repeat(g.astype(np.int64) * L, ls) + within))
         rows = torch.from_numpy(np.concatenate([gp for _, _, gp in groups]))
         if view is not None:  # the rows as the window holds them; the gather buffers' pages go back,
-            # except where every window's last batch is gathered (``_scatters``): faulting them in again
-            # each window cost more than the one batch they hold
-            if gather is not None and not self._scatters:
+            # except where every window's last batch is gathered (``_scatters``) and they fit under the
+            # idle cap with the read scratch: faulting them in again each window cost a MiniLM epoch ~0.1 s
+            # for the one batch they hold (on the 7B shape at 128 MB they are 9 MB, over its 4 MB cap)
+            if gather is not None and (not self._scatters or
+                                       gather.held + self.accounting.current["scratch"] > self.idle_cap):
                 gather.idle()
             j, r0 = view
             taps = [PackedTap(window.vals[j][k][r0:r0 + N], rows, B, L) for k in range(len(self.taps))]
@@ -1178,16 +1204,17 @@ class CacheReader:
         finally:
             self.stats.add_cpu(time.thread_time() - c0)
 
-    def _after_decode(self, run: _Run) -> None:
+    def _after_decode(self, run: _Run, consumer: bool = False) -> None:
         """What the reader keeps idle between decodes for speed: the decode threads' read scratch, which
         saves page faults at the next decode and sits beside every step of this window. (``take_all``
         leaves no freed window buffers and no resident tails behind.) Past ``idle_cap`` (1/32 of the
         budget, ``IDLE_SHARE``) it goes back to the OS once the window is decoded: on the 7B shape at
         128 MB @ 128 tokens that was 4 MB at the step's peak. Under it (a MiniLM cache at the default
-        budget) it stays."""
+        budget) it stays. ``consumer``: called by the consumer after its own decode (``_decode_frames``),
+        which frees its own reader only."""
         if run.pool.pooled + self.accounting.current["scratch"] > self.idle_cap:
             run.pool.clear()
-            self._release_scratches(run)
+            self._release_scratches(run, consumer=consumer)
 
     def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
