@@ -267,7 +267,8 @@ class DirectArray:
             if fd is None:
                 out[lo_s - start:hi_s - start] = self.fill_value
                 continue
-            for c0, c1, lo, hi, off, nbytes in self._chunks_of(self._shard_index(fd, f), s0, lo_s, hi_s):
+            index = tasks.index(fd, f, self._shard_index)
+            for c0, c1, lo, hi, off, nbytes in self._chunks_of(index, s0, lo_s, hi_s):
                 if off == EMPTY:
                     out[lo - start:hi - start] = self.fill_value
                     continue
