@@ -398,19 +398,16 @@ class FrameTasks:
         return fd
 
     def add(self, fd: int, offset: int, nbytes: int, dest: int, dest_nbytes: int, part: int,
-            where: tuple[Path, int, int], segments: np.ndarray | None = None) -> None:
-        s0 = self.segments
-        if segments is not None and len(segments):
-            self.tables.append(segments)
-            self.segments += len(segments)
-        self.rows.append((fd, offset, nbytes, dest, dest_nbytes, part, s0, self.segments))
+            where: tuple[Path, int, int]) -> None:
+        """One frame decoded straight into ``dest`` (no segments)."""
+        self.rows.append((fd, offset, nbytes, dest, dest_nbytes, part, 0, 0))
         self.where.append(where)
 
     def add_many(self, rows: np.ndarray, table: np.ndarray, where: list[tuple[Path, int, int]]) -> None:
         """Tasks [n, COLS] whose segment columns count rows of ``table`` (which joins the table here)."""
         rows = rows.astype(np.int64, copy=True)
         rows[:, 6:8] += self.segments
-        self.tables.append(table)
+        self.tables.append(np.ascontiguousarray(table, dtype=np.int64))
         self.segments += len(table)
         self.rows.extend(map(tuple, rows.tolist()))
         self.where.extend(where)

@@ -59,6 +59,10 @@ class FrameReader:
         mod = module()
         if mod is None:
             raise RuntimeError("the native cache reader is not available here (native_read.module() is None)")
+        if (mod.COLS, mod.SEG_COLS) != (FrameTasks.COLS, FrameTasks.SEG_COLS):
+            raise RuntimeError(f"the native cache reader's task layout ({mod.COLS}, {mod.SEG_COLS} columns) is not "
+                               f"FrameTasks' ({FrameTasks.COLS}, {FrameTasks.SEG_COLS}): rebuild it "
+                               "(python -m pipeline.cache)")
         self._mod = mod
         self._fns = context_functions()
         self._frame_bytes = int(frame_bytes)
