@@ -170,7 +170,8 @@ def _flip(f: Path, pos: int) -> None:
     f.write_bytes(bytes(data))
 
 
-def test_flipped_byte_in_a_chunk_raises_checksum_error(tmp_path):
+def damaged_chunk(tmp_path: Path):
+    """An fp32 tap array (Zarr's, and its DirectArray) whose inner chunk at rows 24:28 has a flipped byte."""
     v = _make(tmp_path, "fp32")
     arr = v.tap_array(1)
     arr[:] = _values("fp32", T)
@@ -178,6 +179,11 @@ def test_flipped_byte_in_a_chunk_raises_checksum_error(tmp_path):
     f = d._shard_file(1)
     off, nbytes = (int(x) for x in _index(f, d.chunks_per_shard)[2])  # inner chunk 2: rows 24:28
     _flip(f, off + nbytes // 2)
+    return arr, d
+
+
+def test_flipped_byte_in_a_chunk_raises_checksum_error(tmp_path):
+    arr, d = damaged_chunk(tmp_path)
     with pytest.raises(ChecksumError, match=r"rows 24:28"):
         d.read(0, T)
     with ThreadPoolExecutor(2) as pool, pytest.raises(ChecksumError):

@@ -17,7 +17,7 @@ import torch
 from pipeline.cache import native_read
 from pipeline.cache.fastread import DirectArray, FrameTasks, Segments
 from pipeline.errors import ChecksumError
-from tests.test_fastread import HIDDEN, RANGES, ROWS, SHARD, T, _flip, _index, _make, _values
+from tests.test_fastread import HIDDEN, RANGES, ROWS, SHARD, T, _index, _make, _values, damaged_chunk
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,13 +115,7 @@ def test_scattered_runs_land_where_asked(tmp_path, slots):
 
 
 def test_a_flipped_frame_byte_names_its_rows_and_a_cut_file_is_an_error(tmp_path):
-    v = _make(tmp_path, "fp32")
-    arr = v.tap_array(1)
-    arr[:] = _values("fp32", T)
-    d = DirectArray.for_array(arr)
-    f = d._shard_file(1)
-    off, nbytes = (int(x) for x in _index(f, d.chunks_per_shard)[2])  # inner chunk 2: rows 24:28
-    _flip(f, off + nbytes // 2)
+    arr, d = damaged_chunk(tmp_path)  # rows 24:28
     out = np.empty((T, HIDDEN), d.dtype)
     with pytest.raises(ChecksumError, match=r"rows 24:28 fails its checksum"):
         _decode(d, lambda t: d.frame_tasks(0, T, out, t))
