@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["Extension", "Optional", "KERNELS_ENV", "build_dir", "library", "build", "load", "build_once_here",
+__all__ = ["Extension", "OptionalExtension", "KERNELS_ENV", "build_dir", "library", "build", "load", "build_once_here",
            "cpu_signature"]
 
 #: environment variable: "0"/"off" runs every optional C++ kernel's work in Python/torch instead
@@ -128,7 +128,7 @@ def build_once_here(ext: Extension, note: str | None = None) -> Path | None:
         return build(ext)
 
 
-class Optional:
+class OptionalExtension:
     """An extension a process uses where it can: loaded once (built here first if missing, unless
     another process is compiling it), or None for the whole process where it is switched off (any of
     ``envs`` set to 0/off), cannot be built or cannot be loaded; callers then run the same work in

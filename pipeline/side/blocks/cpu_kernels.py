@@ -29,7 +29,7 @@ EXTENSION = native.Extension(
     cflags=("-O3", "-march=native", *_WIDE, "-fopenmp"),
     ldflags=("-fopenmp",),  # resolves to the libgomp torch already loaded: the same thread pool
     this_cpu=True)
-_KERNELS = native.Optional(EXTENSION, "CPU side-network kernels", envs=(ENV, OLD_ENV))
+_KERNELS = native.OptionalExtension(EXTENSION, "CPU side-network kernels", envs=(ENV, OLD_ENV))
 
 
 def kernels() -> ModuleType | None:
