@@ -7,8 +7,8 @@ training thread's OpenMP worker (which spins for milliseconds after every parall
 held the GIL between their C calls, so a window's decode ran ~1.5-way parallel while the step
 waited for it. Called from the training thread, the same frames decode on the team the step uses.
 
-Optional like every extension (``native.OptionalExtension``): ``LST_NATIVE_READ=0`` or ``LST_CPU_KERNELS=0``
-reads through Python as before, as does a process where it cannot be built, or whose c-blosc2 has
+Optional like every extension (``native.OptionalExtension``): ``LST_NATIVE_READ=0`` or
+``LST_CPU_KERNELS=0`` reads through Python as before, as does a process where it cannot be built, or whose c-blosc2 has
 no context API. ``python -m pipeline.cache`` builds it (``scripts/setup.sh`` does).
 """
 
@@ -36,7 +36,8 @@ EXTENSION = native.Extension(
     cflags=("-O3", "-march=native" if _X86 else "-mcpu=native", "-fopenmp"),
     ldflags=("-fopenmp",),  # torch's libgomp: the frames go to the team the step uses
     this_cpu=True)
-_READER = native.OptionalExtension(EXTENSION, "native cache reader", envs=(ENV, native.KERNELS_ENV), build_note="~20 s")
+_READER = native.OptionalExtension(EXTENSION, "native cache reader", envs=(ENV, native.KERNELS_ENV),
+                                   build_note="~20 s")
 
 # a task's status (read_cpu.cpp's Status)
 _ERRORS = {1: "is cut short", 2: "fails its checksum", 3: "does not decode", 4: "is larger than its read scratch"}

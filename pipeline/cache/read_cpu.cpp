@@ -5,11 +5,11 @@
 // through the slot's c-blosc2 context straight into its destination (only the blocks holding the
 // rows asked for, where a piece edge cuts the chunk), or, for a task with segments, decoded into the
 // slot's chunk scratch and its rows copied out run by run to where the caller wants them (the
-// reader lays a window out in batch order, so a batch is one run of it and needs no gather). Why: the stage-two reader did this in Python a
-// frame at a time, holding the GIL between the calls (~27% of its CPU), on decode threads that
-// competed for the two cores with the training thread's spinning OpenMP worker. Called from the
-// training thread, the frames are shared out over torch's own OpenMP team (the worker decodes instead
-// of spinning), with the GIL released throughout.
+// reader lays a window out in batch order, so a batch is one run of it and needs no gather).
+// Why: the stage-two reader did this in Python a frame at a time, holding the GIL between the calls
+// (~27% of its CPU), on decode threads that competed for the two cores with the training thread's
+// spinning OpenMP worker. Called from the training thread, the frames are shared out over torch's own
+// OpenMP team (the worker decodes instead of spinning), with the GIL released throughout.
 //
 // c-blosc2 is not linked: the caller passes the addresses of blosc2_decompress_ctx and
 // blosc2_getitem_ctx from the library its Python side loaded, and one context per slot.

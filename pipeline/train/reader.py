@@ -1254,7 +1254,8 @@ class CacheReader:
                     # still holds that batch: with decode_ahead, and for a window laid out in batch order,
                     # whose buffers would otherwise be kept from reuse by the consumer's last reference)
                     view = None
-                    if self._may_view(gather) and not (i == last and (self.decode_ahead or dw.batch_locs is not None)):
+                    last_goes = i == last and (self.decode_ahead or dw.batch_locs is not None)
+                    if self._may_view(gather) and not last_goes:
                         view = self._one_run(locs[0], locs[1], lens)
                     # bytes counted elsewhere: in the gather buffers, or in the window a view reads
                     kept = self._gathered_nbytes(int(lens.sum())) if gather is not None else 0
