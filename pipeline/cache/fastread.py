@@ -363,7 +363,7 @@ class FrameTasks:
     SEG_COLS = 3  # source byte offset from the first wanted byte, bytes, destination address
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, ...]] = []
+        self._rows: list[np.ndarray] = []  # blocks of task rows, [n, COLS] each, in task order
         self.where: list[tuple[Path, int, int]] = []
         self.tables: list[np.ndarray] = []
         self.segments = 0
@@ -377,14 +377,16 @@ class FrameTasks:
             idx = self._indexes[f] = read(fd, f)
         return idx
 
+    def task_table(self) -> np.ndarray:
+        """Every task, joined: int64 [F, COLS]."""
+        return np.concatenate(self._rows) if self._rows else np.zeros((0, self.COLS), np.int64)
+
     def segment_table(self) -> np.ndarray:
         """Every task's segments, joined: int64 [S, SEG_COLS]."""
-        if not self.tables:
-            return np.zeros((0, self.SEG_COLS), np.int64)
-        return np.ascontiguousarray(np.concatenate(self.tables), dtype=np.int64)
+        return np.concatenate(self.tables) if self.tables else np.zeros((0, self.SEG_COLS), np.int64)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.where)
 
     def open(self, f: Path) -> int | None:
         """The shard file's descriptor (opened once per call), None where there is no such file."""
@@ -400,16 +402,16 @@ class FrameTasks:
     def add(self, fd: int, offset: int, nbytes: int, dest: int, dest_nbytes: int, part: int,
             where: tuple[Path, int, int]) -> None:
         """One frame decoded straight into ``dest`` (no segments)."""
-        self.rows.append((fd, offset, nbytes, dest, dest_nbytes, part, 0, 0))
+        self._rows.append(np.array([[fd, offset, nbytes, dest, dest_nbytes, part, 0, 0]], np.int64))
         self.where.append(where)
 
     def add_many(self, rows: np.ndarray, table: np.ndarray, where: list[tuple[Path, int, int]]) -> None:
         """Tasks [n, COLS] whose segment columns count rows of ``table`` (which joins the table here)."""
         rows = rows.astype(np.int64, copy=True)
         rows[:, 6:8] += self.segments
-        self.tables.append(np.ascontiguousarray(table, dtype=np.int64))
+        self.tables.append(table.astype(np.int64, copy=False))
         self.segments += len(table)
-        self.rows.extend(map(tuple, rows.tolist()))
+        self._rows.append(rows)
         self.where.extend(where)
 
     def close(self) -> None:

@@ -81,8 +81,8 @@ class FrameReader:
         ``ChecksumError`` (or ``RuntimeError``) naming its file and rows after the others are done."""
         if not len(tasks):
             return
-        rows = torch.from_numpy(np.asarray(tasks.rows, dtype=np.int64).reshape(-1, FrameTasks.COLS))
-        status = self._mod.decode_frames(rows, torch.from_numpy(tasks.segment_table()), self._scratch,
+        status = self._mod.decode_frames(torch.from_numpy(tasks.task_table()),
+                                         torch.from_numpy(tasks.segment_table()), self._scratch,
                                          self._frame_bytes, self._contexts, *self._fns, len(self._contexts) > 1)
         bad = np.flatnonzero(status.numpy())
         if len(bad):

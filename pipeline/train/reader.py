@@ -522,9 +522,10 @@ class CacheReader:
         if not self.load_acts:
             return 0
         pieces = [p for w in plan for p in w.pieces]
-        rows = max((p.r1 - p.r0 for p in pieces), default=0)
         if self._scatters:
             rows = max((sum(p.r1 - p.r0 for p in w.pieces) for w in plan), default=0)
+        else:
+            rows = max((p.r1 - p.r0 for p in pieces), default=0)
         dec_rows = max(((p.e1 - p.e0) * self.dec_rows for p in pieces), default=0)
         per_row = [self._store_dtype(a).itemsize * self.hidden for a, _ in self._acts]
         per_dec = [self._store_dtype(a).itemsize * self.hidden for a, _ in self._dec]
@@ -1081,11 +1082,11 @@ class CacheReader:
             o += n
         return out
 
-    def _may_view(self, gather: GatherBuffers | bool | None) -> bool:
+    def _may_view(self, inline: bool) -> bool:
         """Whether batches may be views of their window: packed store-dtype rows (int8 codes are scaled
-        as they are gathered) handed out by an inline reader (``gather``, or True), whose consumer is done
-        with a batch when it asks for the next."""
-        return gather is not None and gather is not False and self.packed and not self._has_scale
+        as they are gathered) handed out by an inline reader, whose consumer is done with a batch when it
+        asks for the next."""
+        return inline and self.packed and not self._has_scale
 
     @staticmethod
     def _one_run(piece: np.ndarray, row: np.ndarray, lens: np.ndarray) -> tuple[int, int] | None:
@@ -1255,7 +1256,7 @@ class CacheReader:
                     # whose buffers would otherwise be kept from reuse by the consumer's last reference)
                     view = None
                     last_goes = i == last and (self.decode_ahead or dw.batch_locs is not None)
-                    if self._may_view(gather) and not last_goes:
+                    if self._may_view(gather is not None) and not last_goes:
                         view = self._one_run(locs[0], locs[1], lens)
                     # bytes counted elsewhere: in the gather buffers, or in the window a view reads
                     kept = self._gathered_nbytes(int(lens.sum())) if gather is not None else 0
