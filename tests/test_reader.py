@@ -716,8 +716,9 @@ def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, de
     """A packed batch of one example needs no gathering: its taps are views of the window's rows, the
     gather buffers hold nothing while it is out, the window buffers are still reused, and the values are
     those a reader that gathers every batch (an assembler thread) hands out. With ``decode_ahead`` a
-    window's last batch is gathered: the window goes before that batch's step; so it is where windows are
-    laid out in batch order (``_scatters``), whose gather buffers then stay resident for the next one."""
+    window's last batch is gathered: the window goes before that batch's step. Where windows are laid out
+    in batch order (``_scatters``) it is a view too, for a consumer that drops each batch before asking
+    for the next."""
     cache = caches["bf16"]
     kw = dict(batch_size=1, seed=3, packed=True, decode_ahead=decode_ahead)
     r = _tiny(cache, **kw) if make == "tiny" else _small_windows(cache, **kw)
@@ -735,11 +736,39 @@ def test_a_batch_whose_rows_are_one_run_of_its_window_is_a_view_of_it(caches, de
     windows = len(r.plan_epoch(0))
     # a tiny budget has no room for windows in batch order; a roomy one has, without decode_ahead
     assert r._scatters == (make == "small_windows" and not decode_ahead and native_read.module() is not None)
-    assert views == len(seen) - (windows if decode_ahead or r._scatters else 0) > 0
+    assert views == len(seen) - (windows if decode_ahead else 0) > 0
     assert r.stats.buffer_hits > 0  # a view's buffer goes back to the pool once its batch is dropped
     assert r.peak_bytes <= r.memory_budget
     gathering = (_tiny if make == "tiny" else _small_windows)(cache, inline=False, **kw)
     assert _same_batches(seen, _taps_of(gathering))
+
+
+def test_a_consumer_that_holds_a_windows_last_batch_gets_later_last_batches_gathered(caches):
+    """Windows in batch order: a consumer that still holds a window's last batch (a view) when it asks
+    for the next (a plain ``for`` loop does) keeps that window's buffers from reuse once; from then on
+    each window's last batch is gathered, so the window buffers are reused again, and the batches are
+    the same as those of a consumer that drops each one first."""
+    kw = dict(native=True, batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True,
+              decode_ahead=False)
+    dropping = _small_windows(caches["bf16"], **kw)
+    dropped = []
+    for b in dropping.iter_epoch(0):
+        dropped.append((b.index.tolist(), [t.padded() for t in b.taps]))
+        del b
+    holding = _small_windows(caches["bf16"], **kw)
+    assert holding._scatters and len(holding.plan_epoch(0)) > 3
+    runs = _spy_runs(holding)
+    held = _grids(holding)  # holds each batch while asking for the next
+    assert [i for i, _ in held] == [i for i, _ in dropped]
+    assert all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(held, dropped))
+    assert runs[-1].last_views is False  # found holding the first window's last batch
+    windows = len(holding.plan_epoch(0))
+    # one window's buffers kept from reuse (the first), every later window's taken from the pool
+    assert holding.stats.buffer_misses == 2 * dropping.stats.buffer_misses
+    assert holding.stats.buffer_hits == dropping.stats.buffer_hits - dropping.stats.buffer_misses > 0
+    assert holding.stats.gather_misses + holding.stats.gather_hits > 0 and windows > 3
+    assert dropping.stats.gather_misses + dropping.stats.gather_hits == 0  # nothing gathered at all
+    assert holding.peak_bytes <= holding.memory_budget and dropping.peak_bytes <= dropping.memory_budget
 
 
 def test_batches_kept_past_their_window_keep_their_values(caches):

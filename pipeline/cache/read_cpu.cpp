@@ -18,6 +18,9 @@
 #if defined(__SSE4_2__)
 #include <nmmintrin.h>
 #endif
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #include <unistd.h>
 
 #include <array>
@@ -132,9 +135,46 @@ enum SegCol { SRC, NBYTES, TO, SEG_COLS };
 // a task's status
 enum Status : int64_t { OK = 0, SHORT_READ = 1, CHECKSUM = 2, DECODE = 3, TOO_BIG = 4 };
 
+// --- copies out ---------------------------------------------------------------------------------
+// A run of rows into the window with streaming stores where it is whole 64-byte lines (rows of 384
+// bf16 are 12 of them, and window buffers start on a page): the window is read by steps later, not
+// now, and a normal store first reads each line it writes. A MiniLM SST-2 epoch's decode took 0.71-0.76
+// against 0.79-0.81 s of CPU on one thread, and `lst train`'s stall 5.5-5.7% against 5.8-6.1% (session
+// 32), its steps no slower (those of a window come from memory either way: 64 MB of it).
+void copy_out(uint8_t* d, const uint8_t* s, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(d) & 63) == 0 && (n & 63) == 0) {
+    for (int64_t k = 0; k < n; k += 64) {
+#if defined(__AVX512F__)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + k), _mm512_loadu_si512(s + k));
+#elif defined(__AVX__)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k + 32),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k + 32)));
+#else
+      for (int q = 0; q < 64; q += 16)
+        _mm_stream_si128(reinterpret_cast<__m128i*>(d + k + q),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k + q)));
+#endif
+    }
+    return;
+  }
+#endif
+  std::memcpy(d, s, n);
+}
+
+// the streaming stores of this thread, ordered before what it does next (the end of its part)
+void fence_copies() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // (Reading frames through a mapping of each shard file, instead of a pread's copy into scratch,
 // measured no faster: 0.38-0.41 s of a MiniLM epoch's decode against 0.36-0.38 s, its page faults and
-// unmapping costing what the copy did.)
+// unmapping costing what the copy did. A mapping of each frame alone, populated at once
+// (MAP_POPULATE), was as fast on one thread and slower on two: 0.52-0.56 against 0.40-0.43 s, session 32.)
 int64_t read_frame(const int64_t* t, uint8_t* buf, int64_t cap, uint8_t* chunk, int64_t chunk_cap,
                    const int64_t* segs, void* ctx, decompress_fn dec, getitem_fn get) {
   const int64_t n = t[FRAME_BYTES];
@@ -167,7 +207,7 @@ int64_t read_frame(const int64_t* t, uint8_t* buf, int64_t cap, uint8_t* chunk, 
   for (int64_t j = t[SEG_BEGIN]; j < t[SEG_END]; ++j) {
     const int64_t* g = segs + j * SEG_COLS;
     if (g[SRC] < 0 || g[SRC] + g[NBYTES] > want) return DECODE;
-    std::memcpy(reinterpret_cast<void*>(g[TO]), chunk + g[SRC], g[NBYTES]);
+    copy_out(reinterpret_cast<uint8_t*>(g[TO]), chunk + g[SRC], g[NBYTES]);
   }
   return OK;
 }
@@ -208,6 +248,7 @@ torch::Tensor decode_frames(torch::Tensor tasks, torch::Tensor segments, torch::
       void* ctx = reinterpret_cast<void*>(contexts[s]);
       for (int64_t i = next.fetch_add(1); i < F; i = next.fetch_add(1))
         st[i] = read_frame(t + i * COLS, sc + s * row, cap, sc + s * row + cap, row - cap, segs, ctx, dec, get);
+      fence_copies();
     };
     const int64_t used = std::min<int64_t>({slots, F, static_cast<int64_t>(at::get_num_threads())});
     if (!parallel || used <= 1) {

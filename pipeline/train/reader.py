@@ -313,6 +313,9 @@ class _Run:
         self.pool = pool
         # per decode thread (its id), and the consumer's (key CONSUMER): ReadScratch, or native_read.FrameReader
         self.scratches: dict[int | str, ReadScratch | native_read.FrameReader] = {}
+        # a window in batch order hands out its last batch as a view too, until the consumer is found
+        # still holding one when it asks for the batch after (``CacheReader._batches``)
+        self.last_views = True
 
     def stop(self) -> None:
         with self.cond:
@@ -416,7 +419,7 @@ class CacheReader:
         # each window's rows laid out in batch order as they are decoded, so each batch is a view of its
         # window and nothing is gathered (``_decode_window_scattered``): where the consumer decodes
         # natively, batches may be views, and what such windows keep beside the step (a chunk scratch
-        # per decode thread, each window's gathered last batch) fits in 1/SCATTER_SHARE of the budget. (On
+        # per decode thread, a window's last batch where it is gathered) fits in 1/SCATTER_SHARE of the budget. (On
         # the 7B shape at 128 MB @ 128 tokens, whose batches are mostly one example and views already,
         # they took the reader's peak from 115 to 127 MB.) A run-time choice: the layout budgets the chunk
         # scratch for every reader of directly read taps, so the plan depends on none of this
@@ -991,7 +994,9 @@ class CacheReader:
             return C.to_bf16_tensor(buf)
         return torch.from_numpy(buf)
 
-    def _free_window(self, run: _Run, dw: _Decoded) -> None:
+    def _free_window(self, run: _Run, dw: _Decoded) -> bool:
+        """Hand the window's buffers back to the pool; whether a batch handed out as a view of one of them
+        is still held (that buffer then leaves the pool: it is never decoded into again)."""
         if dw.frames is not None:  # never decoded (the epoch stopped first)
             dw.frames.close()
             dw.frames = None
@@ -1000,16 +1005,19 @@ class CacheReader:
         buffers, dw.buffers = dw.buffers, []
         dw.nbytes = 0
         self.accounting.sub("window", n)
+        kept = False
         while buffers:  # after the window's accounting: the pool counts them from here on
             buf = buffers.pop()
             # a batch handed out as a view of the buffer (``_one_run``) that its consumer kept still reads it
             shared = sys.getrefcount(buf) > _WINDOW_BUFFER_REFS
+            kept |= shared
             run.pool.give(buf, shared)
             del buf
         with run.cond:
             run.window_held -= self.window_mem_bytes(dw.window)
             run.windows -= 1
             run.cond.notify_all()
+        return kept
 
     # -- assembling ------------------------------------------------------------------------------
     def _assemble(self, idx: np.ndarray, locs=None, window: _Decoded | None = None,
@@ -1061,15 +1069,21 @@ class CacheReader:
         )
 
     def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded,
-                    gather: GatherBuffers | None) -> torch.Tensor:
+                    gather: GatherBuffers | None, run: tuple[int, int] | None = None) -> torch.Tensor:
         """Tap ``k``'s ``N`` rows of a packed batch, gathered from the window's pieces (``groups``:
-        piece, source rows, grid positions) into ``gather``'s buffer for the tap, or a fresh tensor."""
+        piece, source rows, grid positions) into ``gather``'s buffer for the tap, or a fresh tensor.
+        ``run``: the rows are one run of one piece (``_one_run``), copied as a slice (a window in batch
+        order's last batch: 7 index_selects of it took ~1.7 ms a window)."""
         dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
         if gather is None:
             out = torch.empty((N, self.hidden), dtype=dtype)
         else:
             nbytes = N * self.hidden * dtype.itemsize
             out = torch.from_numpy(gather.take(k, nbytes))[:nbytes].view(dtype).view(N, self.hidden)
+        if run is not None and not self._has_scale:
+            j, r0 = run
+            out.copy_(window.vals[j][k][r0:r0 + N])
+            return out
         o = 0
         for j, src, _ in groups:
             n = len(src)
@@ -1125,16 +1139,18 @@ class CacheReader:
                            np.repeat(g.astype(np.int64) * L, ls) + within))
         rows = torch.from_numpy(np.concatenate([gp for _, _, gp in groups]))
         if view is not None:  # the rows as the window holds them; the gather buffers' pages go back,
-            # except where every window's last batch is gathered (``_scatters``) and they fit under the
-            # idle cap with the read scratch: faulting them in again each window cost a MiniLM epoch ~0.1 s
-            # for the one batch they hold (on the 7B shape at 128 MB they are 9 MB, over its 4 MB cap)
+            # except where windows are in batch order (``_scatters``; their last batches may be gathered)
+            # and they fit under the idle cap with the read scratch: faulting them in again each window
+            # cost a MiniLM epoch ~0.1 s for the one batch they hold (on the 7B shape at 128 MB they are
+            # 9 MB, over its 4 MB cap)
             if gather is not None and (not self._scatters or
                                        gather.held + self.accounting.current["scratch"] > self.idle_cap):
                 gather.idle()
             j, r0 = view
             taps = [PackedTap(window.vals[j][k][r0:r0 + N], rows, B, L) for k in range(len(self.taps))]
         else:
-            taps = [PackedTap(self._gather_tap(k, N, groups, window, gather), rows, B, L)
+            run = self._one_run(piece, row, lens) if len(groups) == 1 else None
+            taps = [PackedTap(self._gather_tap(k, N, groups, window, gather, run), rows, B, L)
                     for k in range(len(self.taps))]
         return Batch(
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
@@ -1205,6 +1221,32 @@ class CacheReader:
         finally:
             self.stats.add_cpu(time.thread_time() - c0)
 
+    def _windows_inline(self, plan: list[Window], run: _Run) -> Iterator[_Decoded]:
+        """The windows of a reader that lays them out in batch order (``_scatters``), prepared on the
+        consumer's thread when it reaches each (its decode is the consumer's anyway, ``_decode_frames``).
+        Why not the decode loop's thread: such a window is freed only when the consumer asks for the
+        batch after its last, so the next one can never be prepared ahead, and handing it over cost a
+        thread wake and the GIL both ways: the consumer waited ~4.4 ms a window for ~1.3 ms of
+        preparation (0.11 s of a cached MiniLM SST-2 epoch, session 32). The consumer has freed the window
+        before (``_batches``), so the next one always fits."""
+        for w in plan:
+            c0 = time.thread_time()
+            n = self.window_mem_bytes(w)
+            with run.cond:
+                if run.stopped:
+                    return
+                if run.window_held + n > self.layout.window_bytes or run.windows >= MAX_WINDOWS_IN_FLIGHT:
+                    raise RuntimeError(f"a {n}-byte window does not fit beside {run.window_held} bytes of "
+                                       f"{run.windows} windows held: the consumer frees each before the next")
+                run.window_held += n
+                run.windows += 1
+            try:
+                dw = self._decode_window(w, None, run)
+            finally:
+                self.stats.add_cpu(time.thread_time() - c0)
+            yield dw
+            del dw
+
     def _after_decode(self, run: _Run, consumer: bool = False) -> None:
         """What the reader keeps idle between decodes for speed: the decode threads' read scratch, which
         saves page faults at the next decode and sits beside every step of this window. (``take_all``
@@ -1217,7 +1259,8 @@ class CacheReader:
             run.pool.clear()
             self._release_scratches(run, consumer=consumer)
 
-    def _batches(self, run: _Run, handoff: queue.Queue) -> Iterator[tuple[Batch, int, int]]:
+    def _batches(self, run: _Run, handoff: queue.Queue | None, plan: list[Window] | None = None
+                 ) -> Iterator[tuple[Batch, int, int]]:
         """Each decoded window's batches, gathered in plan order, with the bytes reserved for each
         (released by the consumer) and how many of them live in the gather buffers. A batch is a copy,
         so with ``decode_ahead`` every window is freed as soon as its last batch is gathered, before
@@ -1232,10 +1275,13 @@ class CacheReader:
         fraction of ~8% against ~3%: the stall now holds the decode, where before the displaced steps
         did. ``trainer.decode_ahead`` chooses.
         Only an inline reader gathers into the kept buffers: an assembler thread gathers the next batch
-        while the consumer still reads the last, so it would never find one free."""
+        while the consumer still reads the last, so it would never find one free. A reader that lays
+        windows out in batch order takes them from ``plan`` on this thread (``_windows_inline``), the
+        others from the decode loop through ``handoff``."""
         gather = run.gather if self.inline else None
+        windows = self._windows_inline(plan, run) if self._scatters else None
         while not run.stopped:
-            dw = handoff.get()
+            dw = next(windows, None) if windows is not None else handoff.get()
             if dw is None:
                 return
             if isinstance(dw, BaseException):
@@ -1250,12 +1296,15 @@ class CacheReader:
                     n = self._batch_nbytes(len(idx), int(lens.max()), real=int(lens.sum()))
                     locs = locate(idx) if dw.batch_locs is None else dw.batch_locs[i]
                     # a batch whose rows are one run of the window is a view of it where the window
-                    # outlives the batch: an inline reader frees it only when the batch after is asked for
-                    # (a window's last batch is gathered where the window is freed while the consumer
-                    # still holds that batch: with decode_ahead, and for a window laid out in batch order,
-                    # whose buffers would otherwise be kept from reuse by the consumer's last reference)
+                    # outlives the batch: an inline reader frees it only when the batch after is asked for.
+                    # A window's last batch is gathered where the window goes while the consumer still
+                    # holds that batch: with decode_ahead, and in batch order once a consumer was found
+                    # holding it when it asked for more (a plain `for b in ...` does; `lst train`'s loop
+                    # drops it first), whose reference would keep every window buffer from reuse. Its
+                    # gather had cost a MiniLM SST-2 epoch ~0.05 s of copies and ~0.02 s of page faults.
                     view = None
-                    last_goes = i == last and (self.decode_ahead or dw.batch_locs is not None)
+                    last_goes = i == last and (self.decode_ahead or (dw.batch_locs is not None
+                                                                     and not run.last_views))
                     if self._may_view(gather is not None) and not last_goes:
                         view = self._one_run(locs[0], locs[1], lens)
                     # bytes counted elsewhere: in the gather buffers, or in the window a view reads
@@ -1273,8 +1322,8 @@ class CacheReader:
                     yield b, n, kept
                     del b
             finally:
-                if held:
-                    self._free_window(run, dw)
+                if held and self._free_window(run, dw) and dw.batch_locs is not None:
+                    run.last_views = False  # the consumer kept the last batch: gather it from now on
                 del dw
 
     def _assemble_loop(self, run: _Run, handoff: queue.Queue, out: queue.Queue) -> None:
@@ -1299,12 +1348,15 @@ class CacheReader:
         handoff: queue.Queue = queue.Queue()
         out: queue.Queue = queue.Queue()
         pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="lst-read")
-        td = threading.Thread(target=self._decode_loop, args=(plan, run, handoff, pool), daemon=True)
+        # windows in batch order are prepared by the consumer itself (``_windows_inline``)
+        td = None if self._scatters else threading.Thread(target=self._decode_loop, args=(plan, run, handoff, pool),
+                                                          daemon=True)
         ta = None if self.inline else threading.Thread(target=self._assemble_loop, args=(run, handoff, out),
                                                        daemon=True)
-        inline = self._batches(run, handoff) if self.inline else None
+        inline = self._batches(run, handoff, plan) if self.inline else None
         t0 = time.perf_counter()
-        td.start()
+        if td is not None:
+            td.start()
         if ta is not None:
             ta.start()
         held = kept = 0  # bytes of the batch last handed out, and of them in the gather buffers
@@ -1333,7 +1385,8 @@ class CacheReader:
             if inline is not None:
                 inline.close()  # frees the window it holds
             run.stop()
-            td.join()
+            if td is not None:
+                td.join()
             # the assembler may wait on the handoff queue: hand it an end, then drain what is left
             handoff.put(None)
             while ta is not None and (ta.is_alive() or not out.empty()):
