@@ -376,7 +376,8 @@ class Segments:
 
     def geometry(self, chunks_per_shard: int, row_bytes: int) -> ScatterGeometry:
         """The arrays' side of ``DirectArray.scatter_tasks``, worked out once for every array of the
-        window that shares it (a MiniLM window's 7 taps: ~1.2 of ~2.7 ms of Python a window, session 32)."""
+        window that shares it (a MiniLM window's 7 taps: a cached SST-2 epoch's 175 calls took 19-22 ms
+        against 31-34 ms, session 32)."""
         key = (int(chunks_per_shard), int(row_bytes))
         g = self._geometry.get(key)
         if g is None:
