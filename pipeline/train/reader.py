@@ -1069,10 +1069,10 @@ class CacheReader:
         )
 
     def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded,
-                    gather: GatherBuffers | None, run: tuple[int, int] | None = None) -> torch.Tensor:
+                    gather: GatherBuffers | None, span: tuple[int, int] | None = None) -> torch.Tensor:
         """Tap ``k``'s ``N`` rows of a packed batch, gathered from the window's pieces (``groups``:
         piece, source rows, grid positions) into ``gather``'s buffer for the tap, or a fresh tensor.
-        ``run``: the rows are one run of one piece (``_one_run``), copied as a slice (a window in batch
+        ``span``: the rows are one run of one piece (``_one_run``), copied as a slice (a window in batch
         order's last batch: 7 index_selects of it took ~1.7 ms a window)."""
         dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
         if gather is None:
@@ -1080,8 +1080,8 @@ class CacheReader:
         else:
             nbytes = N * self.hidden * dtype.itemsize
             out = torch.from_numpy(gather.take(k, nbytes))[:nbytes].view(dtype).view(N, self.hidden)
-        if run is not None and not self._has_scale:
-            j, r0 = run
+        if span is not None and not self._has_scale:
+            j, r0 = span
             out.copy_(window.vals[j][k][r0:r0 + N])
             return out
         o = 0
@@ -1149,8 +1149,8 @@ class CacheReader:
             j, r0 = view
             taps = [PackedTap(window.vals[j][k][r0:r0 + N], rows, B, L) for k in range(len(self.taps))]
         else:
-            run = self._one_run(piece, row, lens) if len(groups) == 1 else None
-            taps = [PackedTap(self._gather_tap(k, N, groups, window, gather, run), rows, B, L)
+            span = self._one_run(piece, row, lens) if len(groups) == 1 else None
+            taps = [PackedTap(self._gather_tap(k, N, groups, window, gather, span), rows, B, L)
                     for k in range(len(self.taps))]
         return Batch(
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
@@ -1172,10 +1172,15 @@ class CacheReader:
         return locate
 
     # -- the epoch -------------------------------------------------------------------------------
-    def _reserve_window(self, run: _Run, n: int) -> bool:
+    def _reserve_window(self, run: _Run, n: int, wait: bool = True) -> bool:
+        """Reserve a window of ``n`` bytes; False once the run stopped. ``wait``: until the windows held
+        leave room (the decode loop), else it must fit now (the consumer, which has freed its window)."""
         with run.cond:
             while not run.stopped and (run.window_held + n > self.layout.window_bytes
                                        or run.windows >= MAX_WINDOWS_IN_FLIGHT):
+                if not wait:
+                    raise RuntimeError(f"a {n}-byte window does not fit beside {run.window_held} bytes of "
+                                       f"{run.windows} windows held: the consumer frees each before the next")
                 run.cond.wait()
             if run.stopped:
                 return False
@@ -1231,15 +1236,8 @@ class CacheReader:
         the window before (``_batches``), so the next one always fits."""
         for w in plan:
             c0 = time.thread_time()
-            n = self.window_mem_bytes(w)
-            with run.cond:
-                if run.stopped:
-                    return
-                if run.window_held + n > self.layout.window_bytes or run.windows >= MAX_WINDOWS_IN_FLIGHT:
-                    raise RuntimeError(f"a {n}-byte window does not fit beside {run.window_held} bytes of "
-                                       f"{run.windows} windows held: the consumer frees each before the next")
-                run.window_held += n
-                run.windows += 1
+            if not self._reserve_window(run, self.window_mem_bytes(w), wait=False):
+                return
             try:
                 dw = self._decode_window(w, None, run)
             finally:
