@@ -166,3 +166,40 @@ def test_kernel_dropout_is_the_torch_paths_dropout_bit_for_bit(shape, monkeypatc
         got.backward(grad)
         want.backward(grad)
         assert torch.equal(got_in.grad, want_in.grad)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_kernel_random_words_are_int32_random_draws_and_move_the_generator_alike(stream):
+    """The kernels' MT19937 words are what ``int32.random_()`` draws, and leave the generator (an own
+    stream, or the global one) in the same state: sizes on both sides of its 624-word regenerations,
+    from a fresh seed and mid-block, with torch's own draws after them."""
+    sizes = [0, 1, 2, 3, 623, 624, 625, 1247, 1248, 1249, 700, 84_000, 5]
+    for seed in (0, 1, 12345):
+        mine, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for n in sizes:
+            if stream:
+                got = K.kernels().random_words(n, mine)
+            else:  # the global generator, from the stream's state
+                torch.set_rng_state(mine.get_state())
+                got = K.kernels().random_words(n)
+                mine.set_state(torch.get_rng_state())
+            want = torch.empty(n, dtype=torch.int32).random_(generator=ref)
+            assert got.dtype == torch.int32 and torch.equal(got, want), (seed, n)
+            assert torch.equal(mine.get_state(), ref.get_state()), (seed, n)
+            # torch's own draws carry on from where the words left the generator
+            assert torch.equal(torch.randint(0, 1 << 30, (3,), generator=mine),
+                               torch.randint(0, 1 << 30, (3,), generator=ref))
+
+
+def test_dropout_lanes_come_from_the_kernel_as_torch_draws_them(monkeypatch):
+    """``random_words`` (every CPU mask's lanes) takes the kernel where it is built and torch's
+    ``random_`` where it is off: the same lanes, the stream moved the same way."""
+    like = torch.zeros(1)
+    torch.manual_seed(4)
+    got = Dr.random_words(10_001, like)
+    after = torch.rand(2)
+    monkeypatch.setenv(K.ENV, "0")
+    assert K.kernels() is None
+    torch.manual_seed(4)
+    want = Dr.random_words(10_001, like)
+    assert torch.equal(got, want) and torch.equal(torch.rand(2), after)

@@ -56,8 +56,15 @@ def normal(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
 
 def random_words(n: int, like: Tensor) -> Tensor:
     """``n`` int16 halves of (n + 1) // 2 draws of ``int32.random_()`` (31 random bits) from the current
-    stream, in order: ``random_lanes`` before its mask (the CPU kernels mask as they read)."""
-    words = torch.empty(((n + 1) // 2,), dtype=torch.int32, device=like.device).random_(generator=_STREAM.get())
+    stream, in order: ``random_lanes`` before its mask (the CPU kernels mask as they read). On CPU the
+    kernels draw them (``kernels_cpu.cpp``: the same words, the generator moved on the same way, ~8x
+    faster than ``random_``'s one-output-at-a-time MT19937)."""
+    count = (n + 1) // 2
+    kern = cpu_kernels.kernels() if like.device.type == "cpu" else None
+    if kern is not None:
+        words = kern.random_words(count, _STREAM.get())
+    else:
+        words = torch.empty((count,), dtype=torch.int32, device=like.device).random_(generator=_STREAM.get())
     return words.view(torch.int16)[:n]
 
 
