@@ -207,6 +207,11 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["cached_first_over_floor_steady"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
     assert res["floor_cold_s"] == min(res["floor_cold_s_samples"])
     assert [x >= 1 for x in res["cached_warm_over_own_steps_samples"]] == [True, True]
+    # cached_over_floor split into the reader's wait and the steps' own time against the floor
+    steps = [e * (1 - s) for e, s in zip(res["cached_warm_epoch_s_samples"], res["cached_warm_stall_fraction_samples"])]
+    assert res["cached_warm_steps_s_samples"] == pytest.approx(steps, abs=2e-3)
+    assert res["cached_steps_over_floor"] == pytest.approx(min(steps) / res["floor_s"], rel=0.02)
+    assert res["cached_steps_over_floor"] <= res["cached_over_floor"] + 1e-3
     assert set(res["goals_met"]) >= {"cached_over_floor<=1.1", "cached_over_floor_cold<=1.1"}
     # the cached runs' reader-thread CPU, set against the floor
     assert len(res["cached_reader_cpu_s_samples"]) == 2 and all(x >= 0 for x in res["cached_reader_cpu_s_samples"])

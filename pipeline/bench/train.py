@@ -27,7 +27,9 @@ that ratio is still reported, as ``cached_first_over_floor_steady``.
 On a shared VM whose speed drifts by tens of percent within minutes, ``repeats`` > 1 times the
 cached runs and the floors alternately that many times and compares their minima (every sample is
 reported). ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
-(1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves.
+(1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
+``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
+floor: the cached process's steps, drift between processes included.
 ``cached_epoch_s`` (set against the one live epoch) is the cached run's first epoch.
 ``side_flops_per_s`` and ``backbone_flops_per_s`` are the FLOP rates each part really reaches,
 against which the FLOP limit can be read.
@@ -173,6 +175,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         warm = [c["epochs"][1] for c in cached_runs]
         epochs = [e["epoch_s"] for e in first]
         warm_epochs = [e["epoch_s"] for e in warm]
+        warm_steps = [e["epoch_s"] * (1 - e["stall_fraction"]) for e in warm]
         floors = [f["floor_s"] for f in floor_runs]
         reader_cpu = [e.get("reader_cpu_s") for e in first]
         cold = [f["floor_cold_s"] for f in floor_runs]
@@ -207,6 +210,11 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             # each steady epoch over its own time outside the reader (1 / (1 - stall)): the reader's wait
             # alone, read within one process, so free of the drift between processes that the floor has
             "cached_warm_over_own_steps_samples": [round(1 / (1 - e["stall_fraction"]), 3) for e in warm],
+            # the other factor of cached_over_floor: each steady epoch's time outside the reader's wait
+            # (epoch x (1 - stall)), the fastest against the floor. Where this alone is above 1.1, no
+            # reader could meet the goal: the cached process's steps themselves run slower
+            "cached_warm_steps_s_samples": [round(s, 3) for s in warm_steps],
+            "cached_steps_over_floor": round(min(warm_steps) / floor, 3),
             "floor_s": round(floor, 3), "cached_over_floor": round(warm_s / floor, 3),
             "floor_cold_s": round(floor_cold, 3), "cached_over_floor_cold": round(cached_s / floor_cold, 3),
             # the definition until session 27: a fresh process's first epoch against the floor's steady pass
