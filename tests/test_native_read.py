@@ -9,6 +9,8 @@ slot and several. The stage-two reader hands out the same batches with it and wi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import crc32c
 import numpy as np
 import pytest
@@ -141,3 +143,70 @@ def test_the_reader_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv(native_read.ENV, "1")
     monkeypatch.setenv("LST_CPU_KERNELS", "off")
     assert native_read.module() is None
+
+
+def _read_ahead(d: DirectArray, segs: Segments, out: np.ndarray, nbytes: int = 1 << 20) -> int:
+    """``segs`` decoded into ``out`` from frames read ahead (``train.prefetch``); how many came from it."""
+    from pipeline.train.prefetch import FramePrefetch
+
+    ahead = FramePrefetch(nbytes)
+    try:
+        ahead.start(lambda: d.scatter_frames(segs))
+        got = []
+        _decode(d, lambda t: (d.scatter_tasks(segs, out, t), got.append(ahead.redirect(t))))
+        return got[0]
+    finally:
+        ahead.close()
+
+
+@pytest.mark.parametrize("nbytes", [1 << 20, 3 * 4096])
+def test_frames_read_ahead_decode_as_frames_read_by_the_decode(tmp_path, nbytes):
+    """Frames read ahead with O_DIRECT are checked and decoded from memory into the same rows; past the
+    buffer's room (a few blocks), the rest are read by the decode as before."""
+    v = _make(tmp_path, "bf16")
+    arr = v.tap_array(1)
+    arr[0:T] = _values("bf16", T)
+    d = DirectArray.for_array(arr)
+    rng = np.random.default_rng(2)
+    bounds = np.unique(np.r_[0, rng.choice(np.arange(1, T), 12, replace=False), T])
+    src, n = bounds[:-1], np.diff(bounds)
+    order = rng.permutation(len(src))
+    src, n = src[order], n[order]
+    segs = Segments(src, n, np.cumsum(n) - n, ROWS)
+    frames = d.scatter_frames(segs)
+    assert len(frames) == len(segs.chunk) and all(f.exists() and k > 0 for f, _, k in frames)
+    out = np.full((T, HIDDEN), 99, d.dtype)
+    used = _read_ahead(d, segs, out, nbytes)
+    assert 0 < used <= len(frames) and (used == len(frames)) == (nbytes == 1 << 20)
+    np.testing.assert_array_equal(out, np.concatenate([arr[s:s + k] for s, k in zip(src, n)]))
+
+
+def test_a_flipped_byte_in_a_frame_read_ahead_names_its_rows(tmp_path):
+    arr, d = damaged_chunk(tmp_path)  # rows 24:28
+    out = np.empty((T, HIDDEN), d.dtype)
+    with pytest.raises(ChecksumError, match=r"rows 24:28 fails its checksum"):
+        _read_ahead(d, Segments([0], [T], [0], ROWS), out)
+
+
+def test_read_ahead_ranges_are_block_aligned_merged_and_within_room():
+    from pipeline.train.prefetch import ALIGN, MERGE_GAP, aligned_ranges
+
+    frames = [(10 ** 6, 10), (5000, 100), (12_298, 50)]
+    assert aligned_ranges(frames, room=1 << 30) == [(4096, 16_384, [(5000, 100), (12_298, 50)]),
+                                                    (999_424, 1_003_520, [(10 ** 6, 10)])]
+    # the far frame does not fit the room left: it is left to the decode
+    assert aligned_ranges(frames, room=3 * ALIGN) == [(4096, 16_384, [(5000, 100), (12_298, 50)])]
+    assert aligned_ranges(frames, room=ALIGN) == [(4096, 8192, [(5000, 100)])]
+    # frames within MERGE_GAP of the range before are read with it, gap and all
+    assert aligned_ranges([(0, 1), (ALIGN + MERGE_GAP, 1)], room=1 << 20) == [
+        (0, 2 * ALIGN + MERGE_GAP, [(0, 1), (ALIGN + MERGE_GAP, 1)])]
+    assert len(aligned_ranges([(0, 1), (2 * ALIGN + MERGE_GAP, 1)], room=1 << 20)) == 2
+
+
+def test_frame_tasks_point_at_copies_in_memory():
+    t = FrameTasks()
+    t.add(3, 100, 50, 0, 10, -1, (Path("a"), 0, 4))
+    t.add(3, 200, 50, 0, 10, -1, (Path("b"), 0, 4))
+    assert t.redirect(lambda f, off: 7777 if (f, off) == (Path("b"), 200) else None) == 1
+    assert t.task_table()[:, :2].tolist() == [[3, 100], [-1, 7777]]
+    assert t.redirect(lambda f, off: 1) == 1  # a redirected task keeps its copy

@@ -811,6 +811,27 @@ def test_the_native_frame_reader_hands_out_the_batches_python_decodes(caches, co
     assert nat.stats.buffer_hits > 0  # window buffers are reused in batch order too
 
 
+def test_frames_read_ahead_give_the_batches_of_frames_read_by_the_decode(caches):
+    """With read-ahead (each next window's frames read with O_DIRECT while the loop steps, then decoded
+    from memory) every batch of two epochs equals the reader's without it; every window after each
+    epoch's first decodes from the buffer, whose bytes count against the budget until the epoch ends."""
+    kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True, decode_ahead=False, native=True)
+    plain = _small_windows(caches["bf16"], **kw)
+    ahead = _small_windows(caches["bf16"], read_ahead=4 << 20, **kw)
+    assert ahead._scatters and ahead.read_ahead == 4 << 20 and plain.read_ahead == 0
+    assert ahead.layout == plain.layout
+    for epoch in (0, 1):
+        a, b = _grids(plain, epoch), _grids(ahead, epoch)
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(a, b))
+    frames = sum(len(ahead._window_frames(w)) for e in (0, 1) for w in ahead.plan_epoch(e)[1:])
+    assert ahead.stats.read_ahead_frames == frames > 0
+    assert ahead.accounting.current["prefetch"] == 0 < ahead.accounting.peak["prefetch"]
+    assert ahead.peak_bytes <= ahead.memory_budget
+    # a budget with nothing to spare beside its shares reads nothing ahead
+    assert _tiny(caches["bf16"], read_ahead=4 << 20, **kw).read_ahead == 0
+
+
 def test_a_window_in_batch_order_frees_its_frames_when_the_epoch_stops_early(caches):
     """An epoch abandoned after one batch closes the shard files its undecoded windows held open."""
     r = _small_windows(caches["bf16"], native=True, batch_size=None, batch_tokens=120, seed=3, packed=True,

@@ -113,6 +113,9 @@ def test_train_json_line_and_predict(tmp_path, minilm_fp32, capsys):
         assert k in s
     assert s["task"] == "sst2" and s["metric"] == "accuracy"
     assert 0 < s["reader_peak_mb"] <= 512  # the reader's own accounting, within the default budget
+    # the default --read-ahead (32MB), within what the budget leaves; this split is one window an epoch,
+    # so there is never a next window to read ahead
+    assert s["read_ahead_mb"] in (0, 32) and s["read_ahead_frames_per_epoch"] == 0
     assert lst_main(["predict", "--run", out, "--text", "a wonderful , moving film", "--json"]) == 0
     p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"][0]
     assert p["label"] in ("negative", "positive", 0, 1) and abs(sum(p["probabilities"]) - 1) < 1e-5
@@ -212,6 +215,13 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["cached_warm_steps_s_samples"] == pytest.approx(steps, abs=2e-3)
     assert res["cached_steps_over_floor"] == pytest.approx(min(steps) / res["floor_s"], rel=0.02)
     assert res["cached_steps_over_floor"] <= res["cached_over_floor"] + 1e-3
+    # the reader streaming epoch 1 alone in each floor's process, against its wait inside the steady epochs
+    stalls = [e * s for e, s in zip(res["cached_warm_epoch_s_samples"], res["cached_warm_stall_fraction_samples"])]
+    assert res["cached_warm_stall_s_samples"] == pytest.approx(stalls, abs=2e-3)
+    assert len(res["reader_alone_s_samples"]) == 2 and min(res["reader_alone_s_samples"]) > 0
+    assert res["reader_alone_s"] == min(res["reader_alone_s_samples"])
+    assert res["reader_alone_over_floor"] == pytest.approx(res["reader_alone_s"] / res["floor_s"], rel=0.02)
+    assert res["cached_warm_stall_over_reader_alone"] == pytest.approx(min(stalls) / res["reader_alone_s"], rel=0.02)
     assert set(res["goals_met"]) >= {"cached_over_floor<=1.1", "cached_over_floor_cold<=1.1"}
     # the cached runs' reader-thread CPU, set against the floor
     assert len(res["cached_reader_cpu_s_samples"]) == 2 and all(x >= 0 for x in res["cached_reader_cpu_s_samples"])
@@ -247,7 +257,7 @@ def test_the_bench_floor_takes_the_runs_own_steps_recompute_included(tmp_path, m
 
     monkeypatch.setattr(loop.VariantRunner, "train_step", spy)
     got = floor_passes(ActivationCache.open(minilm_fp32), replace(cfg, out=str(tmp_path / "floor")))
-    assert got["floor_s"] > 0 and got["floor_cold_s"] > 0
+    assert got["floor_s"] > 0 and got["floor_cold_s"] > 0 and got["reader_alone_s"] > 0
     assert losses[:len(ran["first_losses"])] == ran["first_losses"]
     blocks = [m for m in models[0].modules() if isinstance(m, SideBlock)]
     assert blocks and all(b.recompute_ffn == (recompute == "ffn") for b in blocks)

@@ -29,7 +29,9 @@ cached runs and the floors alternately that many times and compares their minima
 reported). ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
-floor: the cached process's steps, drift between processes included.
+floor: the cached process's steps, drift between processes included. ``reader_alone_s`` is the
+reader streaming epoch 1 on its own in the floor's process (its cost with nothing between its
+windows), against which ``cached_warm_stall_s_samples``, its wait inside the steady epochs, can be read.
 ``cached_epoch_s`` (set against the one live epoch) is the cached run's first epoch.
 ``side_flops_per_s`` and ``backbone_flops_per_s`` are the FLOP rates each part really reaches,
 against which the FLOP limit can be read.
@@ -85,7 +87,9 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
     fresh side network trained through the loop's own runner on epoch 0's batches (``floor_cold_s``)
     and then on epoch 1's (``floor_s``). Each epoch's batches (or ``n_batches`` of them spread evenly
     over it, the time then scaled to its step count) are decoded up front and held in memory, one
-    epoch at a time."""
+    epoch at a time. Before epoch 1's are, the reader streams that epoch once on its own, each batch
+    dropped as it comes (``reader_alone_s``): its cost with the cores, caches and page cache to itself
+    (reading nothing ahead, which with no steps between windows would only wait for the disk)."""
     import time
 
     import torch
@@ -106,7 +110,17 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
                            total_steps(replace(cfg, epochs=2), reader.num_batches(0)))
     source = cached_taps(taps, [])
     passes = []
+    alone = None
     for epoch in range(2):
+        if epoch == 1:  # the reader alone, streaming as `lst train` reads it, nothing else running; with
+            # nothing between its windows there is no step to read ahead behind, so it reads as the decode
+            alone_reader, _ = make_readers(cache, replace(cfg, read_ahead="0"), taps, [], device,
+                                           data_seed=cfg.seed, packed=getattr(model, "accepts_packed_taps", False))
+            t0 = time.perf_counter()
+            for b in alone_reader.iter_epoch(epoch):
+                del b
+            alone = time.perf_counter() - t0
+            del alone_reader
         steps = reader.num_batches(epoch)
         n = n_batches if 0 < n_batches < steps else steps
         every = max(1, steps // n)
@@ -116,7 +130,7 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
             runner.train_step(source(b), b)
         passes.append((time.perf_counter() - t0) / len(batches) * steps)
         del batches
-    return {"floor_s": passes[1], "floor_cold_s": passes[0]}
+    return {"floor_s": passes[1], "floor_cold_s": passes[0], "reader_alone_s": alone}
 
 
 def floor_in_fresh_process(cache_url: str, config_file: Path, out: Path, n_batches: int = 0,
@@ -179,6 +193,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         floors = [f["floor_s"] for f in floor_runs]
         reader_cpu = [e.get("reader_cpu_s") for e in first]
         cold = [f["floor_cold_s"] for f in floor_runs]
+        alone = [f["reader_alone_s"] for f in floor_runs]
+        warm_stall = [e["epoch_s"] * e["stall_fraction"] for e in warm]
         cached_s, floor = min(epochs), min(floors)
         warm_s, floor_cold = min(warm_epochs), min(cold)
         live = run("live", "--live", "--epochs", "1")
@@ -215,6 +231,15 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             # reader could meet the goal: the cached process's steps themselves run slower
             "cached_warm_steps_s_samples": [round(s, 3) for s in warm_steps],
             "cached_steps_over_floor": round(min(warm_steps) / floor, 3),
+            # the reader's wait in each steady epoch, against the same epoch streamed by the reader alone in
+            # each floor's process: on a machine where memory left untouched for seconds is slower to touch
+            # again (this project's VM: the page cache read once an epoch), the wait is well above it
+            "cached_warm_stall_s_samples": [round(s, 3) for s in warm_stall],
+            "reader_alone_s_samples": [round(a, 3) for a in alone],
+            "reader_alone_s": round(min(alone), 3),
+            # 1 + this is the reader's factor were it to wait no longer than it takes alone
+            "reader_alone_over_floor": round(min(alone) / floor, 3),
+            "cached_warm_stall_over_reader_alone": round(min(warm_stall) / min(alone), 3),
             "floor_s": round(floor, 3), "cached_over_floor": round(warm_s / floor, 3),
             "floor_cold_s": round(floor_cold, 3), "cached_over_floor_cold": round(cached_s / floor_cold, 3),
             # the definition until session 27: a fresh process's first epoch against the floor's steady pass

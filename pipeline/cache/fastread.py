@@ -318,6 +318,28 @@ class DirectArray:
         tasks.add_many(rows[keep], table, [(files[fd], c0, c0 + self.chunk_rows)
                                            for fd, c0 in zip(rows[keep, 0].tolist(), g.first_row[keep].tolist())])
 
+    def scatter_frames(self, segs: "Segments") -> list[tuple[Path, int, int]]:
+        """The frames ``scatter_tasks(segs, ...)`` reads, as (file, offset, bytes) in its order, with no
+        destination: what a window will read, known before its buffers exist (``train.prefetch``)."""
+        if not len(segs.chunk):
+            return []
+        g = segs.geometry(self.shard_rows // self.chunk_rows, self.chunk_nbytes // self.chunk_rows)
+        found: dict[int, tuple[Path, int, int]] = {}
+        for sh, at in g.by_shard:
+            f = self._shard_file(sh)
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                index = self._shard_index(fd, f)
+            finally:
+                os.close(fd)
+            for k, (off, n) in zip(at.tolist(), index[g.chunk_in_shard[at]].astype(np.int64).tolist()):
+                if off != -1:  # EMPTY: no frame, the fill value
+                    found[k] = (f, off, n)
+        return [found[k] for k in sorted(found)]
+
 
 class ScatterGeometry:
     """What ``DirectArray.scatter_tasks`` needs of a ``Segments`` beside the array itself, for arrays
@@ -446,6 +468,20 @@ class FrameTasks:
         self.segments += len(table)
         self._rows.append(rows)
         self.where.extend(where)
+
+    def redirect(self, located: Callable[[Path, int], int | None]) -> int:
+        """Point every task whose frame ``located(file, offset)`` has in memory at that address (file
+        descriptor -1, offset the address: the native reader decodes it from there); how many."""
+        n = 0
+        i = 0
+        for rows in self._rows:
+            for r in range(len(rows)):
+                at = located(self.where[i][0], int(rows[r, 1])) if rows[r, 0] >= 0 else None
+                if at is not None:
+                    rows[r, 0], rows[r, 1] = -1, at
+                    n += 1
+                i += 1
+        return n
 
     def close(self) -> None:
         self._indexes = {}

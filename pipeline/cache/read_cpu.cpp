@@ -175,16 +175,23 @@ void fence_copies() {
 // measured no faster: 0.38-0.41 s of a MiniLM epoch's decode against 0.36-0.38 s, its page faults and
 // unmapping costing what the copy did. A mapping of each frame alone, populated at once
 // (MAP_POPULATE), was as fast on one thread and slower on two: 0.52-0.56 against 0.40-0.43 s, session 32.)
+// A task whose FD is -1 has its frame in memory already, at address OFFSET (read ahead by the reader
+// while the steps ran: ``reader.FramePrefetch``); it is checked and decoded from there.
 int64_t read_frame(const int64_t* t, uint8_t* buf, int64_t cap, uint8_t* chunk, int64_t chunk_cap,
                    const int64_t* segs, void* ctx, decompress_fn dec, getitem_fn get) {
   const int64_t n = t[FRAME_BYTES];
-  if (n < 4 + 16 || n > cap) return n > cap ? TOO_BIG : SHORT_READ;
-  int64_t got = 0;
-  while (got < n) {
-    const ssize_t r = pread(static_cast<int>(t[FD]), buf + got, n - got, t[OFFSET] + got);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return SHORT_READ;
-    got += r;
+  if (t[FD] < 0) {
+    if (n < 4 + 16) return SHORT_READ;
+    buf = reinterpret_cast<uint8_t*>(t[OFFSET]);
+  } else {
+    if (n < 4 + 16 || n > cap) return n > cap ? TOO_BIG : SHORT_READ;
+    int64_t got = 0;
+    while (got < n) {
+      const ssize_t r = pread(static_cast<int>(t[FD]), buf + got, n - got, t[OFFSET] + got);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return SHORT_READ;
+      got += r;
+    }
   }
   uint32_t stored;
   std::memcpy(&stored, buf + n - 4, 4);

@@ -24,6 +24,8 @@ def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any
 
 DEFAULT_READER_MEMORY = "512MB"
 DEFAULT_SHUFFLE_WINDOW = "64MB"
+#: frames read ahead (``train.prefetch``): a MiniLM window of 64 MB decoded is ~45 MB of lz4 frames
+DEFAULT_READ_AHEAD = "32MB"
 BATCH_ORDERS = ("by-length", "random")
 RECOMPUTE_MODES = ("none", "ffn", "blocks")
 METHODS = ("lst", "lst-live", "full-ft", "lora", "adapter", "bitfit", "linear-probe")
@@ -82,6 +84,11 @@ class TrainConfig:
                               "for whole-shard windows, the batches of the earlier reader, when --reader-memory "
                               "holds four shards); the reader decodes one such window at a time, so this and not "
                               "the budget sets how much of it a run really uses")
+    read_ahead: str = opt(DEFAULT_READ_AHEAD,
+                          "bytes of the next shuffle window's stored frames read ahead from disk (O_DIRECT) while "
+                          "the steps run, out of what --reader-memory leaves beside its windows and batches; the "
+                          "window's decode then reads them from memory. 0 turns it off; a file system without "
+                          "O_DIRECT reads them at the decode, as with 0")
     batch_order: str = opt("by-length",
                            "by-length: each shuffle window's examples sorted by length (ties in random order), "
                            "cut into batches and the batches shuffled, so a batch is little padding; random: "
@@ -120,6 +127,7 @@ class TrainConfig:
             self.lr = METHOD_LR[self.method]
         check_values(self)
         parse_shuffle_window(self.shuffle_window)
+        parse_read_ahead(self.read_ahead)
         if self.batch_order not in BATCH_ORDERS:
             raise TrainError(f"batch_order {self.batch_order!r}: use one of {', '.join(BATCH_ORDERS)}")
 
@@ -165,7 +173,20 @@ def check_values(cfg: "TrainConfig") -> None:
 
 # Keys that may differ between a run and its resume without changing its results.
 RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_inline", "reader_decode_ahead", "device", "cache",
-               "recompute"}
+               "recompute", "read_ahead"}
+
+
+def parse_read_ahead(size: str | int) -> int:
+    """Bytes of frames the reader may read ahead (0: none)."""
+    if str(size).strip().lower() in ("0", "off", "none"):
+        return 0
+    try:
+        n = parse_size(size)
+    except ValueError as e:
+        raise TrainError(f"--read-ahead {size!r}: {e}; or 0 to turn it off") from None
+    if n < 0:
+        raise TrainError(f"--read-ahead {size!r} must be 0 or more")
+    return n
 
 
 def parse_shuffle_window(size: str | int | None) -> int | None:

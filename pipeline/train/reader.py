@@ -3,8 +3,8 @@
 Every host buffer the reader holds counts against ``memory_budget`` (bytes, default 512 MB;
 ``lst train --reader-memory``): compressed chunk frames in flight, one-chunk decode scratch,
 the decoded values of the windows being shuffled (kept in the store's dtype: bf16 bits, int8
-codes plus float32 scales, fp16, fp32) and the assembled fp32 batches (queued, being assembled,
-or the one last handed to the caller). ``reader.accounting`` keeps current and peak bytes per
+codes plus float32 scales, fp16, fp32), the assembled fp32 batches (queued, being assembled,
+or the one last handed to the caller) and the next window's frames read ahead. ``reader.accounting`` keeps current and peak bytes per
 category and ``reader.peak_bytes`` the peak of their sum; the plan below guarantees
 ``peak_bytes <= memory_budget`` whatever the hidden size, tap count, shard size or sequence
 length. Not counted: the split's index arrays (offsets, input ids, labels: 4-12 bytes a token,
@@ -19,7 +19,9 @@ Budget split (``reader.layout``), computed once from the cache's shapes::
     windows   >= the stored rows one batch can draw on
 
 If even one batch, its source rows and one chunk being decoded do not fit, the constructor raises
-``CacheError`` naming the smallest budget that works.
+``CacheError`` naming the smallest budget that works. What the three shares leave over (a shuffle
+window smaller than the budget allows leaves most of it) may hold the next window's frames, read
+ahead (``read_ahead``, ``train.prefetch``).
 
 Order of an epoch. Read *units* are the examples whose first token row lies in one shard
 (contiguous in storage order; storage is sorted by length). The plan is computed up front from
@@ -124,6 +126,7 @@ from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray, FrameTasks, Rea
 from pipeline.cache.store import ActivationCache
 from pipeline.errors import CacheError
 from pipeline.train.bufpool import GatherBuffers, WindowBufferPool
+from pipeline.train.prefetch import FramePrefetch
 from pipeline.sizes import MB, format_size
 
 DEFAULT_MEMORY_BUDGET = 512 * MB
@@ -168,6 +171,7 @@ class ReaderStats:
     # CPU seconds of the reader's own threads (decode loop and read jobs), not the consumer's gather: on
     # a machine whose cores the step keeps busy, an epoch pays about this much beside its steps
     cpu_s: float = 0.0
+    read_ahead_frames: int = 0  # frames decoded from the read-ahead buffer (``train.prefetch``)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_cpu(self, seconds: float) -> None:
@@ -184,8 +188,8 @@ class ByteAccounting:
 
     # pool: reused window buffers beyond the requests in use (freed ones kept, tails of reused ones)
     # gather: the kept buffers packed batches are gathered into (``GatherBuffers``); the batches in them
-    # count here, not under "batches"
-    CATEGORIES = ("encoded", "scratch", "window", "pool", "batches", "gather")
+    # count here, not under "batches"; prefetch: the buffer the next window's frames are read ahead into
+    CATEGORIES = ("encoded", "scratch", "window", "pool", "batches", "gather", "prefetch")
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -296,6 +300,7 @@ class _Decoded:
     # a window laid out in batch order (``CacheReader._scatters``): batch i's (piece, first row, None)
     # locations, its rows one run of the single piece; None for a window laid out by piece
     batch_locs: list[tuple[np.ndarray, np.ndarray, None]] | None = None
+    next_window: Window | None = None  # the plan's window after this one (read ahead once this one is decoded)
 
 
 class _Run:
@@ -316,6 +321,7 @@ class _Run:
         # a window in batch order hands out its last batch as a view too, until the consumer is found
         # still holding one when it asks for the batch after (``CacheReader._batches``)
         self.last_views = True
+        self.prefetch: FramePrefetch | None = None  # the next window's frames, read ahead (``read_ahead``)
 
     def stop(self) -> None:
         with self.cond:
@@ -348,6 +354,7 @@ class CacheReader:
         value_splits: list[str] | None = None,
         decode_ahead: bool = True,
         native: bool | None = None,
+        read_ahead: int = 0,
     ):
         missing = [t for t in taps if t not in cache.taps]
         if missing and load_acts:
@@ -427,6 +434,11 @@ class CacheReader:
                           and self._direct_taps() and self.workers * self._scratch_sizes()[1] +
                           self.layout.batch_bound <= self.memory_budget // SCATTER_SHARE)
         self._pieces_cache: list[Piece] | None = None
+        # the next window's frames read ahead with O_DIRECT while the steps run (``train.prefetch``): for
+        # windows in batch order only (their frames are decoded by the consumer), in what the budget's
+        # shares leave over, at most ``read_ahead`` bytes
+        spare = self.memory_budget - (self.layout.transient_bytes + self.layout.window_bytes + self.layout.batch_bytes)
+        self.read_ahead = max(0, min(int(read_ahead), spare)) if self._scatters else 0
 
     @property
     def num_examples(self) -> int:
@@ -849,11 +861,14 @@ class CacheReader:
             return
         c0 = time.process_time()  # the call's threads are torch's: all of the process's CPU meanwhile
         try:
+            if run.prefetch is not None:
+                self.stats.read_ahead_frames += run.prefetch.redirect(tasks)
             self._scratch(run, consumer=True).decode(tasks)
         finally:
             tasks.close()
             self.stats.add_cpu(time.process_time() - c0)
         self._after_decode(run, consumer=True)
+        self._read_ahead(run, dw.next_window)
 
     def _release_scratches(self, run: _Run, consumer: bool | None = None) -> None:
         """Free the run's read scratches: all of them (``consumer`` None, once no thread reads), or only
@@ -954,10 +969,7 @@ class CacheReader:
         gather per batch read every row back from memory on the training thread (~0.3 s an epoch of
         cached MiniLM SST-2)."""
         batches = dw.window.batches
-        order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
-        lens = self.lengths[order].astype(np.int64)
-        dst = np.cumsum(lens) - lens
-        rows = int(lens.sum())
+        order, lens, dst, rows = self._batch_order(dw.window)
         bounds = np.cumsum([0] + [len(b) for b in batches])
         dw.batch_locs = [(np.zeros(len(b), np.int64), dst[bounds[i]:bounds[i + 1]], None)
                          for i, b in enumerate(batches)]
@@ -982,6 +994,29 @@ class CacheReader:
             self._free_window(run, dw)
             raise
         return dw
+
+    def _batch_order(self, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """A window's examples in batch order, their lengths, their first rows in the window, its rows."""
+        batches = window.batches
+        order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        lens = self.lengths[order].astype(np.int64)
+        return order, lens, np.cumsum(lens) - lens, int(lens.sum())
+
+    def _window_frames(self, window: Window) -> list:
+        """The frames a window in batch order will decode, in the decode's order (every tap's in turn)."""
+        order, lens, dst, _ = self._batch_order(window)
+        segs = Segments(self.offsets[order], lens, dst, self._acts[0][1].chunk_rows)
+        return [f for _, direct in self._acts for f in direct.scatter_frames(segs)]
+
+    def _read_ahead(self, run: _Run, window: Window | None) -> None:
+        """Start reading ``window``'s frames into the run's read-ahead buffer (mapped, and counted, at
+        the first window)."""
+        if window is None or not self.read_ahead:
+            return
+        if run.prefetch is None:
+            run.prefetch = FramePrefetch(self.read_ahead)
+            self.accounting.add("prefetch", run.prefetch.nbytes)
+        run.prefetch.start(lambda: self._window_frames(window))
 
     @staticmethod
     def _store_dtype(arr) -> np.dtype:
@@ -1234,7 +1269,7 @@ class CacheReader:
         thread wake and the GIL both ways: in `lst train` on cached MiniLM SST-2 the consumer waited
         ~0.11 s an epoch for the hand-off of ~0.1 s of preparation (session 32). The consumer has freed
         the window before (``_batches``), so the next one always fits."""
-        for w in plan:
+        for i, w in enumerate(plan):
             c0 = time.thread_time()
             if not self._reserve_window(run, self.window_mem_bytes(w), wait=False):
                 return
@@ -1242,6 +1277,7 @@ class CacheReader:
                 dw = self._decode_window(w, None, run)
             finally:
                 self.stats.add_cpu(time.thread_time() - c0)
+            dw.next_window = plan[i + 1] if i + 1 < len(plan) else None
             yield dw
             del dw
 
@@ -1401,6 +1437,9 @@ class CacheReader:
                 if isinstance(dw, _Decoded):
                     self._free_window(run, dw)
             pool.shutdown(wait=True, cancel_futures=True)
+            if run.prefetch is not None:
+                run.prefetch.close()
+                self.accounting.sub("prefetch", run.prefetch.nbytes)
             run.pool.clear()
             run.gather.clear()
             self.stats.buffer_hits += run.pool.hits

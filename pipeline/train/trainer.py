@@ -24,7 +24,7 @@ from pipeline.side.init import initialise_side
 from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.side.t5 import initialise_t5_side
-from pipeline.train.config import TrainConfig, parse_shuffle_window
+from pipeline.train.config import TrainConfig, parse_read_ahead, parse_shuffle_window
 from pipeline.train.loop import TapMap, Variant, VariantRunner, cached_taps, run_loop, summary
 from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
@@ -226,6 +226,11 @@ def train(cfg: TrainConfig) -> dict:
              max_steps=cfg.max_steps, resumable=True, progress=cfg.progress)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
     s["reader_peak_mb"] = reader_peak_mb(train_reader, eval_reader)
+    # the training reader's read-ahead buffer (``--read-ahead``, within what its budget left over) and the
+    # frames an epoch decoded from it
+    s["read_ahead_mb"] = round(train_reader.read_ahead / (1 << 20), 1)
+    s["read_ahead_frames_per_epoch"] = (round(train_reader.stats.read_ahead_frames / variant.epochs_here)
+                                        if variant.epochs_here else 0)
     s["dropout_draws"] = train_reader.dropout_draws
     run.write_summary(s)
     return s
@@ -278,7 +283,8 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
     kw = dict(batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=data_seed, workers=cfg.reader_workers,
               inline=cfg.reader_inline, decode_ahead=decode_ahead(cfg.reader_decode_ahead, device),
               window_shards=cfg.window_shards, device=device, load_acts=load_acts, decoder_taps=dec_taps,
-              packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window))
+              packed=packed, window_cap=parse_shuffle_window(cfg.shuffle_window),
+              read_ahead=parse_read_ahead(cfg.read_ahead))
     draws = draws_of(cache.splits, cfg.train_split) if cfg.dropout_draws == "auto" and load_acts else []
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget,
                                by_length=cfg.batch_order == "by-length", value_splits=draws or None)
