@@ -176,7 +176,7 @@ void fence_copies() {
 // unmapping costing what the copy did. A mapping of each frame alone, populated at once
 // (MAP_POPULATE), was as fast on one thread and slower on two: 0.52-0.56 against 0.40-0.43 s, session 32.)
 // A task whose FD is -1 has its frame in memory already, at address OFFSET (read ahead by the reader
-// while the steps ran: ``reader.FramePrefetch``); it is checked and decoded from there.
+// while the steps ran: ``pipeline.train.prefetch``); it is checked and decoded from there.
 int64_t read_frame(const int64_t* t, uint8_t* buf, int64_t cap, uint8_t* chunk, int64_t chunk_cap,
                    const int64_t* segs, void* ctx, decompress_fn dec, getitem_fn get) {
   const int64_t n = t[FRAME_BYTES];
