@@ -43,7 +43,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.loop import (OnEpoch, Variant, VariantRunner, cached_taps, cuda_rng_state, run_loop, summary,
                                  variant_pool)
 from pipeline.train.rundir import RunDir
-from pipeline.train.trainer import label_meta, make_readers, reader_peak_mb, side_network, total_steps
+from pipeline.train.trainer import label_meta, make_readers, reader_summary, side_network, total_steps
 
 __all__ = ["train_many", "train_group", "group_key", "side_train_memory_mb", "OnEpoch", "FUSE_MODES", "resolve_fuse",
            "resolve_variant_threads"]
@@ -204,7 +204,8 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
             torch.set_num_threads(intra_op)
 
     backbone_params = int(cache.attrs["backbone"]["num_parameters"])
-    shared_reader_mb = reader_peak_mb(train_reader, eval_reader)  # one reader for all variants
+    # one reader for all variants, through as many epochs as the longest-running variant
+    shared_reader = reader_summary(train_reader, eval_reader, max((v.epochs_here for v in variants), default=0))
     out = []
     for v in variants:
         s = summary(v, task, backbone_params, device, live=False)
@@ -212,7 +213,7 @@ def train_group(cfgs: list[TrainConfig], data_seed: int | None = None, on_epoch:
                   "train_s": round(v.train_s, 3), "amortised_s": round(v.train_s / len(variants), 3),
                   "side_mem_mb": mem_of[stack_key(v.model)], "fuse": mode, "stack_size": 1,
                   "variant_threads": threads if pool is not None else 1,
-                  "reader_peak_mb": shared_reader_mb, "dropout_draws": train_reader.dropout_draws})
+                  **shared_reader})
         v.run.write_summary(s)
         out.append(s)
     return out

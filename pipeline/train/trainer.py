@@ -31,7 +31,7 @@ from pipeline.train.rundir import RunDir
 from pipeline.sizes import parse_size
 
 __all__ = ["TrainConfig", "train", "build_side", "side_network", "LiveTaps", "make_readers", "label_meta",
-           "reader_peak_mb"]
+           "reader_peak_mb", "reader_summary"]
 
 SIDE_KEYS = {f.name for f in dataclasses.fields(SideConfig)}
 
@@ -225,15 +225,19 @@ def train(cfg: TrainConfig) -> dict:
     run_loop([runner], train_reader, eval_reader, source, epochs=cfg.epochs, metric=task["metric"],
              max_steps=cfg.max_steps, resumable=True, progress=cfg.progress)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
-    s["reader_peak_mb"] = reader_peak_mb(train_reader, eval_reader)
-    # the training reader's read-ahead buffer (``--read-ahead``, within what its budget left over) and the
-    # frames an epoch decoded from it
-    s["read_ahead_mb"] = round(train_reader.read_ahead / (1 << 20), 1)
-    s["read_ahead_frames_per_epoch"] = (round(train_reader.stats.read_ahead_frames / variant.epochs_here)
-                                        if variant.epochs_here else 0)
-    s["dropout_draws"] = train_reader.dropout_draws
+    s.update(reader_summary(train_reader, eval_reader, variant.epochs_here))
     run.write_summary(s)
     return s
+
+
+def reader_summary(train_reader: CacheReader, eval_reader: CacheReader, epochs: int) -> dict:
+    """The readers' part of a run's ``summary.json`` (a fused sweep's variants share it): their peak, the
+    training reader's read-ahead buffer (``--read-ahead``, within what its budget left over) and the
+    frames an epoch of the ``epochs`` it streamed here decoded from it, and its dropout draws."""
+    return {"reader_peak_mb": reader_peak_mb(train_reader, eval_reader),
+            "read_ahead_mb": round(train_reader.read_ahead / (1 << 20), 1),
+            "read_ahead_frames_per_epoch": round(train_reader.stats.read_ahead_frames / epochs) if epochs else 0,
+            "dropout_draws": train_reader.dropout_draws}
 
 
 def reader_peak_mb(*readers: CacheReader) -> float:
