@@ -191,6 +191,12 @@ def test_live_dropout_draws_backbone_dropout_reproducibly(tmp_path, minilm_fp32)
     assert not torch.equal(live(batch)[3], live(batch)[3])
 
 
+def _is_ratio_of_rounded(value: float, num: float, den: float, eps: float = 6e-4) -> None:
+    """``value`` (rounded to 3 decimals) is num / den of the unrounded seconds behind ``num`` and ``den``,
+    each reported within ``eps`` of its true value."""
+    assert (num - eps) / (den + eps) - 1e-3 <= value <= (num + eps) / (den - eps) + 1e-3, (value, num, den)
+
+
 def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_path, minilm_fp32):
     from pipeline.bench.train import TrainBenchConfig, run_train_bench
 
@@ -220,8 +226,9 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["cached_warm_stall_s_samples"] == pytest.approx(stalls, abs=2e-3)
     assert len(res["reader_alone_s_samples"]) == 2 and min(res["reader_alone_s_samples"]) > 0
     assert res["reader_alone_s"] == min(res["reader_alone_s_samples"])
-    assert res["reader_alone_over_floor"] == pytest.approx(res["reader_alone_s"] / res["floor_s"], rel=0.02)
-    assert res["cached_warm_stall_over_reader_alone"] == pytest.approx(min(stalls) / res["reader_alone_s"], rel=0.02)
+    # ratios of seconds reported to the millisecond: on this tiny run a rounded 18 ms moves them by ~3%
+    _is_ratio_of_rounded(res["reader_alone_over_floor"], res["reader_alone_s"], res["floor_s"])
+    _is_ratio_of_rounded(res["cached_warm_stall_over_reader_alone"], min(stalls), res["reader_alone_s"])
     assert set(res["goals_met"]) >= {"cached_over_floor<=1.1", "cached_over_floor_cold<=1.1"}
     # the cached runs' reader-thread CPU, set against the floor
     assert len(res["cached_reader_cpu_s_samples"]) == 2 and all(x >= 0 for x in res["cached_reader_cpu_s_samples"])
