@@ -298,13 +298,7 @@ class DirectArray:
         g = segs.geometry(self.shard_rows // self.chunk_rows, rb)
         rows = g.rows.copy()  # fd, offset, frame bytes to come (-1: none); the rest is the layout's
         files = {}
-        for sh, at in g.by_shard:
-            f = self._shard_file(sh)
-            fd = tasks.open(f)
-            if fd is None:
-                continue
-            index = tasks.index(fd, f, self._shard_index)
-            got = index[g.chunk_in_shard[at]].astype(np.int64)  # EMPTY reads as -1
+        for f, fd, at, got in self._chunk_frames(g, tasks):
             rows[at, 0], rows[at, 1], rows[at, 2] = fd, got[:, 0], got[:, 1]
             files[fd] = f
         empty = rows[:, 1] == -1
@@ -318,6 +312,16 @@ class DirectArray:
         tasks.add_many(rows[keep], table, [(files[fd], c0, c0 + self.chunk_rows)
                                            for fd, c0 in zip(rows[keep, 0].tolist(), g.first_row[keep].tolist())])
 
+    def _chunk_frames(self, g: "ScatterGeometry", tasks: "FrameTasks"):
+        """Per shard file of ``g``'s chunks that exists: (file, its descriptor in ``tasks``, the chunks'
+        positions in ``g``, their (frame offset, frame bytes) from its checked index, EMPTY read as -1)."""
+        for sh, at in g.by_shard:
+            f = self._shard_file(sh)
+            fd = tasks.open(f)
+            if fd is None:
+                continue
+            yield f, fd, at, tasks.index(fd, f, self._shard_index)[g.chunk_in_shard[at]].astype(np.int64)
+
     def scatter_frames(self, segs: "Segments") -> list[tuple[Path, int, int]]:
         """The frames ``scatter_tasks(segs, ...)`` reads, as (file, offset, bytes) in its order, with no
         destination: what a window will read, known before its buffers exist (``train.prefetch``)."""
@@ -325,19 +329,14 @@ class DirectArray:
             return []
         g = segs.geometry(self.shard_rows // self.chunk_rows, self.chunk_nbytes // self.chunk_rows)
         found: dict[int, tuple[Path, int, int]] = {}
-        for sh, at in g.by_shard:
-            f = self._shard_file(sh)
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                index = self._shard_index(fd, f)
-            finally:
-                os.close(fd)
-            for k, (off, n) in zip(at.tolist(), index[g.chunk_in_shard[at]].astype(np.int64).tolist()):
-                if off != -1:  # EMPTY: no frame, the fill value
-                    found[k] = (f, off, n)
+        files = FrameTasks()  # its descriptors and checked indexes, for this listing only
+        try:
+            for f, _, at, got in self._chunk_frames(g, files):
+                for k, (off, n) in zip(at.tolist(), got.tolist()):
+                    if off != -1:  # EMPTY: no frame, the fill value
+                        found[k] = (f, off, n)
+        finally:
+            files.close()
         return [found[k] for k in sorted(found)]
 
 
