@@ -156,3 +156,11 @@ def test_recompute_from_an_earlier_config_yaml():
     assert TrainConfig(recompute=True).recompute == "blocks"
     assert TrainConfig(recompute=False).recompute == "none"
     assert TrainConfig(method="full-ft").recompute == "ffn"  # no side network: ffn changes nothing
+
+
+def test_bench_train_needs_a_steady_epoch(capsys):
+    """`lst bench train --cached-epochs 1` leaves nothing to set against the floor's steady passes: a
+    one-line usage error before any run starts."""
+    rc, out, err = _run(["bench", "train", "--cache", "unused.zarr", "--cached-epochs", "1"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--cached-epochs 1" in err and "2 or more" in err

@@ -201,21 +201,23 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     from pipeline.bench.train import TrainBenchConfig, run_train_bench
 
     res = run_train_bench(TrainBenchConfig(cache=minilm_fp32, batch_size=8, repeats=2, workdir=str(tmp_path),
-                                           progress=False))
-    assert len(res["cached_epoch_s_samples"]) == 2 and len(res["floor_s_samples"]) == 2
+                                           progress=False, cached_epochs=3))
+    # each cached run trains three epochs (its metrics.jsonl holds them all); the floor, in its own fresh
+    # process, mirrors them: a cold pass on epoch 0's batches, then steady ones on epoch 1's and 2's.
+    # Every steady epoch of every run is a sample, and so is every steady pass of every floor
+    assert len(res["cached_epoch_s_samples"]) == 2 and len(res["floor_s_samples"]) == 4
     assert res["cached_epoch_s_min"] == min(res["cached_epoch_s_samples"])
     assert res["floor_s"] == min(res["floor_s_samples"]) > 0
-    # each cached run trains two epochs (its metrics.jsonl holds both); the floor, in its own fresh
-    # process, mirrors them: a cold pass on epoch 0's batches, then a steady one on epoch 1's
-    assert res["cached_epochs"] == 2 and len(res["cached_warm_epoch_s_samples"]) == 2
-    assert len((tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert res["cached_epochs"] == 3 and len(res["cached_warm_epoch_s_samples"]) == 4
+    assert res["cached_warm_epoch_s_min"] == min(res["cached_warm_epoch_s_samples"])
+    assert len((tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()) == 3
     assert res["floor_fresh_process"] and len(res["floor_cold_s_samples"]) == 2 and min(res["floor_cold_s_samples"]) > 0
     # steady against steady, first against first, and the pre-session-28 ratio (first against steady)
     assert res["cached_over_floor"] == pytest.approx(res["cached_warm_epoch_s_min"] / res["floor_s"], rel=0.02)
     assert res["cached_over_floor_cold"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_cold_s"], rel=0.02)
     assert res["cached_first_over_floor_steady"] == pytest.approx(res["cached_epoch_s_min"] / res["floor_s"], rel=0.02)
     assert res["floor_cold_s"] == min(res["floor_cold_s_samples"])
-    assert [x >= 1 for x in res["cached_warm_over_own_steps_samples"]] == [True, True]
+    assert [x >= 1 for x in res["cached_warm_over_own_steps_samples"]] == [True] * 4
     # cached_over_floor split into the reader's wait and the steps' own time against the floor
     steps = [e * (1 - s) for e, s in zip(res["cached_warm_epoch_s_samples"], res["cached_warm_stall_fraction_samples"])]
     assert res["cached_warm_steps_s_samples"] == pytest.approx(steps, abs=2e-3)
@@ -265,6 +267,7 @@ def test_the_bench_floor_takes_the_runs_own_steps_recompute_included(tmp_path, m
     monkeypatch.setattr(loop.VariantRunner, "train_step", spy)
     got = floor_passes(ActivationCache.open(minilm_fp32), replace(cfg, out=str(tmp_path / "floor")))
     assert got["floor_s"] > 0 and got["floor_cold_s"] > 0 and got["reader_alone_s"] > 0
+    assert got["floor_steady_s"] == [got["floor_s"]]  # a two-epoch run has one steady pass
     assert losses[:len(ran["first_losses"])] == ran["first_losses"]
     blocks = [m for m in models[0].modules() if isinstance(m, SideBlock)]
     assert blocks and all(b.recompute_ffn == (recompute == "ffn") for b in blocks)

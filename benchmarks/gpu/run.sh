@@ -25,7 +25,7 @@ bench() {  # name, seconds, lst bench args...
 }
 for b in ${BENCHES:-train sweep extract memory}; do
   case $b in
-    train) bench train_minilm 140 train --backbone minilm --device cuda --repeats 2 --workdir $w/train ;;
+    train) bench train_minilm 140 train --backbone minilm --device cuda --repeats 2 --cached-epochs 2 --workdir $w/train ;;
     sweep)  # one 2,000-example cache for both K (the bench, given no --cache, extracts once per K)
       lst extract --backbone minilm --dataset sst2 --out $w/sweep-cache.zarr --max-examples 2000 --overwrite \
         --no-progress --json > /dev/null 2> "$w/sweep-extract.err" || tail -n 5 "$w/sweep-extract.err"

@@ -15,10 +15,11 @@ loop's own ``VariantRunner``) on the same batches, all decoded up front and held
 (``floor_batches`` > 0 times an even sample instead and scales it: cheaper, but by-length batches
 differ in size, so a sample of 20 missed the full floor by up to 7% in session 7's runs).
 
-Like for like. The cached arm is a two-epoch `lst train`, and the floor, in a fresh process of its
-own, mirrors it: a fresh side network steps through epoch 0's batches (``floor_cold_s``, the first
-pass) and then epoch 1's (``floor_s``, the second, steady pass). ``cached_over_floor`` compares the
-cached run's second epoch with the floor's second pass: both steady, on the same batches; the reader's
+Like for like. The cached arm is an `lst train` of ``cached_epochs`` epochs (default 4), and the
+floor, in a fresh process of its own, mirrors it: a fresh side network steps through epoch 0's batches
+(``floor_cold_s``, the first pass) and then through each later epoch's (the steady passes). Each
+steady pass is a sample of ``floor_s``, each later cached epoch one of the cached run's steady
+epoch, and ``cached_over_floor`` compares their minima: both steady, on the same batches; the reader's
 own cost is what is left. ``cached_over_floor_cold`` compares the two first epochs, both of which pay
 a fresh process's first steps (the CPU buffer cache and MKL growing to the step's shapes: ~180 k more
 page faults and 0.3-0.6 s on cached MiniLM SST-2, session 28). Until session 27 the bench set a
@@ -26,7 +27,11 @@ one-epoch cached run against the floor's steady pass, which charged those first 
 that ratio is still reported, as ``cached_first_over_floor_steady``.
 On a shared VM whose speed drifts by tens of percent within minutes, ``repeats`` > 1 times the
 cached runs and the floors alternately that many times and compares their minima (every sample is
-reported). ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
+reported). More steady epochs a process make those minima less of a draw: on this project's VM a
+cached process's steps ran 0.78 to 1.45 times those of the floor process after it, on the same
+batches and evenly over the epoch, and one process's epochs moved by up to 30% (session 37). With
+one steady sample a process (two-epoch runs, sessions 28-36), the ratio read from the same three
+runs' data spread from 0.92 to 1.18; with three a process, from 1.04 to 1.12. ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
 floor: the cached process's steps, drift between processes included. ``reader_alone_s`` is the
@@ -51,6 +56,7 @@ import yaml
 from pipeline.backbones.seq2seq import LabelTargets
 from pipeline.bench.memory import _lst, run_measured
 from pipeline.cache.store import ActivationCache
+from pipeline.errors import UserError
 from pipeline.train.trainer import TrainConfig, build_side, make_readers, planned_batches, side_network
 
 
@@ -67,11 +73,14 @@ class TrainBenchConfig:
     label_words: str | None = None  # T5: cache label-word targets and train the side encoder-decoder
     floor_batches: int = 0  # batches the reader-free floor is timed on (0: every batch of the epoch)
     repeats: int = 1  # cached epochs and floors, timed alternately; their minima are compared
+    # epochs of each cached `lst train` run (>= 2): the first set against the live epoch and the floor's
+    # first pass, each later (steady) one a sample against the floor's steady passes over the same batches
+    cached_epochs: int = 4
 
-
-#: epochs of each cached `lst train` run: the first set against the live epoch and the floor's first
-#: pass, the second (steady) against the floor's second
-CACHED_EPOCHS = 2
+    def __post_init__(self) -> None:
+        if self.cached_epochs < 2:
+            raise UserError(f"--cached-epochs {self.cached_epochs}: the bench needs a first epoch and at least "
+                            "one steady one to set against the floor; give 2 or more")
 
 
 def _epoch_records(run_dir: Path) -> list[dict]:
@@ -83,11 +92,12 @@ def _epoch_records(run_dir: Path) -> list[dict]:
 
 
 def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -> dict:
-    """Seconds of two epochs' side steps with no reader, as a two-epoch cached run takes them: one
-    fresh side network trained through the loop's own runner on epoch 0's batches (``floor_cold_s``)
-    and then on epoch 1's (``floor_s``). Each epoch's batches (or ``n_batches`` of them spread evenly
-    over it, the time then scaled to its step count) are decoded up front and held in memory, one
-    epoch at a time. Before epoch 1's are, the reader streams that epoch once on its own, each batch
+    """Seconds of ``cfg.epochs`` (>= 2) epochs' side steps with no reader, as a cached run of that many
+    epochs takes them: one fresh side network trained through the loop's own runner on epoch 0's
+    batches (``floor_cold_s``) and then on each later epoch's (``floor_steady_s``, their minimum
+    ``floor_s``). Each epoch's batches (or ``n_batches`` of them spread evenly over it, the time then
+    scaled to its step count) are decoded up front and held in memory, one epoch at a time. Before
+    epoch 1's are, the reader streams that epoch once on its own, each batch
     dropped as it comes (``reader_alone_s``): its cost with the cores, caches and page cache to itself
     (reading nothing ahead, which with no steps between windows would only wait for the disk)."""
     import time
@@ -107,11 +117,11 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
                              packed=getattr(model, "accepts_packed_taps", False))
     torch.manual_seed(cfg.seed + 1)
     runner = VariantRunner(Variant(0, cfg, model, RunDir(cfg.out), {}, torch.get_rng_state()),
-                           total_steps(replace(cfg, epochs=2), reader.num_batches(0)))
+                           total_steps(cfg, reader.num_batches(0)))
     source = cached_taps(taps, [])
     passes = []
     alone = None
-    for epoch in range(2):
+    for epoch in range(max(2, cfg.epochs)):
         if epoch == 1:  # the reader alone, streaming as `lst train` reads it, nothing else running; with
             # nothing between its windows there is no step to read ahead behind, so it reads as the decode
             alone_reader, _ = make_readers(cache, replace(cfg, read_ahead="0"), taps, [], device,
@@ -130,7 +140,8 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
             runner.train_step(source(b), b)
         passes.append((time.perf_counter() - t0) / len(batches) * steps)
         del batches
-    return {"floor_s": passes[1], "floor_cold_s": passes[0], "reader_alone_s": alone}
+    return {"floor_s": min(passes[1:]), "floor_steady_s": passes[1:], "floor_cold_s": passes[0],
+            "reader_alone_s": alone}
 
 
 def floor_in_fresh_process(cache_url: str, config_file: Path, out: Path, n_batches: int = 0,
@@ -170,7 +181,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             return {**got["result"], "epochs": _epoch_records(work / arm)}
 
         def run_cached() -> dict:
-            return run("cached", "--epochs", str(CACHED_EPOCHS))
+            return run("cached", "--epochs", str(cfg.cached_epochs))
 
         cached = run_cached()
         # the floor and the FLOP count use the cached command's own resolved config
@@ -186,11 +197,11 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             cached_runs.append(run_cached())
             floor_runs.append(floor_run())
         first = [c["epochs"][0] for c in cached_runs]
-        warm = [c["epochs"][1] for c in cached_runs]
+        warm = [e for c in cached_runs for e in c["epochs"][1:]]
         epochs = [e["epoch_s"] for e in first]
         warm_epochs = [e["epoch_s"] for e in warm]
         warm_steps = [e["epoch_s"] * (1 - e["stall_fraction"]) for e in warm]
-        floors = [f["floor_s"] for f in floor_runs]
+        floors = [s for f in floor_runs for s in f["floor_steady_s"]]
         reader_cpu = [e.get("reader_cpu_s") for e in first]
         cold = [f["floor_cold_s"] for f in floor_runs]
         alone = [f["reader_alone_s"] for f in floor_runs]
@@ -214,7 +225,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "trainable_params": cached["trainable_params"], "backbone_params": cached["backbone_params"],
             "train_examples": cache.split("train").num_examples, "train_tokens": cache.split("train").num_tokens,
             "device": cached["device"], "torch_threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
-            "cached_epochs": CACHED_EPOCHS,
+            "cached_epochs": cfg.cached_epochs,
             "cached_epoch_s": cached_first, "cached_epoch_s_min": cached_s, "cached_epoch_s_samples": epochs,
             "cached_warm_epoch_s_min": warm_s, "cached_warm_epoch_s_samples": warm_epochs,
             "floor_s_samples": [round(f, 3) for f in floors],

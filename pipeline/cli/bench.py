@@ -43,7 +43,8 @@ def _train(a: argparse.Namespace) -> int:
     res = run_train_bench(TrainBenchConfig(backbone=a.backbone, dataset=a.dataset, examples=a.examples, cache=a.cache,
                                            batch_size=a.batch_size, workdir=a.workdir, device=a.device,
                                            progress=not a.no_progress, label_words=a.label_words,
-                                           repeats=a.repeats, floor_batches=a.floor_batches))
+                                           repeats=a.repeats, floor_batches=a.floor_batches,
+                                           cached_epochs=a.cached_epochs))
     emit(res, a.json)
     return 0
 
@@ -159,12 +160,12 @@ def register(sub) -> None:
     e.set_defaults(func=_extract)
 
     t = bsub.add_parser("train", help="cached vs live epochs, the FLOP-based speedup limit and the reader-free floor",
-                        description="Train the same side network from the cache (two epochs) and with the live "
-                                    "backbone (one), each as `lst train` in a fresh process; report their epoch "
-                                    "times, cached_over_live_speedup (first epochs), speedup_limit and the "
-                                    "reader-free floor: cached_over_floor sets the cached second epoch against the "
-                                    "same steps on the same batches held in memory, cached_over_floor_cold the "
-                                    "first epochs.")
+                        description="Train the same side network from the cache (--cached-epochs epochs) and "
+                                    "with the live backbone (one), each as `lst train` in a fresh process; report "
+                                    "their epoch times, cached_over_live_speedup (first epochs), speedup_limit and "
+                                    "the reader-free floor: cached_over_floor sets the fastest of the cached later "
+                                    "(steady) epochs against the fastest of the same steps on the same batches held "
+                                    "in memory, cached_over_floor_cold the first epochs.")
     _shared(t, workdir="keep the extracted cache and runs here (default: a temp dir, removed)")
     t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000,
                    help="training examples to extract when no --cache (default 20000)")
@@ -174,6 +175,9 @@ def register(sub) -> None:
     t.add_argument("--repeats", type=int, default=1,
                    help="time the cached run and the reader-free floor this many times, alternately, and "
                         "compare their minima (a shared machine's speed drifts; default 1)")
+    t.add_argument("--cached-epochs", type=int, default=4,
+                   help="epochs of each cached run, mirrored by the floor (default 4, at least 2): the first is "
+                        "set against the live epoch, each later one is a steady sample against the floor's")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")
