@@ -158,40 +158,60 @@ def floor_in_fresh_process(cache_url: str, config_file: Path, out: Path, n_batch
 def run_train_bench(cfg: TrainBenchConfig) -> dict:
     from pipeline.search.flops import speedup_limit
 
+    from tqdm import tqdm
+
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="lst-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
+    # one step a process (the children's own bars go to their logs under ``work``): a --repeats 3 run on
+    # the 20k SST-2 cache is ~10 minutes of fresh processes
+    bar = tqdm(total=(cfg.cache is None) + 2 * cfg.repeats + 2, desc="bench train", file=sys.stderr,
+               disable=not cfg.progress, dynamic_ncols=True)
+
+    def arm(label: str) -> None:
+        bar.set_postfix_str(label)
+
     try:
         cache_url = cfg.cache
         quiet = [] if cfg.progress else ["--no-progress"]
         if cache_url is None:
             cache_url = str(work / "cache.zarr")
             words = ["--label-words", cfg.label_words] if cfg.label_words else []
+            arm(f"extracting {cfg.examples} {cfg.dataset} examples ({work / 'extract.log'})")
             run_measured(_lst("extract", "--backbone", cfg.backbone, "--dataset", cfg.dataset, "--out", cache_url,
                               "--max-examples", str(cfg.examples), "--device", cfg.device, "--overwrite", "--json",
                               *quiet, *words), stderr_to=str(work / "extract.log"))
+            bar.update(1)
         cache = ActivationCache.open(cache_url)
         run_args = ["--cache", cache_url, "--batch-size", str(cfg.batch_size), "--device", cfg.device,
                     "--overwrite", "--json", *quiet]
         processes: dict[str, list[dict]] = {"cached": [], "live": []}
 
-        def run(arm: str, *extra: str) -> dict:
-            got = run_measured(_lst("train", "--out", str(work / arm), *run_args, *extra),
-                               stderr_to=str(work / f"{arm}.log"))
-            processes[arm].append({"wall_s": got["wall_s"], "peak_mb": round(got["polled_peak_mb"], 1)})
-            return {**got["result"], "epochs": _epoch_records(work / arm)}
+        def run(name: str, label: str, *extra: str) -> dict:
+            arm(f"{label} ({work / name}.log)")
+            got = run_measured(_lst("train", "--out", str(work / name), *run_args, *extra),
+                               stderr_to=str(work / f"{name}.log"))
+            processes[name].append({"wall_s": got["wall_s"], "peak_mb": round(got["polled_peak_mb"], 1)})
+            bar.update(1)
+            return {**got["result"], "epochs": _epoch_records(work / name)}
 
         def run_cached() -> dict:
-            return run("cached", "--epochs", str(cfg.cached_epochs))
+            return run("cached", f"cached lst train {len(processes['cached']) + 1}/{cfg.repeats}, "
+                                 f"{cfg.cached_epochs} epochs", "--epochs", str(cfg.cached_epochs))
 
         cached = run_cached()
         # the floor and the FLOP count use the cached command's own resolved config
         run_cfg = TrainConfig.from_dict(yaml.safe_load((work / "cached" / "config.yaml").read_text())["train"])
 
-        def floor_run() -> dict:
-            return floor_in_fresh_process(cache_url, work / "cached" / "config.yaml", work / "floor",
-                                          cfg.floor_batches, log=work / "floor.log")
+        floor_runs: list[dict] = []
 
-        floor_runs = [floor_run()]
+        def floor_run() -> dict:
+            arm(f"reader-free floor {len(floor_runs) + 1}/{cfg.repeats} ({work / 'floor.log'})")
+            got = floor_in_fresh_process(cache_url, work / "cached" / "config.yaml", work / "floor",
+                                         cfg.floor_batches, log=work / "floor.log")
+            bar.update(1)
+            return got
+
+        floor_runs.append(floor_run())
         cached_runs = [cached]
         for _ in range(cfg.repeats - 1):
             cached_runs.append(run_cached())
@@ -208,11 +228,13 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         warm_stall = [e["epoch_s"] * e["stall_fraction"] for e in warm]
         cached_s, floor = min(epochs), min(floors)
         warm_s, floor_cold = min(warm_epochs), min(cold)
-        live = run("live", "--live", "--epochs", "1")
+        live = run("live", "live lst train, 1 epoch", "--live", "--epochs", "1")
+        arm("counting FLOPs")
         model, _ = build_side(cache, {}, 0)
         batch = next(iter(planned_batches(cache, run_cfg, data_seed=0).iter_epoch(0)))  # a batch the runs above used
         targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None
         limit = speedup_limit(cache.fingerprint["backbone"], [], batch, models=[model], targets=targets)
+        bar.update(1)
         cached_first = cached["epochs"][0]["epoch_s"]
         speedup = live["epoch_s"] / cached_first  # first epochs of one run each, as the live arm is timed once
         lim = limit["speedup_limit"]
@@ -274,6 +296,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                           "cached_over_floor_cold<=1.1": cached_s / floor_cold <= 1.1},
         }
     finally:
+        bar.close()
         if cfg.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
