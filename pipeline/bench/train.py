@@ -30,7 +30,7 @@ cached runs and the floors alternately that many times and compares their minima
 reported). More steady epochs a process make those minima less of a draw: on this project's VM a
 cached process's steps ran 0.78 to 1.45 times those of the floor process after it, on the same
 batches and evenly over the epoch, and one process's epochs moved by up to 30% (session 37). With
-one steady sample a process (two-epoch runs, sessions 28-36), the ratio read from the same three
+one steady sample a process (two-epoch runs, sessions 28-36), the ratio read from the same five
 runs' data spread from 0.92 to 1.18; with three a process, from 1.04 to 1.12. ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
