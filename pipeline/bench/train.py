@@ -31,7 +31,8 @@ reported). More steady epochs a process make those minima less of a draw: on thi
 cached process's steps ran 0.78 to 1.45 times those of the floor process after it, on the same
 batches and evenly over the epoch, and one process's epochs moved by up to 30% (session 37). With
 one steady sample a process (two-epoch runs, sessions 28-36), the ratio read from the same five
-runs' data spread from 0.92 to 1.18; with three a process, from 1.04 to 1.12. ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
+runs' data spread from 0.92 to 1.18; with three a process, from 1.04 to 1.12.
+``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
 floor: the cached process's steps, drift between processes included. ``reader_alone_s`` is the
@@ -156,9 +157,9 @@ def floor_in_fresh_process(cache_url: str, config_file: Path, out: Path, n_batch
 
 
 def run_train_bench(cfg: TrainBenchConfig) -> dict:
-    from pipeline.search.flops import speedup_limit
-
     from tqdm import tqdm
+
+    from pipeline.search.flops import speedup_limit
 
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="lst-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -167,16 +168,13 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     bar = tqdm(total=(cfg.cache is None) + 2 * cfg.repeats + 2, desc="bench train", file=sys.stderr,
                disable=not cfg.progress, dynamic_ncols=True)
 
-    def arm(label: str) -> None:
-        bar.set_postfix_str(label)
-
     try:
         cache_url = cfg.cache
         quiet = [] if cfg.progress else ["--no-progress"]
         if cache_url is None:
             cache_url = str(work / "cache.zarr")
             words = ["--label-words", cfg.label_words] if cfg.label_words else []
-            arm(f"extracting {cfg.examples} {cfg.dataset} examples ({work / 'extract.log'})")
+            bar.set_postfix_str(f"extracting {cfg.examples} {cfg.dataset} examples ({work / 'extract.log'})")
             run_measured(_lst("extract", "--backbone", cfg.backbone, "--dataset", cfg.dataset, "--out", cache_url,
                               "--max-examples", str(cfg.examples), "--device", cfg.device, "--overwrite", "--json",
                               *quiet, *words), stderr_to=str(work / "extract.log"))
@@ -187,7 +185,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         processes: dict[str, list[dict]] = {"cached": [], "live": []}
 
         def run(name: str, label: str, *extra: str) -> dict:
-            arm(f"{label} ({work / name}.log)")
+            bar.set_postfix_str(f"{label} ({work / name}.log)")
             got = run_measured(_lst("train", "--out", str(work / name), *run_args, *extra),
                                stderr_to=str(work / f"{name}.log"))
             processes[name].append({"wall_s": got["wall_s"], "peak_mb": round(got["polled_peak_mb"], 1)})
@@ -205,7 +203,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         floor_runs: list[dict] = []
 
         def floor_run() -> dict:
-            arm(f"reader-free floor {len(floor_runs) + 1}/{cfg.repeats} ({work / 'floor.log'})")
+            bar.set_postfix_str(f"reader-free floor {len(floor_runs) + 1}/{cfg.repeats} ({work / 'floor.log'})")
             got = floor_in_fresh_process(cache_url, work / "cached" / "config.yaml", work / "floor",
                                          cfg.floor_batches, log=work / "floor.log")
             bar.update(1)
@@ -229,7 +227,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         cached_s, floor = min(epochs), min(floors)
         warm_s, floor_cold = min(warm_epochs), min(cold)
         live = run("live", "live lst train, 1 epoch", "--live", "--epochs", "1")
-        arm("counting FLOPs")
+        bar.set_postfix_str("counting FLOPs")
         model, _ = build_side(cache, {}, 0)
         batch = next(iter(planned_batches(cache, run_cfg, data_seed=0).iter_epoch(0)))  # a batch the runs above used
         targets = LabelTargets.from_dict(cache.label_targets) if cache.label_targets else None

@@ -4,8 +4,9 @@ Every host buffer the reader holds counts against ``memory_budget`` (bytes, defa
 ``lst train --reader-memory``): compressed chunk frames in flight, one-chunk decode scratch,
 the decoded values of the windows being shuffled (kept in the store's dtype: bf16 bits, int8
 codes plus float32 scales, fp16, fp32), the assembled fp32 batches (queued, being assembled,
-or the one last handed to the caller) and the next window's frames read ahead. ``reader.accounting`` keeps current and peak bytes per
-category and ``reader.peak_bytes`` the peak of their sum; the plan below guarantees
+or the one last handed to the caller) and the next window's frames read ahead.
+``reader.accounting`` keeps current and peak bytes per category and ``reader.peak_bytes`` the
+peak of their sum; the plan below guarantees
 ``peak_bytes <= memory_budget`` whatever the hidden size, tap count, shard size or sequence
 length. Not counted: the split's index arrays (offsets, input ids, labels: 4-12 bytes a token,
 loaded once per split) and allocator caching (glibc arenas, CUDA's pinned-memory cache).
