@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.cache import native_read
-from pipeline.cache.fastread import DirectArray, FrameTasks, Segments
+from pipeline.cache.fastread import DirectArray, FrameTasks, Segments, WindowFrames
 from pipeline.errors import ChecksumError
 from tests.test_fastread import HIDDEN, RANGES, ROWS, SHARD, T, _index, _make, _values, damaged_chunk
 
@@ -151,10 +151,11 @@ def _read_ahead(d: DirectArray, segs: Segments, out: np.ndarray, nbytes: int = 1
 
     ahead = FramePrefetch(nbytes)
     try:
-        ahead.start(lambda: d.scatter_frames(segs))
-        got = []
-        _decode(d, lambda t: (d.scatter_tasks(segs, out, t), got.append(ahead.redirect(t))))
-        return got[0]
+        ahead.start("window", lambda: WindowFrames(segs, [d]))
+        assert ahead.listed("another window") is None
+        listed = ahead.listed("window")
+        _decode(d, lambda t: d.scatter_tasks(segs, out, t, listed.found[0], listed.copies[0]))
+        return listed.placed
     finally:
         ahead.close()
 
@@ -173,7 +174,7 @@ def test_frames_read_ahead_decode_as_frames_read_by_the_decode(tmp_path, nbytes)
     order = rng.permutation(len(src))
     src, n = src[order], n[order]
     segs = Segments(src, n, np.cumsum(n) - n, ROWS)
-    frames = d.scatter_frames(segs)
+    frames = WindowFrames(segs, [d]).frames()
     assert len(frames) == len(segs.chunk) and all(f.exists() and k > 0 for f, _, k in frames)
     out = np.full((T, HIDDEN), 99, d.dtype)
     used = _read_ahead(d, segs, out, nbytes)
@@ -203,10 +204,32 @@ def test_read_ahead_ranges_are_block_aligned_merged_and_within_room():
     assert len(aligned_ranges([(0, 1), (2 * ALIGN + MERGE_GAP, 1)], room=1 << 20)) == 2
 
 
-def test_frame_tasks_point_at_copies_in_memory():
-    t = FrameTasks()
-    t.add(3, 100, 50, 0, 10, -1, (Path("a"), 0, 4))
-    t.add(3, 200, 50, 0, 10, -1, (Path("b"), 0, 4))
-    assert t.redirect(lambda f, off: 7777 if (f, off) == (Path("b"), 200) else None) == 1
-    assert t.task_table()[:, :2].tolist() == [[3, 100], [-1, 7777]]
-    assert t.redirect(lambda f, off: 1) == 1  # a redirected task keeps its copy
+def test_a_window_listed_once_binds_its_frames_to_their_copies(tmp_path):
+    """``WindowFrames`` lists each array's frames in the decode's order; the tasks built from it are the
+    tasks built from the shard indexes, but for the frames given a copy, which point at it (fd -1)."""
+    v = _make(tmp_path, "bf16")
+    for tap in (0, 1):
+        v.tap_array(tap)[0:T] = _values("bf16", T)
+    arrays = [DirectArray.for_array(v.tap_array(tap)) for tap in (0, 1)]
+    segs = Segments([SHARD + 5, 2, 3 * SHARD], [6, 9, 4], [0, 6, 15], ROWS)
+    listed = WindowFrames(segs, arrays)
+    frames = listed.frames()
+    per_array = len(frames) // 2
+    assert per_array == len(segs.chunk) and frames[:per_array] != frames[per_array:]
+    listed.place([0] * (len(frames) - 1) + [7777])
+    assert listed.placed == 1
+    out = np.empty((19, HIDDEN), arrays[0].dtype)
+    for k, d in enumerate(arrays):
+        plain, bound = FrameTasks(), FrameTasks()
+        try:
+            d.scatter_tasks(segs, out, plain)
+            d.scatter_tasks(segs, out, bound, listed.found[k], listed.copies[k])
+            a, b = plain.task_table(), bound.task_table()
+            assert plain.where == bound.where and np.array_equal(a[:, 2:], b[:, 2:])
+            same = slice(None) if k == 0 else slice(0, -1)
+            assert np.array_equal(a[same, 1], b[same, 1])
+            if k == 1:
+                assert b[-1, :2].tolist() == [-1, 7777] and a[-1, 0] >= 0
+        finally:
+            plain.close()
+            bound.close()

@@ -824,7 +824,7 @@ def test_frames_read_ahead_give_the_batches_of_frames_read_by_the_decode(caches)
         a, b = _grids(plain, epoch), _grids(ahead, epoch)
         assert [i for i, _ in a] == [i for i, _ in b]
         assert all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(a, b))
-    frames = sum(len(ahead._window_frames(w)) for e in (0, 1) for w in ahead.plan_epoch(e)[1:])
+    frames = sum(len(ahead._window_frames(w).frames()) for e in (0, 1) for w in ahead.plan_epoch(e)[1:])
     assert ahead.stats.read_ahead_frames == frames > 0
     assert ahead.accounting.current["prefetch"] == 0 < ahead.accounting.peak["prefetch"]
     assert ahead.peak_bytes <= ahead.memory_budget

@@ -280,25 +280,32 @@ class DirectArray:
                 tasks.add(fd, int(off), int(nbytes), base + (lo - start) * row_bytes, (hi - lo) * row_bytes, part,
                           (f, c0, c1))
 
-    def scatter_tasks(self, segs: "Segments", out: np.ndarray, tasks: "FrameTasks") -> None:
+    def scatter_tasks(self, segs: "Segments", out: np.ndarray, tasks: "FrameTasks",
+                      found: list[tuple[Path, np.ndarray, np.ndarray]] | None = None,
+                      copies: np.ndarray | None = None) -> None:
         """``segs``' runs of rows into rows of ``out`` (C-contiguous, [rows, *row_shape]), as tasks for the
         native frame reader: each inner chunk's frame decoded once (only its blocks holding wanted rows
         where the runs do not cover it) into the reader's chunk scratch, and its runs copied out. Rows with
         no file or no chunk take the fill value now. Built with array arithmetic over every chunk at once
         (the Python loop is per shard file): a MiniLM window has ~100 chunks and ~3,000 runs a tap. What
         does not depend on the array (its chunks' shards, their byte ranges, the segment table but for
-        its destinations) is worked out once per ``Segments`` for all arrays of its layout."""
+        its destinations) is worked out once per ``Segments`` for all arrays of its layout.
+        ``found``: this array's frames as ``chunk_frames`` lists them, where a ``WindowFrames`` did
+        already (else the shard indexes are read here); ``copies``: the address in memory of each chunk's
+        frame where it was read ahead (0: the decode reads it from its file)."""
         if not out.flags.c_contiguous:
             raise ValueError("native frame reads go into C-contiguous buffers only")
         if segs.chunk_rows != self.chunk_rows:
             raise ValueError(f"segments cut at {segs.chunk_rows}-row chunks, this array's are {self.chunk_rows} rows")
         if not len(segs.chunk):
             return
-        rb = self.chunk_nbytes // self.chunk_rows
-        g = segs.geometry(self.shard_rows // self.chunk_rows, rb)
+        g = self.geometry(segs)
         rows = g.rows.copy()  # fd, offset, frame bytes to come (-1: none); the rest is the layout's
         files = {}
-        for f, fd, at, got in self._chunk_frames(g, tasks):
+        for f, at, got in (self.chunk_frames(segs, tasks) if found is None else found):
+            fd = tasks.open(f)
+            if fd is None:  # (gone since it was listed: its rows take the fill value)
+                continue
             rows[at, 0], rows[at, 1], rows[at, 2] = fd, got[:, 0], got[:, 1]
             files[fd] = f
         empty = rows[:, 1] == -1
@@ -309,35 +316,72 @@ class DirectArray:
         table = g.table.copy()
         table[:, 2] += out.ctypes.data
         keep = np.flatnonzero(~empty)
-        tasks.add_many(rows[keep], table, [(files[fd], c0, c0 + self.chunk_rows)
-                                           for fd, c0 in zip(rows[keep, 0].tolist(), g.first_row[keep].tolist())])
+        where = [(files[fd], c0, c0 + self.chunk_rows)
+                 for fd, c0 in zip(rows[keep, 0].tolist(), g.first_row[keep].tolist())]
+        if copies is not None:  # fd -1 and the copy's address: ``read_cpu.cpp`` checks and decodes it there
+            held = (copies != 0) & ~empty
+            rows[held, 0], rows[held, 1] = -1, copies[held]
+        tasks.add_many(rows[keep], table, where)
 
-    def _chunk_frames(self, g: "ScatterGeometry", tasks: "FrameTasks"):
-        """Per shard file of ``g``'s chunks that exists: (file, its descriptor in ``tasks``, the chunks'
-        positions in ``g``, their (frame offset, frame bytes) from its checked index, EMPTY read as -1)."""
+    def geometry(self, segs: "Segments") -> "ScatterGeometry":
+        return segs.geometry(self.shard_rows // self.chunk_rows, self.chunk_nbytes // self.chunk_rows)
+
+    def chunk_frames(self, segs: "Segments", tasks: "FrameTasks"):
+        """Per shard file of ``segs``' chunks that exists: (file, the chunks' positions in its geometry,
+        their (frame offset, frame bytes) from its checked index, EMPTY read as -1). ``tasks`` opens the
+        files and reads each index once."""
+        g = self.geometry(segs)
         for sh, at in g.by_shard:
             f = self._shard_file(sh)
             fd = tasks.open(f)
             if fd is None:
                 continue
-            yield f, fd, at, tasks.index(fd, f, self._shard_index)[g.chunk_in_shard[at]].astype(np.int64)
+            yield f, at, tasks.index(fd, f, self._shard_index)[g.chunk_in_shard[at]].astype(np.int64)
 
-    def scatter_frames(self, segs: "Segments") -> list[tuple[Path, int, int]]:
-        """The frames ``scatter_tasks(segs, ...)`` reads, as (file, offset, bytes) in its order, with no
-        destination: what a window will read, known before its buffers exist (``train.prefetch``)."""
-        if not len(segs.chunk):
-            return []
-        g = segs.geometry(self.shard_rows // self.chunk_rows, self.chunk_nbytes // self.chunk_rows)
-        found: dict[int, tuple[Path, int, int]] = {}
-        files = FrameTasks()  # its descriptors and checked indexes, for this listing only
+
+class WindowFrames:
+    """The frames ``DirectArray.scatter_tasks`` reads for each of ``arrays`` over ``segs``, listed once
+    from their checked shard indexes. Why once: a window read ahead (``train.prefetch``) is listed on
+    the read-ahead thread, to read its frames, and its decode then binds the same list to its buffers
+    and to the copies read ahead (``copies``). Listed twice, with a per-frame Python loop to find each
+    copy, that cost the consumer ~4.5 ms a window, 0.11 s of a cached MiniLM SST-2 epoch's ~0.5 s of
+    reader time on the training thread (session 38). It holds the window's own chunks' rows only, so
+    it grows with the window, not the cache. ``files``: where the decode's ``FrameTasks`` lists it, its
+    descriptors and indexes are kept for the decode; else they are closed once listed."""
+
+    def __init__(self, segs: "Segments", arrays: list[DirectArray], files: "FrameTasks | None" = None) -> None:
+        self.segs = segs
+        own = files is None
+        files = FrameTasks() if own else files
         try:
-            for f, _, at, got in self._chunk_frames(g, files):
-                for k, (off, n) in zip(at.tolist(), got.tolist()):
-                    if off != -1:  # EMPTY: no frame, the fill value
-                        found[k] = (f, off, n)
+            self.found = [list(a.chunk_frames(segs, files)) for a in arrays]
         finally:
-            files.close()
-        return [found[k] for k in sorted(found)]
+            if own:
+                files.close()
+        # each array's frames in the decode's order: their chunks' positions, files, offsets and bytes
+        self._listed = []
+        for found in self.found:
+            pos = np.concatenate([at for _, at, _ in found]) if found else np.zeros(0, np.int64)
+            got = np.concatenate([g for _, _, g in found]) if found else np.zeros((0, 2), np.int64)
+            which = np.repeat(np.arange(len(found)), [len(at) for _, at, _ in found])
+            order = np.argsort(pos, kind="stable")
+            order = order[got[order, 0] != -1]  # EMPTY: no frame, the fill value
+            self._listed.append((pos[order], [found[i][0] for i in which[order].tolist()], got[order]))
+        self.copies = [np.zeros(len(segs.chunk), np.int64) for _ in arrays]
+        self.placed = 0  # how many frames have a copy
+
+    def frames(self) -> list[tuple[Path, int, int]]:
+        """Every frame as (file, offset, bytes), in the decode's order: each array's in turn, by chunk."""
+        return [(f, off, n) for _, fs, got in self._listed for f, (off, n) in zip(fs, got.tolist())]
+
+    def place(self, addresses: list[int]) -> None:
+        """Where ``frames()`` (in its order) were read into memory: an address each, 0 where not read."""
+        addr = np.asarray(addresses, np.int64)
+        i = 0
+        for copies, (pos, _, _) in zip(self.copies, self._listed):
+            copies[pos] = addr[i:i + len(pos)]
+            i += len(pos)
+        self.placed = int(np.count_nonzero(addr))
 
 
 class ScatterGeometry:
@@ -467,20 +511,6 @@ class FrameTasks:
         self.segments += len(table)
         self._rows.append(rows)
         self.where.extend(where)
-
-    def redirect(self, located: Callable[[Path, int], int | None]) -> int:
-        """Point every task whose frame ``located(file, offset)`` has in memory at that address (file
-        descriptor -1, offset the address: the native reader decodes it from there); how many."""
-        n = 0
-        i = 0
-        for rows in self._rows:
-            for r in range(len(rows)):
-                at = located(self.where[i][0], int(rows[r, 1])) if rows[r, 0] >= 0 else None
-                if at is not None:
-                    rows[r, 0], rows[r, 1] = -1, at
-                    n += 1
-                i += 1
-        return n
 
     def close(self) -> None:
         self._indexes = {}

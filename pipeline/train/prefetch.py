@@ -9,9 +9,9 @@ extra time in the read's copy out of the page cache (session 36, ``probes_sessio
 ``O_DIRECT`` read is done by the device (here, the host): the thread that waits for it leaves its core
 to the training step, and the frames land in a buffer that is decoded from a few hundred ms later.
 
-One buffer serves one window at a time: the consumer decodes window i from it (``redirect`` points
-the window's frame tasks at their copies), then starts window i + 1's reads into it (``start``), which
-finish while window i's batches are stepped. Frames past the buffer's end, and any that cannot be
+One buffer serves one window at a time: the consumer decodes window i from it (``listed`` hands over
+the window's frames, as the read-ahead thread listed them, with their copies' addresses), then starts
+window i + 1's listing and reads into it (``start``), which finish while window i's batches are stepped. Frames past the buffer's end, and any that cannot be
 read this way (a file system without ``O_DIRECT``, a short read), are read by the decode as before.
 """
 
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Callable
 
-from pipeline.cache.fastread import FrameTasks
+from pipeline.cache.fastread import WindowFrames
 from pipeline.train.bufpool import populated
 
 #: ``O_DIRECT`` reads go in whole blocks of this many bytes, at offsets that are multiples of it
@@ -63,15 +64,15 @@ class FramePrefetch:
         self._base = 0
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="lst-prefetch")
         self._pending: Future | None = None
+        self._key: object = None  # the window ``_pending`` reads
         self._fds: dict[Path, int | None] = {}  # O_DIRECT descriptors; None: not readable that way
 
-    def start(self, frames: Callable[[], list[tuple[Path, int, int]]]) -> None:
-        """Read the frames ``frames()`` lists ((file, offset, bytes), in the order the decode takes them)
-        into the buffer, listing them too on the prefetch thread; the last window's copies are gone from
-        then on."""
-        self.wait()
+    def start(self, key: object, listing: Callable[[], WindowFrames]) -> None:
+        """List a window's frames (``listing()``) and read them into the buffer, both on the read-ahead
+        thread; ``key`` names the window for ``listed``. The last window's copies are gone from then on."""
+        self._settle()
         if self.nbytes > 0:
-            self._pending = self._thread.submit(self._read, frames)
+            self._key, self._pending = key, self._thread.submit(self._read, listing)
 
     def _fd(self, f: Path) -> int | None:
         if f not in self._fds:
@@ -82,12 +83,14 @@ class FramePrefetch:
                 self._fds[f] = None
         return self._fds[f]
 
-    def _read(self, frames: Callable[[], list[tuple[Path, int, int]]]) -> dict[tuple[Path, int], int]:
+    def _read(self, listing: Callable[[], WindowFrames]) -> WindowFrames:
         if self._arr is None:
             self._arr = populated(self.nbytes)
             self._base = self._arr.ctypes.data
+        window = listing()
+        frames = window.frames()
         by_file: dict[Path, list[tuple[int, int]]] = {}
-        for f, off, n in frames():
+        for f, off, n in frames:
             by_file.setdefault(f, []).append((off, n))
         located: dict[tuple[Path, int], int] = {}
         pos = 0
@@ -105,23 +108,26 @@ class FramePrefetch:
                     if off + n <= a + got:
                         located[(f, off)] = self._base + pos + (off - a)
                 pos += b - a
-        return located
+        window.place([located.get((f, off), 0) for f, off, _ in frames])
+        return window
 
-    def wait(self) -> dict[tuple[Path, int], int]:
-        """The copies of the frames last started, once read: (file, offset) -> address."""
-        if self._pending is None:
-            return {}
-        fut, self._pending = self._pending, None
-        return fut.result()
+    def listed(self, key: object) -> WindowFrames | None:
+        """Window ``key``'s frames with their copies (``WindowFrames.copies``), once read; None where the
+        last ``start`` was for another window (or none): the decode then lists them itself. A listing
+        that failed (a shard index's checksum) raises here, in the consumer."""
+        if self._pending is None or self._key is not key:
+            return None
+        return self._pending.result()
 
-    def redirect(self, tasks: FrameTasks) -> int:
-        """Point each of ``tasks`` whose frame was read ahead at its copy (its file descriptor -1, its
-        offset the copy's address: ``read_cpu.cpp`` then checks and decodes it from memory); how many."""
-        located = self.wait()
-        return tasks.redirect(lambda f, off: located.get((f, off))) if located else 0
+    def _settle(self) -> None:
+        """Wait for the reads last started, and forget them (their error, if any, was the consumer's to
+        see through ``listed``)."""
+        if self._pending is not None:
+            wait_futures([self._pending])
+        self._pending = self._key = None
 
     def close(self) -> None:
-        self.wait()
+        self._settle()
         self._thread.shutdown(wait=True)
         for fd in self._fds.values():
             if fd is not None:

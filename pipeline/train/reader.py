@@ -123,7 +123,7 @@ import torch
 
 from pipeline.cache import codecs as C
 from pipeline.cache import native_read
-from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray, FrameTasks, ReadScratch, Segments
+from pipeline.cache.fastread import FRAME_OVERHEAD, DirectArray, FrameTasks, ReadScratch, Segments, WindowFrames
 from pipeline.cache.store import ActivationCache
 from pipeline.errors import CacheError
 from pipeline.train.bufpool import GatherBuffers, WindowBufferPool
@@ -862,8 +862,6 @@ class CacheReader:
             return
         c0 = time.process_time()  # the call's threads are torch's: all of the process's CPU meanwhile
         try:
-            if run.prefetch is not None:
-                self.stats.read_ahead_frames += run.prefetch.redirect(tasks)
             self._scratch(run, consumer=True).decode(tasks)
         finally:
             tasks.close()
@@ -970,7 +968,7 @@ class CacheReader:
         gather per batch read every row back from memory on the training thread (~0.3 s an epoch of
         cached MiniLM SST-2)."""
         batches = dw.window.batches
-        order, lens, dst, rows = self._batch_order(dw.window)
+        _, _, dst, rows = self._batch_order(dw.window)
         bounds = np.cumsum([0] + [len(b) for b in batches])
         dw.batch_locs = [(np.zeros(len(b), np.int64), dst[bounds[i]:bounds[i + 1]], None)
                          for i, b in enumerate(batches)]
@@ -978,15 +976,18 @@ class CacheReader:
         nbytes = rows * self.hidden * dtype.itemsize
         frames = FrameTasks()
         try:
-            segs = Segments(self.offsets[order], lens, dst, self._acts[0][1].chunk_rows)
+            listed = run.prefetch.listed(dw.window) if run.prefetch is not None else None
+            if listed is None:  # not read ahead (the epoch's first window, or read-ahead off): list it now
+                with self._track(2 * self._acts[0][1].index_nbytes, 0):
+                    listed = self._window_frames(dw.window, frames)
+            self.stats.read_ahead_frames += listed.placed
             vals = []
-            for buf, (arr, direct) in zip(run.pool.take_all([nbytes] * len(self._acts)), self._acts):
+            for k, (buf, (arr, direct)) in enumerate(zip(run.pool.take_all([nbytes] * len(self._acts)), self._acts)):
                 dw.buffers.append(buf)
                 self.accounting.add("window", nbytes)
                 dw.nbytes += nbytes
                 out = buf[:nbytes].view(dtype).reshape(rows, self.hidden)
-                with self._track(2 * direct.index_nbytes, 0):
-                    direct.scatter_tasks(segs, out, frames)
+                direct.scatter_tasks(listed.segs, out, frames, listed.found[k], listed.copies[k])
                 vals.append(self._as_tensor(out))
             dw.vals, dw.scales, dw.dvals, dw.dscales = [vals], [[]], [[]], [[]]
             dw.frames = frames
@@ -1003,11 +1004,12 @@ class CacheReader:
         lens = self.lengths[order].astype(np.int64)
         return order, lens, np.cumsum(lens) - lens, int(lens.sum())
 
-    def _window_frames(self, window: Window) -> list:
-        """The frames a window in batch order will decode, in the decode's order (every tap's in turn)."""
+    def _window_frames(self, window: Window, files: FrameTasks | None = None) -> WindowFrames:
+        """The frames a window in batch order decodes, listed from the shard indexes (``files``: the
+        decode's own, which then keeps their descriptors and indexes)."""
         order, lens, dst, _ = self._batch_order(window)
         segs = Segments(self.offsets[order], lens, dst, self._acts[0][1].chunk_rows)
-        return [f for _, direct in self._acts for f in direct.scatter_frames(segs)]
+        return WindowFrames(segs, [direct for _, direct in self._acts], files)
 
     def _read_ahead(self, run: _Run, window: Window | None) -> None:
         """Start reading ``window``'s frames into the run's read-ahead buffer (mapped, and counted, at
@@ -1017,7 +1019,7 @@ class CacheReader:
         if run.prefetch is None:
             run.prefetch = FramePrefetch(self.read_ahead)
             self.accounting.add("prefetch", run.prefetch.nbytes)
-        run.prefetch.start(lambda: self._window_frames(window))
+        run.prefetch.start(window, lambda: self._window_frames(window))
 
     @staticmethod
     def _store_dtype(arr) -> np.dtype:
