@@ -29,14 +29,14 @@ T = 70  # 5 shards, the last one partial (rows 64:70, inside its second inner ch
 class _Split:
     """The two arrays of a split that DirectArray reads, as create_store lays them out."""
 
-    def __init__(self, root: Path, codec: str, num_tokens: int):
+    def __init__(self, root: Path, codec: str, num_tokens: int, compression: str = C.DEFAULT_COMPRESSION):
         spec = C.codec_spec(codec)
         g = zarr.open_group(str(root / "c.zarr"), mode="w", zarr_format=3)
         self.acts = g.create_group("train").create_group("acts")
         for tap in ("embeddings", "layer_1"):
             self.acts.create_array(
                 tap, shape=(num_tokens, HIDDEN), dtype=spec.storage_dtype, chunks=(ROWS, HIDDEN),
-                shards=(SHARD, HIDDEN), compressors=C.compressors(codec=codec), fill_value=0,
+                shards=(SHARD, HIDDEN), compressors=C.compressors(codec=codec, compression=compression), fill_value=0,
                 attributes={"logical_dtype": spec.logical_dtype, "codec": codec},
             )
         self.scales = g["train"].create_group("scales")
@@ -52,8 +52,8 @@ class _Split:
         return self.scales["embeddings"]
 
 
-def _make(tmp_path: Path, codec: str, num_tokens: int = T) -> _Split:
-    return _Split(tmp_path, codec, num_tokens)
+def _make(tmp_path: Path, codec: str, num_tokens: int = T, compression: str = C.DEFAULT_COMPRESSION) -> _Split:
+    return _Split(tmp_path, codec, num_tokens, compression)
 
 
 def _values(codec: str, rows: int, seed: int = 0) -> np.ndarray:

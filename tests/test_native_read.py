@@ -94,11 +94,13 @@ def test_segments_cut_runs_at_chunk_edges_and_group_them_by_chunk():
     assert s.bounds.tolist() == [0, 1, 2, 3] and s.lo.tolist() == [2, 4, 9] and s.hi.tolist() == [4, 7, 11]
 
 
+@pytest.mark.parametrize("compression", ["lz4", "none"])
 @pytest.mark.parametrize("slots", [1, 2])
-def test_scattered_runs_land_where_asked(tmp_path, slots):
+def test_scattered_runs_land_where_asked(tmp_path, slots, compression):
     """Runs of rows from anywhere (cut chunks, shard edges, a missing shard, the partial last shard) go
-    to the destination rows given, as the reader lays a window out in batch order."""
-    v = _make(tmp_path, "bf16")
+    to the destination rows given, as the reader lays a window out in batch order. Frames stored as they
+    are (``--compression none``) are copied out of the frame itself, with no decode between."""
+    v = _make(tmp_path, "bf16", compression=compression)
     arr = v.tap_array(1)
     vals = _values("bf16", T)
     arr[0:2 * SHARD] = vals[0:2 * SHARD]
@@ -114,6 +116,11 @@ def test_scattered_runs_land_where_asked(tmp_path, slots):
     _decode(d, lambda t: d.scatter_tasks(Segments(src, n, dst, ROWS), out, t), slots)
     want = np.concatenate([arr[s:s + k] for s, k in zip(src, n)])
     np.testing.assert_array_equal(out, want)
+    if compression == "none":  # the frames are Blosc1's stored-as-is ones the native reader copies from
+        f = d._shard_file(0)
+        off, nbytes = (int(x) for x in _index(f, d.chunks_per_shard)[0])
+        head = f.read_bytes()[off:off + 16]
+        assert head[2] & 0x02 and int.from_bytes(head[12:16], "little") == nbytes - 4 == d.chunk_nbytes + 16
 
 
 def test_a_flipped_frame_byte_names_its_rows_and_a_cut_file_is_an_error(tmp_path):
@@ -160,11 +167,12 @@ def _read_ahead(d: DirectArray, segs: Segments, out: np.ndarray, nbytes: int = 1
         ahead.close()
 
 
+@pytest.mark.parametrize("compression", ["lz4", "none"])
 @pytest.mark.parametrize("nbytes", [1 << 20, 3 * 4096])
-def test_frames_read_ahead_decode_as_frames_read_by_the_decode(tmp_path, nbytes):
+def test_frames_read_ahead_decode_as_frames_read_by_the_decode(tmp_path, nbytes, compression):
     """Frames read ahead with O_DIRECT are checked and decoded from memory into the same rows; past the
     buffer's room (a few blocks), the rest are read by the decode as before."""
-    v = _make(tmp_path, "bf16")
+    v = _make(tmp_path, "bf16", compression=compression)
     arr = v.tap_array(1)
     arr[0:T] = _values("bf16", T)
     d = DirectArray.for_array(arr)

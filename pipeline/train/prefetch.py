@@ -11,8 +11,9 @@ to the training step, and the frames land in a buffer that is decoded from a few
 
 One buffer serves one window at a time: the consumer decodes window i from it (``listed`` hands over
 the window's frames, as the read-ahead thread listed them, with their copies' addresses), then starts
-window i + 1's listing and reads into it (``start``), which finish while window i's batches are stepped. Frames past the buffer's end, and any that cannot be
-read this way (a file system without ``O_DIRECT``, a short read), are read by the decode as before.
+window i + 1's listing and reads into it (``start``), which finish while window i's batches are
+stepped. Frames past the buffer's end, and any that cannot be read this way (a file system without
+``O_DIRECT``, a short read), are read by the decode as before.
 """
 
 from __future__ import annotations
