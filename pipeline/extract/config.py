@@ -31,7 +31,7 @@ class ExtractConfig:
     codec: str = opt("bf16", "bf16 (lossless vs bf16 compute), fp16, fp32 (exact), int8 (lossy, per-token scale)",
                      choices=CODEC_CHOICES)
     compression: str = opt(DEFAULT_COMPRESSION, "how float tap chunks are stored: lz4 (bitshuffled, ~1.4x smaller) or none "
-                                  "(as they are: ~1.4x the disk, a third less CPU for stage two's reader)",
+                                  "(as they are: ~1.4x the disk, ~0.6x the CPU for stage two's reader)",
                            choices=COMPRESSION_CHOICES)
     dropout_draws: int = opt(0, "also store N passes of the train split with the backbone's dropout on, as splits "
                                 "train.dropout1..N: `lst train` then reads one per epoch in turn, as the paper's "
