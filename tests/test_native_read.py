@@ -9,8 +9,6 @@ slot and several. The stage-two reader hands out the same batches with it and wi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import crc32c
 import numpy as np
 import pytest
