@@ -93,7 +93,7 @@ def _epoch_records(run_dir: Path) -> list[dict]:
 
 
 def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -> dict:
-    """Seconds of ``cfg.epochs`` (>= 2) epochs' side steps with no reader, as a cached run of that many
+    """Seconds of ``cfg.epochs`` (at least 2) epochs' side steps with no reader, as a cached run of that many
     epochs takes them: one fresh side network trained through the loop's own runner on epoch 0's
     batches (``floor_cold_s``) and then on each later epoch's (``floor_steady_s``, their minimum
     ``floor_s``). Each epoch's batches (or ``n_batches`` of them spread evenly over it, the time then
@@ -110,6 +110,7 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
     from pipeline.train.rundir import RunDir
     from pipeline.train.trainer import total_steps
 
+    cfg = replace(cfg, epochs=max(2, cfg.epochs))  # a cold pass and a steady one at least, on one schedule
     device = resolve_device(cfg.device)
     model, _ = side_network(cache, cfg, device)  # as the run builds it, its recompute included
     model.train()
@@ -122,7 +123,7 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
     source = cached_taps(taps, [])
     passes = []
     alone = None
-    for epoch in range(max(2, cfg.epochs)):
+    for epoch in range(cfg.epochs):
         if epoch == 1:  # the reader alone, streaming as `lst train` reads it, nothing else running; with
             # nothing between its windows there is no step to read ahead behind, so it reads as the decode
             alone_reader, _ = make_readers(cache, replace(cfg, read_ahead="0"), taps, [], device,
