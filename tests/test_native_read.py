@@ -151,10 +151,11 @@ def test_the_reader_switch_turns_it_off(monkeypatch):
 
 
 def _read_ahead(d: DirectArray, segs: Segments, out: np.ndarray, nbytes: int = 1 << 20) -> int:
-    """``segs`` decoded into ``out`` from frames read ahead (``train.prefetch``); how many came from it."""
+    """``segs`` decoded into ``out`` from frames read ahead (``train.prefetch``; by default even those in
+    the page cache, as a freshly written store's all are); how many came from it."""
     from pipeline.train.prefetch import FramePrefetch
 
-    ahead = FramePrefetch(nbytes)
+    ahead = FramePrefetch(nbytes, skip_cached=False)
     try:
         ahead.start("window", lambda: WindowFrames(segs, [d]))
         assert ahead.listed("another window") is None
@@ -186,6 +187,35 @@ def test_frames_read_ahead_decode_as_frames_read_by_the_decode(tmp_path, nbytes,
     used = _read_ahead(d, segs, out, nbytes)
     assert 0 < used <= len(frames) and (used == len(frames)) == (nbytes == 1 << 20)
     np.testing.assert_array_equal(out, np.concatenate([arr[s:s + k] for s, k in zip(src, n)]))
+
+
+def test_frames_in_the_page_cache_are_left_to_the_decode(tmp_path):
+    """Read-ahead skips the frames the page cache holds (the decode reads them there) and reads the
+    rest; either way the rows decoded are the store's."""
+    from pipeline.cache import page_cache
+
+    from pipeline.train.prefetch import FramePrefetch
+
+    v = _make(tmp_path, "bf16")
+    arr = v.tap_array(1)
+    arr[0:T] = _values("bf16", T)
+    d = DirectArray.for_array(arr)
+    segs = Segments([0], [T], [0], ROWS)
+    for cold in (False, True):
+        window = WindowFrames(segs, [d])  # listed here: these shard files are a page each, index and all
+        if cold:
+            assert page_cache.evict(tmp_path) > 0
+        ahead = FramePrefetch(1 << 20)
+        try:
+            ahead.start("window", lambda: window)
+            listed = ahead.listed("window")
+            n = len(listed.frames())
+            assert (listed.placed, listed.in_page_cache) == ((n, 0) if cold else (0, n))
+            out = np.full((T, HIDDEN), 99, d.dtype)
+            _decode(d, lambda t: d.scatter_tasks(segs, out, t, listed.found[0], listed.copies[0]))
+        finally:
+            ahead.close()
+        np.testing.assert_array_equal(out, arr[0:T])
 
 
 def test_a_flipped_byte_in_a_frame_read_ahead_names_its_rows(tmp_path):

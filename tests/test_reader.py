@@ -814,18 +814,29 @@ def test_the_native_frame_reader_hands_out_the_batches_python_decodes(caches, co
 def test_frames_read_ahead_give_the_batches_of_frames_read_by_the_decode(caches):
     """With read-ahead (each next window's frames read with O_DIRECT while the loop steps, then decoded
     from memory) every batch of two epochs equals the reader's without it; every window after each
-    epoch's first decodes from the buffer, whose bytes count against the budget until the epoch ends."""
+    epoch's first decodes from the buffer, but for the frames the page cache holds, whose bytes count
+    against the budget until the epoch ends. On a warm page cache nothing is read ahead."""
+    from pipeline.cache import page_cache
+
     kw = dict(batch_size=None, batch_tokens=120, seed=3, packed=True, by_length=True, decode_ahead=False, native=True)
     plain = _small_windows(caches["bf16"], **kw)
     ahead = _small_windows(caches["bf16"], read_ahead=4 << 20, **kw)
     assert ahead._scatters and ahead.read_ahead == 4 << 20 and plain.read_ahead == 0
     assert ahead.layout == plain.layout
+    frames = [sum(len(ahead._window_frames(w).frames()) for w in ahead.plan_epoch(e)[1:]) for e in (0, 1)]
     for epoch in (0, 1):
-        a, b = _grids(plain, epoch), _grids(ahead, epoch)
+        a = _grids(plain, epoch)  # (reads every frame into the page cache)
+        ahead.stats = type(ahead.stats)()
+        if epoch == 1:
+            assert page_cache.evict(Path(caches["bf16"].url)) > 0
+        b = _grids(ahead, epoch)
         assert [i for i, _ in a] == [i for i, _ in b]
         assert all(all(torch.equal(x, y) for x, y in zip(ta, tb)) for (_, ta), (_, tb) in zip(a, b))
-    frames = sum(len(ahead._window_frames(w).frames()) for e in (0, 1) for w in ahead.plan_epoch(e)[1:])
-    assert ahead.stats.read_ahead_frames == frames > 0
+        got = ahead.stats.read_ahead_frames, ahead.stats.page_cache_frames
+        assert sum(got) == frames[epoch] > 0
+        # warm: all left to the page cache; cold: read ahead, but for those the kernel's own read-ahead
+        # brought into it while the epoch's first window was read at its decode
+        assert got == (0, frames[0]) if epoch == 0 else got[0] > got[1]
     assert ahead.accounting.current["prefetch"] == 0 < ahead.accounting.peak["prefetch"]
     assert ahead.peak_bytes <= ahead.memory_budget
     # a budget with nothing to spare beside its shares reads nothing ahead

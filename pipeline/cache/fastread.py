@@ -369,6 +369,7 @@ class WindowFrames:
             self._listed.append((pos[order], [found[i][0] for i in which[order].tolist()], got[order]))
         self.copies = [np.zeros(len(segs.chunk), np.int64) for _ in arrays]
         self.placed = 0  # how many frames have a copy
+        self.in_page_cache = 0  # how many were left to the decode as already in the page cache
 
     def frames(self) -> list[tuple[Path, int, int]]:
         """Every frame as (file, offset, bytes), in the decode's order: each array's in turn, by chunk."""

@@ -87,7 +87,8 @@ class TrainConfig:
     read_ahead: str = opt(DEFAULT_READ_AHEAD,
                           "bytes of the next shuffle window's stored frames read ahead from disk (O_DIRECT) while "
                           "the steps run, out of what --reader-memory leaves beside its windows and batches; the "
-                          "window's decode then reads them from memory. 0 turns it off; a file system without "
+                          "window's decode then reads them from memory. Frames already in the page cache are "
+                          "left to the decode, which reads them there. 0 turns it off; a file system without "
                           "O_DIRECT reads them at the decode, as with 0")
     batch_order: str = opt("by-length",
                            "by-length: each shuffle window's examples sorted by length (ties in random order), "

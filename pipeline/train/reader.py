@@ -173,6 +173,7 @@ class ReaderStats:
     # a machine whose cores the step keeps busy, an epoch pays about this much beside its steps
     cpu_s: float = 0.0
     read_ahead_frames: int = 0  # frames decoded from the read-ahead buffer (``train.prefetch``)
+    page_cache_frames: int = 0  # frames of windows read ahead left to the decode as already in the page cache
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_cpu(self, seconds: float) -> None:
@@ -981,6 +982,7 @@ class CacheReader:
                 with self._track(2 * self._acts[0][1].index_nbytes, 0):
                     listed = self._window_frames(dw.window, frames)
             self.stats.read_ahead_frames += listed.placed
+            self.stats.page_cache_frames += listed.in_page_cache
             vals = []
             for k, (buf, (arr, direct)) in enumerate(zip(run.pool.take_all([nbytes] * len(self._acts)), self._acts)):
                 dw.buffers.append(buf)

@@ -232,11 +232,14 @@ def train(cfg: TrainConfig) -> dict:
 
 def reader_summary(train_reader: CacheReader, eval_reader: CacheReader, epochs: int) -> dict:
     """The readers' part of a run's ``summary.json`` (a fused sweep's variants share it): their peak, the
-    training reader's read-ahead buffer (``--read-ahead``, within what its budget left over) and the
-    frames an epoch of the ``epochs`` it streamed here decoded from it, and its dropout draws."""
+    training reader's read-ahead buffer (``--read-ahead``, within what its budget left over), the
+    frames an epoch of the ``epochs`` it streamed here decoded from it and those it left to the page
+    cache, and its dropout draws."""
     return {"reader_peak_mb": reader_peak_mb(train_reader, eval_reader),
             "read_ahead_mb": round(train_reader.read_ahead / (1 << 20), 1),
             "read_ahead_frames_per_epoch": round(train_reader.stats.read_ahead_frames / epochs) if epochs else 0,
+            # frames of the windows read ahead that were left to the page cache (read there by the decode)
+            "page_cache_frames_per_epoch": round(train_reader.stats.page_cache_frames / epochs) if epochs else 0,
             "dropout_draws": train_reader.dropout_draws}
 
 
