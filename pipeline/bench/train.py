@@ -32,6 +32,13 @@ cached process's steps ran 0.78 to 1.45 times those of the floor process after i
 batches and evenly over the epoch, and one process's epochs moved by up to 30% (session 37). With
 one steady sample a process (two-epoch runs, sessions 28-36), the ratio read from the same five
 runs' data spread from 0.92 to 1.18; with three a process, from 1.04 to 1.12.
+Since session 39 each cached run and its floor run at once, taking epochs in turn (``interleave``,
+``train.gate``: each process waits at its next epoch's start, outside that epoch's timer, while the
+other runs one), so each steady cached epoch runs between two of the floor's passes and both arms
+sample the same spells of the machine's speed; the order alternates between repeats.
+``cached_over_floor_paired`` is the median over steady epochs of each against the floor's pass of the
+same epoch, from the same pair of processes. A fixed workload timed before and after each pass in one
+process ran 1.06-1.08 s in one minute and 1.5-1.6 s in another (session 39).
 ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
@@ -50,7 +57,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 
@@ -77,6 +86,9 @@ class TrainBenchConfig:
     # epochs of each cached `lst train` run (>= 2): the first set against the live epoch and the floor's
     # first pass, each later (steady) one a sample against the floor's steady passes over the same batches
     cached_epochs: int = 4
+    # each cached run and its floor alive at once, taking epochs in turn (``train.gate``), so each steady
+    # cached epoch runs between two of the floor's passes; False: one process after the other
+    interleave: bool = True
 
     def __post_init__(self) -> None:
         if self.cached_epochs < 2:
@@ -92,7 +104,8 @@ def _epoch_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, filter(None, lines)) if "epoch_s" in r]
 
 
-def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -> dict:
+def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0,
+                 before_epoch: Callable[[int], None] | None = None) -> dict:
     """Seconds of ``cfg.epochs`` (at least 2) epochs' side steps with no reader, as a cached run of that many
     epochs takes them: one fresh side network trained through the loop's own runner on epoch 0's
     batches (``floor_cold_s``) and then on each later epoch's (``floor_steady_s``, their minimum
@@ -100,7 +113,8 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
     scaled to its step count) are decoded up front and held in memory, one epoch at a time. Before
     epoch 1's are, the reader streams that epoch once on its own, each batch
     dropped as it comes (``reader_alone_s``): its cost with the cores, caches and page cache to itself
-    (reading nothing ahead, which with no steps between windows would only wait for the disk)."""
+    (reading nothing ahead, which with no steps between windows would only wait for the disk).
+    ``before_epoch(epoch)`` runs before each epoch's work, as in the loop (the bench's turns)."""
     import time
 
     import torch
@@ -124,6 +138,8 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
     passes = []
     alone = None
     for epoch in range(cfg.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
         if epoch == 1:  # the reader alone, streaming as `lst train` reads it, nothing else running; with
             # nothing between its windows there is no step to read ahead behind, so it reads as the decode
             alone_reader, _ = make_readers(cache, replace(cfg, read_ahead="0"), taps, [], device,
@@ -147,14 +163,44 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0) -
 
 
 def floor_in_fresh_process(cache_url: str, config_file: Path, out: Path, n_batches: int = 0,
-                           log: Path | None = None) -> dict:
+                           log: Path | None = None, gate: Path | None = None) -> dict:
     """``floor_passes`` in a new process set up as `lst train` sets itself up (mmap threshold, CPU
     buffer cache), as the cached epochs it is compared with run: not in the bench process, whose
-    memory holds what its earlier floors and FLOP count left behind."""
+    memory holds what its earlier floors and FLOP count left behind. ``gate``: its epochs' turns."""
     got = run_measured([sys.executable, "-m", "pipeline.bench.train", "floor", "--cache", cache_url,
-                        "--config", str(config_file), "--out", str(out), "--batches", str(n_batches)],
+                        "--config", str(config_file), "--out", str(out), "--batches", str(n_batches),
+                        *(["--gate", str(gate)] if gate else [])],
                        stderr_to=str(log) if log else None)
     return got["result"]
+
+
+def in_turns(start_a: Callable[[], dict], gate_a: Path, start_b: Callable[[], dict], gate_b: Path,
+             epochs: int, b_first: bool = False) -> tuple[dict, dict]:
+    """Run two gated processes (``start_*`` run one each, to its end, and return its result; ``gate_*``
+    its ``--epoch-gate`` directory) an epoch at a time in turn: ``a`` is started first and reaches its
+    first gate before ``b`` starts (the floor reads the config the cached run writes), then each
+    ``epochs`` times gets one epoch while the other waits at its gate, ``b`` first where ``b_first``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.train.gate import TurnKeeper
+
+    keep_a, keep_b = TurnKeeper(gate_a), TurnKeeper(gate_b)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            fa = pool.submit(start_a)
+            alive_a = lambda: not fa.done()  # noqa: E731
+            keep_a.wait(alive_a)
+            fb = pool.submit(start_b)
+            alive_b = lambda: not fb.done()  # noqa: E731
+            keep_b.wait(alive_b)
+            order = [(keep_b, alive_b), (keep_a, alive_a)] if b_first else [(keep_a, alive_a), (keep_b, alive_b)]
+            for _ in range(epochs):
+                for keep, alive in order:
+                    keep.turn(alive)
+        finally:
+            keep_a.close()  # a process still at a gate then runs on to its end
+            keep_b.close()
+        return fa.result(), fb.result()
 
 
 def run_train_bench(cfg: TrainBenchConfig) -> dict:
@@ -186,7 +232,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         processes: dict[str, list[dict]] = {"cached": [], "live": []}
 
         def run(name: str, label: str, *extra: str) -> dict:
-            bar.set_postfix_str(f"{label} ({work / name}.log)")
+            if label:
+                bar.set_postfix_str(f"{label} ({work / name}.log)")
             got = run_measured(_lst("train", "--out", str(work / name), *run_args, *extra),
                                stderr_to=str(work / f"{name}.log"))
             processes[name].append({"wall_s": got["wall_s"], "peak_mb": round(got["polled_peak_mb"], 1)})
@@ -197,24 +244,33 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             return run("cached", f"cached lst train {len(processes['cached']) + 1}/{cfg.repeats}, "
                                  f"{cfg.cached_epochs} epochs", "--epochs", str(cfg.cached_epochs))
 
-        cached = run_cached()
-        # the floor and the FLOP count use the cached command's own resolved config
-        run_cfg = TrainConfig.from_dict(yaml.safe_load((work / "cached" / "config.yaml").read_text())["train"])
-
         floor_runs: list[dict] = []
+        cached_runs: list[dict] = []
 
-        def floor_run() -> dict:
+        def floor_run(gate: Path | None = None) -> dict:
             bar.set_postfix_str(f"reader-free floor {len(floor_runs) + 1}/{cfg.repeats} ({work / 'floor.log'})")
+            # the floor uses the cached command's own resolved config
             got = floor_in_fresh_process(cache_url, work / "cached" / "config.yaml", work / "floor",
-                                         cfg.floor_batches, log=work / "floor.log")
+                                         cfg.floor_batches, log=work / "floor.log", gate=gate)
             bar.update(1)
             return got
 
-        floor_runs.append(floor_run())
-        cached_runs = [cached]
-        for _ in range(cfg.repeats - 1):
-            cached_runs.append(run_cached())
-            floor_runs.append(floor_run())
+        for r in range(cfg.repeats):
+            if cfg.interleave:
+                gates = work / "gates"
+                bar.set_postfix_str(f"cached lst train and reader-free floor {r + 1}/{cfg.repeats}, "
+                                    f"{cfg.cached_epochs} epochs each in turn ({work / 'cached.log'})")
+                got_c, got_f = in_turns(lambda: run("cached", "", "--epochs", str(cfg.cached_epochs),
+                                                    "--epoch-gate", str(gates / "cached")), gates / "cached",
+                                        lambda: floor_run(gates / "floor"), gates / "floor",
+                                        cfg.cached_epochs, b_first=r % 2 == 1)
+                cached_runs.append(got_c)
+                floor_runs.append(got_f)
+            else:
+                cached_runs.append(run_cached())
+                floor_runs.append(floor_run())
+        cached = cached_runs[0]
+        run_cfg = TrainConfig.from_dict(yaml.safe_load((work / "cached" / "config.yaml").read_text())["train"])
         first = [c["epochs"][0] for c in cached_runs]
         warm = [e for c in cached_runs for e in c["epochs"][1:]]
         epochs = [e["epoch_s"] for e in first]
@@ -225,6 +281,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         cold = [f["floor_cold_s"] for f in floor_runs]
         alone = [f["reader_alone_s"] for f in floor_runs]
         warm_stall = [e["epoch_s"] * e["stall_fraction"] for e in warm]
+        # each steady cached epoch against the floor's pass of the same epoch, from the same pair of processes
+        pairs = [e["epoch_s"] / f for c, fl in zip(cached_runs, floor_runs)
+                 for e, f in zip(c["epochs"][1:], fl["floor_steady_s"])]
         cached_s, floor = min(epochs), min(floors)
         warm_s, floor_cold = min(warm_epochs), min(cold)
         live = run("live", "live lst train, 1 epoch", "--live", "--epochs", "1")
@@ -273,6 +332,12 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "reader_alone_over_floor": round(min(alone) / floor, 3),
             "cached_warm_stall_over_reader_alone": round(min(warm_stall) / min(alone), 3),
             "floor_s": round(floor, 3), "cached_over_floor": round(warm_s / floor, 3),
+            # the median over steady epochs of each against the floor's pass of the same epoch (with
+            # ``interleave``, run right before or after it): less of a draw than the minima, on a machine
+            # whose speed drifts within minutes
+            "interleaved": cfg.interleave,
+            "cached_over_floor_paired": round(float(np.median(pairs)), 3),
+            "cached_over_floor_pair_samples": [round(x, 3) for x in pairs],
             "floor_cold_s": round(floor_cold, 3), "cached_over_floor_cold": round(cached_s / floor_cold, 3),
             # the definition until session 27: a fresh process's first epoch against the floor's steady pass
             "cached_first_over_floor_steady": round(cached_s / floor, 3),
@@ -292,6 +357,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "flops": limit,
             "goals_met": {"cached_over_live_speedup>=0.8*speedup_limit": speedup >= 0.8 * lim,
                           "cached_over_floor<=1.1": warm_s / floor <= 1.1,
+                          "cached_over_floor_paired<=1.1": float(np.median(pairs)) <= 1.1,
                           "cached_over_floor_cold<=1.1": cached_s / floor_cold <= 1.1},
         }
     finally:
@@ -313,10 +379,19 @@ def _main() -> None:
     p.add_argument("--config", required=True, help="the cached `lst train` run's config.yaml")
     p.add_argument("--out", required=True)
     p.add_argument("--batches", type=int, default=0)
+    p.add_argument("--gate", help="wait for each epoch's turn on this directory's pipes (``train.gate``)")
     a = p.parse_args()
     run_cfg = TrainConfig.from_dict(yaml.safe_load(Path(a.config).read_text())["train"])
     prepare_process(run_cfg.reader_memory, quiet=True)  # as `lst train` starts
-    print(json.dumps(floor_passes(ActivationCache.open(a.cache), replace(run_cfg, out=a.out), a.batches)))
+    from pipeline.train.gate import EpochGate
+
+    gate = EpochGate(a.gate) if a.gate else None
+    try:
+        got = floor_passes(ActivationCache.open(a.cache), replace(run_cfg, out=a.out), a.batches, gate)
+    finally:
+        if gate is not None:
+            gate.close()
+    print(json.dumps(got))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
 def cmd_train(a: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
-    s = train(train_config_from_args(a))
+    s = train(train_config_from_args(a), epoch_gate=a.epoch_gate)
     keys = ("task", "metric", "dev_score", "trainable_params", "trainable_pct", "peak_mem_mb", "epoch_s",
             "examples_per_s", "stall_fraction")
     if a.json:
@@ -101,6 +101,8 @@ def register(sub) -> None:
                         "official LST lists as they are (T5-base dropping: --layers 1,2,3,5,6,7,9,10,11 --layers-base 0)")
     add_options(p, TrainConfig, exclude=("cache", "out"), overrides={"recompute": {"nargs": "?", "const": "blocks"}})
     add_output_flags(p)
+    # `lst bench train` only: each epoch waits for its turn on this directory's pipes (``train.gate``)
+    p.add_argument("--epoch-gate", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     q = sub.add_parser("predict", help="predict new text with a trained run (loads backbone + side network)")

@@ -270,9 +270,10 @@ def _eval_pass(runners: list[VariantRunner], reader: CacheReader, source: TapSou
 def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reader: CacheReader,
              source: TapSource, *, epochs: int, metric: str, max_steps: int | None = None,
              on_epoch: OnEpoch | None = None, resumable: bool = False, progress: bool = False,
-             pool: ThreadPoolExecutor | None = None) -> None:
+             pool: ThreadPoolExecutor | None = None, before_epoch: Callable[[int], None] | None = None) -> None:
     """Train every runner's variant on one batch stream until each is done (see module doc).
-    With a ``pool`` (``variant_pool``) the variants of each batch step on its threads at once."""
+    With a ``pool`` (``variant_pool``) the variants of each batch step on its threads at once.
+    ``before_epoch(epoch)`` runs before each epoch's timer starts (``gate.EpochGate``: the bench's turns)."""
     steps_per_epoch = train_reader.num_batches(0)
     for r in runners:
         r.variant.model.train()
@@ -285,6 +286,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         step = max((r.variant.step for r in active), default=0)
         if not active or (max_steps is not None and step >= max_steps):
             break
+        if before_epoch is not None:
+            before_epoch(epoch)
         t0 = time.perf_counter()
         w0, tot0, c0 = train_reader.stats.wait_s, train_reader.stats.total_s, train_reader.stats.cpu_s
         for r in active:
