@@ -32,13 +32,17 @@ cached process's steps ran 0.78 to 1.45 times those of the floor process after i
 batches and evenly over the epoch, and one process's epochs moved by up to 30% (session 37). With
 one steady sample a process (two-epoch runs, sessions 28-36), the ratio read from the same five
 runs' data spread from 0.92 to 1.18; with three a process, from 1.04 to 1.12.
-Since session 39 each cached run and its floor run at once, taking epochs in turn (``interleave``,
-``train.gate``: each process waits at its next epoch's start, outside that epoch's timer, while the
-other runs one), so each steady cached epoch runs between two of the floor's passes and both arms
-sample the same spells of the machine's speed; the order alternates between repeats.
-``cached_over_floor_paired`` is the median over steady epochs of each against the floor's pass of the
-same epoch, from the same pair of processes. A fixed workload timed before and after each pass in one
-process ran 1.06-1.08 s in one minute and 1.5-1.6 s in another (session 39).
+``cached_over_floor_paired`` (session 39) is the median over steady epochs of each against the
+floor's pass of the same epoch, from the same pair of processes. With ``interleave`` (``--interleave``)
+each cached run and its floor run at once, taking epochs in turn (``train.gate``: each process waits
+at its next epoch's start, outside that epoch's timer, while the other runs one), so each steady
+cached epoch runs between two of the floor's passes; the order alternates between repeats. Why it
+was tried: a fixed workload timed before and after each pass in one process ran 1.06-1.08 s in one
+minute and 1.5-1.6 s in another (session 39). Why it is not the default: in its one
+``--repeats 3`` run the pairs still spread 0.89-1.32 (median 1.152, minima 1.038), no tighter than
+processes run one after the other, and each process then idles ~10 s between epochs, which a
+real run never does and which, on a VM where memory left untouched for seconds is slower to touch
+again, may cost the arms unequally.
 ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
@@ -87,8 +91,8 @@ class TrainBenchConfig:
     # first pass, each later (steady) one a sample against the floor's steady passes over the same batches
     cached_epochs: int = 4
     # each cached run and its floor alive at once, taking epochs in turn (``train.gate``), so each steady
-    # cached epoch runs between two of the floor's passes; False: one process after the other
-    interleave: bool = True
+    # cached epoch runs between two of the floor's passes; False (default): one process after the other
+    interleave: bool = False
 
     def __post_init__(self) -> None:
         if self.cached_epochs < 2:

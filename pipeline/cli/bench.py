@@ -44,7 +44,7 @@ def _train(a: argparse.Namespace) -> int:
                                            batch_size=a.batch_size, workdir=a.workdir, device=a.device,
                                            progress=not a.no_progress, label_words=a.label_words,
                                            repeats=a.repeats, floor_batches=a.floor_batches,
-                                           cached_epochs=a.cached_epochs, interleave=not a.no_interleave))
+                                           cached_epochs=a.cached_epochs, interleave=a.interleave))
     emit(res, a.json)
     return 0
 
@@ -165,9 +165,8 @@ def register(sub) -> None:
                                     "their epoch times, cached_over_live_speedup (first epochs), speedup_limit and "
                                     "the reader-free floor: cached_over_floor sets the fastest of the cached later "
                                     "(steady) epochs against the fastest of the same steps on the same batches held "
-                                    "in memory, cached_over_floor_cold the first epochs; each cached run and its "
-                                    "floor take epochs in turn (cached_over_floor_paired: the median of each steady "
-                                    "epoch against the floor's pass next to it).")
+                                    "in memory, cached_over_floor_cold the first epochs, cached_over_floor_paired "
+                                    "the median of each steady epoch against the floor's pass of the same epoch.")
     _shared(t, workdir="keep the extracted cache and runs here (default: a temp dir, removed)")
     t.add_argument("--max-examples", "--examples", dest="examples", type=int, default=20000,
                    help="training examples to extract when no --cache (default 20000)")
@@ -180,11 +179,10 @@ def register(sub) -> None:
     t.add_argument("--cached-epochs", type=int, default=4,
                    help="epochs of each cached run, mirrored by the floor (default 4, at least 2): the first is "
                         "set against the live epoch, each later one is a steady sample against the floor's")
-    t.add_argument("--no-interleave", action="store_true",
-                   help="run each cached run and its floor one after the other, not alive at once taking "
-                        "epochs in turn (the default since session 39: both then sample the same spells of "
-                        "a shared machine's speed, and cached_over_floor_paired sets each steady epoch "
-                        "against the floor's pass next to it)")
+    t.add_argument("--interleave", action="store_true",
+                   help="run each cached run and its floor at once, taking epochs in turn, so each steady "
+                        "cached epoch runs between two floor passes (default: one process after the other; "
+                        "each process then idles between its epochs, which a real run does not)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")
