@@ -116,6 +116,7 @@ def test_train_json_line_and_predict(tmp_path, minilm_fp32, capsys):
     # the default --read-ahead (32MB), within what the budget leaves; this split is one window an epoch,
     # so there is never a next window to read ahead
     assert s["read_ahead_mb"] in (0, 32) and s["read_ahead_frames_per_epoch"] == 0
+    assert s["page_cache_frames_per_epoch"] == 0
     assert lst_main(["predict", "--run", out, "--text", "a wonderful , moving film", "--json"]) == 0
     p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"][0]
     assert p["label"] in ("negative", "positive", 0, 1) and abs(sum(p["probabilities"]) - 1) < 1e-5

@@ -4,8 +4,9 @@ Why: the reader reads a window's frames ahead with ``O_DIRECT`` (``train.prefetc
 the frames are not in the page cache (a cache larger than memory, or one evicted since it was last
 read), and costs the steps where they are: on a warm page cache the read-ahead thread's reads slowed
 the steps beside them more than they saved the decode (session 39: in one process, epochs alternated
-over the same batches, 0.1-3.4% longer with read-ahead than without it in 6 of 8 rounds). So frames already cached are left
-to the decode, which reads them from the page cache, and only the rest are read ahead.
+over the same batches, 0.1-3.4% longer with read-ahead than without it in 6 of 8 rounds). So frames
+already cached are left to the decode, which reads them from the page cache, and only the rest are
+read ahead.
 
 Nothing is read: ``mincore`` reports, page by page, whether a file page is cached, and the mapping
 that lets it ask is unmapped again before it returns (no page is faulted in, no mapping is kept, so a

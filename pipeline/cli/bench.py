@@ -181,8 +181,8 @@ def register(sub) -> None:
                         "set against the live epoch, each later one is a steady sample against the floor's")
     t.add_argument("--interleave", action="store_true",
                    help="run each cached run and its floor at once, taking epochs in turn, so each steady "
-                        "cached epoch runs between two floor passes (default: one process after the other; "
-                        "each process then idles between its epochs, which a real run does not)")
+                        "cached epoch runs between two floor passes; each process then idles between its "
+                        "epochs, which a real run does not (default: one process after the other)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")

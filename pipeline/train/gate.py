@@ -5,7 +5,8 @@ floor, each in a fresh process. On the VM this project is measured on, one fixed
 process ran 1.06 s in one minute and 1.5-1.6 s in another (session 39: 40 steps on one held batch,
 timed before and after each pass), so two processes run one after the other see different spells of
 it, and their ratio moved 0.94-1.24 from run to run. Taking turns an epoch at a time, each cached epoch
-runs between two of the floor's passes and both sample the same spells.
+runs between two of the floor's passes and both sample the same spells. Measured, that was no tighter
+(one `--repeats 3` run: the pairs 0.89-1.32), so the bench does it only with ``--interleave``.
 
 A process given a gate directory (``lst train --epoch-gate DIR``, hidden: only the bench sets it)
 writes its epoch number to ``DIR/ready`` before each epoch's timer starts and waits for a line on
