@@ -969,7 +969,8 @@ class CacheReader:
         gather per batch read every row back from memory on the training thread (~0.3 s an epoch of
         cached MiniLM SST-2)."""
         batches = dw.window.batches
-        _, _, dst, rows = self._batch_order(dw.window)
+        order = self._batch_order(dw.window)
+        _, _, dst, rows = order
         bounds = np.cumsum([0] + [len(b) for b in batches])
         dw.batch_locs = [(np.zeros(len(b), np.int64), dst[bounds[i]:bounds[i + 1]], None)
                          for i, b in enumerate(batches)]
@@ -980,7 +981,7 @@ class CacheReader:
             listed = run.prefetch.listed(dw.window) if run.prefetch is not None else None
             if listed is None:  # not read ahead (the epoch's first window, or read-ahead off): list it now
                 with self._track(2 * self._acts[0][1].index_nbytes, 0):
-                    listed = self._window_frames(dw.window, frames)
+                    listed = self._window_frames(dw.window, frames, order)
             self.stats.read_ahead_frames += listed.placed
             self.stats.page_cache_frames += listed.in_page_cache
             vals = []
@@ -1006,10 +1007,12 @@ class CacheReader:
         lens = self.lengths[order].astype(np.int64)
         return order, lens, np.cumsum(lens) - lens, int(lens.sum())
 
-    def _window_frames(self, window: Window, files: FrameTasks | None = None) -> WindowFrames:
+    def _window_frames(self, window: Window, files: FrameTasks | None = None,
+                       batch_order: tuple | None = None) -> WindowFrames:
         """The frames a window in batch order decodes, listed from the shard indexes (``files``: the
-        decode's own, which then keeps their descriptors and indexes)."""
-        order, lens, dst, _ = self._batch_order(window)
+        decode's own, which then keeps their descriptors and indexes; ``batch_order``: the window's
+        ``_batch_order``, where the caller has it already)."""
+        order, lens, dst, _ = batch_order if batch_order is not None else self._batch_order(window)
         segs = Segments(self.offsets[order], lens, dst, self._acts[0][1].chunk_rows)
         return WindowFrames(segs, [direct for _, direct in self._acts], files)
 
