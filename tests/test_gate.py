@@ -11,17 +11,16 @@ from pipeline.bench.train import in_turns
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from pipeline.train.gate import EpochGate
+    from pipeline.train.gate import epoch_gate
     name, gate, log, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    g = EpochGate(gate)
-    for e in range(epochs):
-        g(e)
-        with open(log, "a") as f:
-            f.write(f"{name}{e} start\\n")
-        time.sleep(0.05)
-        with open(log, "a") as f:
-            f.write(f"{name}{e} end\\n")
-    g.close()
+    with epoch_gate(gate) as g:
+        for e in range(epochs):
+            g(e)
+            with open(log, "a") as f:
+                f.write(f"{name}{e} start\\n")
+            time.sleep(0.05)
+            with open(log, "a") as f:
+                f.write(f"{name}{e} end\\n")
     print('{"done": "%s"}' % name)
 """)
 
@@ -70,3 +69,10 @@ def test_a_process_that_exits_early_ends_its_turns(tmp_path):
                     _start("b", tmp_path / "gb", log, 3), tmp_path / "gb", 3)
     assert "done" in a["out"] and "done" in b["out"]
     assert log.read_text().splitlines()[:4] == ["a0 start", "a0 end", "b0 start", "b0 end"]
+
+
+def test_no_gate_path_gives_no_gate():
+    from pipeline.train.gate import epoch_gate
+
+    with epoch_gate(None) as g:
+        assert g is None

@@ -50,3 +50,17 @@ def test_what_cannot_be_told_reads_as_not_cached(tmp_path):
     assert page_cache.resident(f, [(PAGE, 2 * PAGE), (0, 0), (0, 1)]) == [False, False, True]  # past the end; empty
     (tmp_path / "empty").write_bytes(b"")
     assert page_cache.resident(tmp_path / "empty", [(0, 1)]) == [False]
+
+
+def test_a_descriptor_the_caller_holds_answers_the_same_and_stays_open(tmp_path):
+    """The read-ahead asks through the ``O_DIRECT`` descriptor it reads with, rather than opening the file again."""
+    f = _file(tmp_path)
+    ranges = [(0, 10), (3 * PAGE, 2 * PAGE)]
+    fd = os.open(f, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    try:
+        assert page_cache.resident(f, ranges, fd) == page_cache.resident(f, ranges) == [True, True]
+        page_cache.evict(f)
+        assert page_cache.resident(f, ranges, fd) == [False, False]
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)

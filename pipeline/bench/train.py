@@ -387,14 +387,10 @@ def _main() -> None:
     a = p.parse_args()
     run_cfg = TrainConfig.from_dict(yaml.safe_load(Path(a.config).read_text())["train"])
     prepare_process(run_cfg.reader_memory, quiet=True)  # as `lst train` starts
-    from pipeline.train.gate import EpochGate
+    from pipeline.train.gate import epoch_gate
 
-    gate = EpochGate(a.gate) if a.gate else None
-    try:
+    with epoch_gate(a.gate) as gate:
         got = floor_passes(ActivationCache.open(a.cache), replace(run_cfg, out=a.out), a.batches, gate)
-    finally:
-        if gate is not None:
-            gate.close()
     print(json.dumps(got))
 
 

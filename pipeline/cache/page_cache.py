@@ -52,20 +52,24 @@ def available() -> bool:
     return _FNS is not None
 
 
-def resident(path: Path, ranges: list[tuple[int, int]]) -> list[bool]:
+def resident(path: Path, ranges: list[tuple[int, int]], fd: int | None = None) -> list[bool]:
     """For each ``(offset, nbytes)`` of ``path``, whether every page it spans is in the page cache.
     False where it cannot be told (no ``mincore``, a file that cannot be opened or mapped, a range past
-    its end), which leaves that range to be read ahead."""
+    its end), which leaves that range to be read ahead. ``fd``: a descriptor of ``path`` the caller
+    already holds (the read-ahead's ``O_DIRECT`` one maps as well), used and left open, so asking opens
+    nothing."""
     if not ranges:
         return []
     none = [False] * len(ranges)
     if _FNS is None:
         return none
     mmap_, munmap, mincore = _FNS
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return none
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return none
     try:
         size = os.fstat(fd).st_size
         lo = min(off for off, _ in ranges) // PAGE * PAGE
@@ -85,7 +89,8 @@ def resident(path: Path, ranges: list[tuple[int, int]]) -> list[bool]:
         finally:
             munmap(addr, length)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     at = np.asarray(ranges, np.int64).reshape(-1, 2)
     a = (at[:, 0] - lo) // PAGE
     b = np.minimum(-(-(at.sum(1) - lo) // PAGE), len(before) - 1)

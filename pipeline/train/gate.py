@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import select
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class EpochGate:
@@ -46,6 +47,18 @@ class EpochGate:
             if fd is not None:
                 os.close(fd)
         self._ready = self._go = None
+
+
+@contextmanager
+def epoch_gate(path: str | Path | None) -> Iterator[EpochGate | None]:
+    """The gate on ``path`` for the length of the block (None where there is no path), its pipes
+    closed however the block ends: the gated `lst train` and the gated floor open theirs this way."""
+    gate = EpochGate(path) if path else None
+    try:
+        yield gate
+    finally:
+        if gate is not None:
+            gate.close()
 
 
 def _read_line(fd: int, alive: Callable[[], bool] | None = None, poll_s: float = 0.2) -> str | None:

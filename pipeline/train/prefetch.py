@@ -100,9 +100,10 @@ class FramePrefetch:
             by_file.setdefault(f, []).append((off, n))
         to_read: dict[Path, list[tuple[int, int]]] = {}
         for f, fs in by_file.items():
-            if self._fd(f) is None:
+            fd = self._fd(f)
+            if fd is None:
                 continue
-            cached = page_cache.resident(f, fs) if self.skip_cached else [False] * len(fs)
+            cached = page_cache.resident(f, fs, fd) if self.skip_cached else [False] * len(fs)
             window.in_page_cache += sum(cached)
             if not all(cached):
                 to_read[f] = [fr for fr, c in zip(fs, cached) if not c]

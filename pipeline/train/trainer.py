@@ -25,7 +25,7 @@ from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.side.t5 import initialise_t5_side
 from pipeline.train.config import TrainConfig, parse_read_ahead, parse_shuffle_window
-from pipeline.train.gate import EpochGate
+from pipeline.train.gate import epoch_gate as open_gate
 from pipeline.train.loop import TapMap, Variant, VariantRunner, cached_taps, run_loop, summary
 from pipeline.train.reader import Batch, CacheReader
 from pipeline.train.rundir import RunDir
@@ -224,13 +224,9 @@ def train(cfg: TrainConfig, epoch_gate: str | None = None) -> dict:
                    "backbone": cache.attrs.get("backbone")})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    gate = EpochGate(epoch_gate) if epoch_gate else None
-    try:
+    with open_gate(epoch_gate) as gate:
         run_loop([runner], train_reader, eval_reader, source, epochs=cfg.epochs, metric=task["metric"],
                  max_steps=cfg.max_steps, resumable=True, progress=cfg.progress, before_epoch=gate)
-    finally:
-        if gate is not None:
-            gate.close()
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
     s.update(reader_summary(train_reader, eval_reader, variant.epochs_here))
     run.write_summary(s)
