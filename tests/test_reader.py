@@ -291,7 +291,7 @@ def test_parse_size_rejects(text):
 @pytest.mark.parametrize("codec", ["bf16", "int8"])
 def test_packed_batches_hold_the_padded_batches_real_rows(caches, codec):
     """Packed readers hand out the same batches (same plan) with only the real rows, in the store's
-    dtype (int8 scaled to fp32); scattered back they equal the padded batch exactly."""
+    dtype (int8: the codes, with their rows' scales); scattered back they equal the padded batch exactly."""
     from pipeline.side.packed import PackedTap
 
     cache = caches[codec]
@@ -304,7 +304,10 @@ def test_packed_batches_hold_the_padded_batches_real_rows(caches, codec):
         assert torch.equal(p.attention_mask, q.attention_mask)
         for tp, tq in zip(p.taps, q.taps):
             assert isinstance(tp, PackedTap) and tp.values.shape[0] == int(q.attention_mask.sum())
-            assert tp.values.dtype == (torch.float32 if codec == "int8" else torch.bfloat16)
+            assert tp.values.dtype == (torch.int8 if codec == "int8" else torch.bfloat16)
+            assert (tp.scale is not None) == (codec == "int8")
+            if codec == "int8":
+                assert tp.scale.dtype == torch.float32 and tp.scale.shape == (tp.values.shape[0],)
             assert torch.equal(tp.padded(torch.float32), tq)
     assert r.peak_bytes <= r.memory_budget
 
@@ -350,18 +353,25 @@ def test_packed_taps_give_the_side_network_the_padded_loss_and_gradients(noise):
     rows = mask.view(-1).nonzero().squeeze(1)
     padded = [torch.randn(B, L, 32) * mask[..., None] for _ in model.required_taps()]
     packed = [PackedTap(t.view(B * L, 32)[rows].clone(), rows, B, L) for t in padded]
+    # int8 codes with each row's scale, as an int8 cache's packed reader hands them out (the scale applied
+    # after the ladder), against the padded batch of the same dequantized values
+    codes = [torch.randint(-127, 128, (len(rows), 32), dtype=torch.int8) for _ in padded]
+    scales = [torch.rand(len(rows)) * 0.1 for _ in padded]
+    quant = [PackedTap(c, rows, B, L, sc) for c, sc in zip(codes, scales)]
+    dequant = [q.padded(torch.float32) for q in quant]
     labels = torch.tensor([0, 1, 1, 0, 1])
     out = []
-    for taps in (padded, packed):
+    for taps in (padded, packed, dequant, quant):
         model.zero_grad()
         torch.manual_seed(7)
         loss = model.training_loss(taps, mask, labels)
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    assert torch.allclose(out[0][0], out[1][0], atol=1e-6)
-    assert out[0][1].keys() == out[1][1].keys()
-    for n in out[0][1]:
-        assert torch.allclose(out[0][1][n], out[1][1][n], atol=1e-6), n
+    for a, b in ((0, 1), (2, 3)):
+        assert torch.allclose(out[a][0], out[b][0], atol=1e-6)
+        assert out[a][1].keys() == out[b][1].keys()
+        for n in out[a][1]:
+            assert torch.allclose(out[a][1][n], out[b][1][n], atol=1e-5, rtol=1e-5), n
 
 
 def test_train_config_picks_the_reader_plan(caches):
@@ -801,7 +811,7 @@ def test_the_native_frame_reader_hands_out_the_batches_python_decodes(caches, co
     py = _small_windows(caches[codec], native=False, **kw)
     nat = _small_windows(caches[codec], native=True, **kw)
     assert not py.native_read and nat.native_read
-    assert nat._scatters == (codec == "bf16" and packed and not decode_ahead) and not py._scatters
+    assert nat._scatters == (packed and not decode_ahead) and not py._scatters  # int8: its scales too
     assert nat.layout == py.layout  # the plan never depends on whether the native reader is here
     for epoch in (0, 1):
         a, b = _grids(py, epoch), _grids(nat, epoch)

@@ -57,7 +57,8 @@ last batch, or, where that step's threads use every CPU core, once the loop asks
 it: ``decode_ahead``); ``by_length`` sorts each shuffled window by length
 (equal lengths stay in random order), cuts it and shuffles the batches, so batches carry little
 padding; ``packed`` hands out each tap's real rows only (``side.packed.PackedTap``, store dtype, int8
-scaled to fp32) with their positions, never a padded fp32 grid. ``--shuffle-window shards
+codes with their rows' scales, applied after the ladder) with their positions, never a padded fp32
+grid. ``--shuffle-window shards
 --batch-order random`` gives back the plan and batches of the earlier reader.
 
 Shuffle quality at a given budget: a batch's examples are a uniform sample of its window, so the
@@ -517,7 +518,7 @@ class CacheReader:
     def _tap_nbytes(self, rows: int) -> int:
         """Bytes of ``rows`` token rows of every requested tap, as a batch hands them out."""
         K = len(self.taps) if self.load_acts else 0
-        return self._value_bytes() * self.hidden * K * rows
+        return self._handed_row_bytes() * K * rows
 
     def _gathered_nbytes(self, real: int) -> int:
         """Bytes of a packed batch's taps (``real`` token rows), which go to the gather buffers."""
@@ -530,7 +531,7 @@ class CacheReader:
         if not (self.packed and self.load_acts):
             return 0
         rows = max((int(self.lengths[idx].sum()) for w in plan for idx in w.batches), default=0)
-        return self._value_bytes() * self.hidden * rows
+        return self._handed_row_bytes() * rows
 
     def _window_buffer_capacity(self, plan: list[Window]) -> int:
         """Bytes of the plan's largest window buffer (one piece's rows of one tap, or of one decoder
@@ -550,8 +551,14 @@ class CacheReader:
 
     def _value_bytes(self) -> int:
         """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
-        one (int8 codes are scaled to fp32 as they are gathered)."""
-        return self._itemsize if self.packed and not self._has_scale else 4
+        one (int8 codes as stored, their scales beside them: ``PackedTap.scale``)."""
+        return self._itemsize if self.packed else 4
+
+    def _handed_row_bytes(self) -> int:
+        """Bytes of one token row of one tap as a batch hands it out: its values, and its float32
+        scale where the codes go out unscaled. A packed tap's gather buffer holds both, the scales
+        after the codes at a 4-byte boundary (``_gather_tap``)."""
+        return self._value_bytes() * self.hidden + (4 if self.packed and self._has_scale else 0)
 
     def _batch_nbytes(self, B: int, L: int, real: int | None = None) -> int:
         """Bytes of a batch of B examples padded to L (``real`` token rows when packed)."""
@@ -588,7 +595,7 @@ class CacheReader:
         tokens_max = max(tokens_max, max_len)
         if self.packed:  # real rows of the largest batch: the b_max longest examples, at most tokens_max
             real_max = min(tokens_max, int(np.sort(lens)[::-1][:b_max].sum())) if len(lens) else tokens_max
-            batch_bound = ((self._value_bytes() * self.hidden * K + 8) * real_max
+            batch_bound = ((self._handed_row_bytes() * K + 8) * real_max
                            + META_BYTES_PER_TOKEN * tokens_max + 8 * b_max)
         else:
             batch_bound = (4 * self.hidden * (K * tokens_max + Kd * b_max * self.dec_rows)
@@ -822,8 +829,8 @@ class CacheReader:
         return chunk + FRAME_OVERHEAD, chunk, block
 
     def _direct_taps(self) -> bool:
-        """Whether every tap this reader reads is read directly (``DirectArray``)."""
-        return bool(self._acts) and all(d is not None for _, d in self._acts)
+        """Whether every tap this reader reads is read directly (``DirectArray``), int8 scales included."""
+        return bool(self._acts) and all(d is not None for _, d in self._acts + self._scales)
 
     def _scratch_bytes(self) -> int:
         """One decode thread's scratch (or one slot of the consumer's ``FrameReader``) as budgeted: with a
@@ -967,15 +974,18 @@ class CacheReader:
         them, so batch i is rows [start_i, start_i + its rows) of every tap, a view. Decoding a chunk
         into scratch and copying its rows out costs the decode threads a copy from cache, where a
         gather per batch read every row back from memory on the training thread (~0.3 s an epoch of
-        cached MiniLM SST-2)."""
+        cached MiniLM SST-2). An int8 cache's scales are laid out the same way, from their own arrays'
+        frames (a shard's scales are one small chunk, decoded once a window; never read ahead)."""
         batches = dw.window.batches
         order = self._batch_order(dw.window)
-        _, _, dst, rows = order
+        examples, lens, dst, rows = order
         bounds = np.cumsum([0] + [len(b) for b in batches])
         dw.batch_locs = [(np.zeros(len(b), np.int64), dst[bounds[i]:bounds[i + 1]], None)
                          for i, b in enumerate(batches)]
         dtype = self._store_dtype(self._acts[0][0])
         nbytes = rows * self.hidden * dtype.itemsize
+        K = len(self._acts)
+        sizes = [nbytes] * K + [4 * rows] * len(self._scales)
         frames = FrameTasks()
         try:
             listed = run.prefetch.listed(dw.window) if run.prefetch is not None else None
@@ -984,15 +994,22 @@ class CacheReader:
                     listed = self._window_frames(dw.window, frames, order)
             self.stats.read_ahead_frames += listed.placed
             self.stats.page_cache_frames += listed.in_page_cache
-            vals = []
-            for k, (buf, (arr, direct)) in enumerate(zip(run.pool.take_all([nbytes] * len(self._acts)), self._acts)):
+            vals, scales = [], []
+            for buf, n in zip(run.pool.take_all(sizes), sizes):
                 dw.buffers.append(buf)
-                self.accounting.add("window", nbytes)
-                dw.nbytes += nbytes
-                out = buf[:nbytes].view(dtype).reshape(rows, self.hidden)
+                self.accounting.add("window", n)
+                dw.nbytes += n
+            for k, (arr, direct) in enumerate(self._acts):
+                out = dw.buffers[k][:nbytes].view(dtype).reshape(rows, self.hidden)
                 direct.scatter_tasks(listed.segs, out, frames, listed.found[k], listed.copies[k])
                 vals.append(self._as_tensor(out))
-            dw.vals, dw.scales, dw.dvals, dw.dscales = [vals], [[]], [[]], [[]]
+            if self._scales:
+                segs = Segments(self.offsets[examples], lens, dst, self._scales[0][1].chunk_rows)
+                for k, (_, direct) in enumerate(self._scales):
+                    out = dw.buffers[K + k][:4 * rows].view(np.float32)
+                    direct.scatter_tasks(segs, out, frames)
+                    scales.append(torch.from_numpy(out))
+            dw.vals, dw.scales, dw.dvals, dw.dscales = [vals], [scales], [[]], [[]]
             dw.frames = frames
         except BaseException:
             frames.close()
@@ -1111,39 +1128,44 @@ class CacheReader:
             labels=torch.from_numpy(np.asarray(self.labels[idx])), taps=taps, token_type_ids=tt, dec_taps=dec,
         )
 
-    def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded,
-                    gather: GatherBuffers | None, span: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tap ``k``'s ``N`` rows of a packed batch, gathered from the window's pieces (``groups``:
-        piece, source rows, grid positions) into ``gather``'s buffer for the tap, or a fresh tensor.
-        ``span``: the rows are one run of one piece (``_one_run``), copied as a slice (a window in batch
-        order's last batch: 7 index_selects of it took ~1.7 ms a window)."""
-        dtype = torch.float32 if self._has_scale else window.vals[groups[0][0]][k].dtype
+    def _gather_tap(self, k: int, N: int, groups: list, window: _Decoded, gather: GatherBuffers | None,
+                    span: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tap ``k``'s ``N`` rows of a packed batch, and their int8 scales (else None), gathered from the
+        window's pieces (``groups``: piece, source rows, grid positions) into ``gather``'s buffer for
+        the tap (the scales after the codes), or fresh tensors. ``span``: the rows are one run of one
+        piece (``_one_run``), copied as a slice (a window in batch order's last batch: 7 index_selects
+        of it took ~1.7 ms a window)."""
+        dtype = window.vals[groups[0][0]][k].dtype
+        nbytes = N * self.hidden * dtype.itemsize
+        at = -(-nbytes // 4) * 4  # the scales' offset in the buffer
+        scaled = self._has_scale
         if gather is None:
             out = torch.empty((N, self.hidden), dtype=dtype)
+            scale = torch.empty(N, dtype=torch.float32) if scaled else None
         else:
-            nbytes = N * self.hidden * dtype.itemsize
-            out = torch.from_numpy(gather.take(k, nbytes))[:nbytes].view(dtype).view(N, self.hidden)
-        if span is not None and not self._has_scale:
+            buf = torch.from_numpy(gather.take(k, at + 4 * N if scaled else nbytes))
+            out = buf[:nbytes].view(dtype).view(N, self.hidden)
+            scale = buf[at:at + 4 * N].view(torch.float32) if scaled else None
+        if span is not None:
             j, r0 = span
             out.copy_(window.vals[j][k][r0:r0 + N])
-            return out
+            if scaled:
+                scale.copy_(window.scales[j][k][r0:r0 + N])
+            return out, scale
         o = 0
         for j, src, _ in groups:
             n = len(src)
-            dst = out[o:o + n]
-            if self._has_scale:
-                dst.copy_(window.vals[j][k].index_select(0, src))
-                dst.mul_(window.scales[j][k].index_select(0, src).unsqueeze(1))
-            else:
-                torch.index_select(window.vals[j][k], 0, src, out=dst)
+            torch.index_select(window.vals[j][k], 0, src, out=out[o:o + n])
+            if scaled:
+                torch.index_select(window.scales[j][k], 0, src, out=scale[o:o + n])
             o += n
-        return out
+        return out, scale
 
     def _may_view(self, inline: bool) -> bool:
-        """Whether batches may be views of their window: packed store-dtype rows (int8 codes are scaled
-        as they are gathered) handed out by an inline reader, whose consumer is done with a batch when it
+        """Whether batches may be views of their window: packed store-dtype rows (int8 codes with views
+        of their scales) handed out by an inline reader, whose consumer is done with a batch when it
         asks for the next."""
-        return inline and self.packed and not self._has_scale
+        return inline and self.packed
 
     @staticmethod
     def _one_run(piece: np.ndarray, row: np.ndarray, lens: np.ndarray) -> tuple[int, int] | None:
@@ -1162,7 +1184,7 @@ class CacheReader:
     def _assemble_packed(self, idx: np.ndarray, locs, window: _Decoded, ids: np.ndarray, valid: np.ndarray,
                          tt: torch.Tensor | None, gather: GatherBuffers | None,
                          view: tuple[int, int] | None = None) -> Batch:
-        """The batch's real rows per tap, in the store's dtype (int8 scaled to fp32), plus their flat
+        """The batch's real rows per tap, in the store's dtype (int8: codes and their scales), plus their flat
         positions in the padded [B, L] grid. Rows are grouped by the window piece they come from and
         gathered with one ``index_select`` per piece and tap (a few per batch, instead of one copy per
         example and tap): the assembler thread then holds the GIL for microseconds, not for the
@@ -1190,11 +1212,13 @@ class CacheReader:
                                        gather.held + self.accounting.current["scratch"] > self.idle_cap):
                 gather.idle()
             j, r0 = view
-            taps = [PackedTap(window.vals[j][k][r0:r0 + N], rows, B, L) for k in range(len(self.taps))]
+            taps = [PackedTap(window.vals[j][k][r0:r0 + N], rows, B, L,
+                              window.scales[j][k][r0:r0 + N] if self._has_scale else None)
+                    for k in range(len(self.taps))]
         else:
             span = self._one_run(piece, row, lens) if len(groups) == 1 else None
-            taps = [PackedTap(self._gather_tap(k, N, groups, window, gather, span), rows, B, L)
-                    for k in range(len(self.taps))]
+            taps = [PackedTap(v, rows, B, L, sc) for v, sc in
+                    (self._gather_tap(k, N, groups, window, gather, span) for k in range(len(self.taps)))]
         return Batch(
             index=idx, input_ids=torch.from_numpy(ids.astype(np.int64)),
             attention_mask=torch.from_numpy(valid.astype(np.int64)),

@@ -299,7 +299,7 @@ def make_readers(cache: ActivationCache, cfg: TrainConfig, taps: list[int], dec_
     train_reader = CacheReader(cache, cfg.train_split, taps, shuffle=True, **kw, memory_budget=budget,
                                by_length=cfg.batch_order == "by-length", value_splits=draws or None)
     # evaluation in the training batch size, so it holds no more than training does: on SmolLM2's int8
-    # cache (11 taps, scaled to fp32 as gathered) the 256-example eval batches used before held 195 MB
+    # cache (11 taps, then scaled to fp32 as gathered) the 256-example eval batches used before held 195 MB
     # each and made evaluation, not training, the run's peak (944 MB against ~650 MB while training)
     eval_reader = CacheReader(cache, cfg.eval_split, taps, shuffle=False, **kw, memory_budget=budget)
     return train_reader, eval_reader
