@@ -857,3 +857,30 @@ def test_a_wide_ladders_weight_gradient_in_column_blocks_equals_the_whole_produc
     torch.nn.functional.linear(x.float(), ladder.weight, ladder.bias).pow(2).sum().backward()
     torch.testing.assert_close(packed[0], ladder.weight.grad, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(packed[1], ladder.bias.grad, rtol=1e-6, atol=1e-5)
+
+
+def test_int8_codes_with_their_scales_give_the_dequantized_ladder():
+    """A packed int8 tap (codes and each row's scale, as an int8 cache's reader hands them out): the
+    ladder's output and gradients are those of the dequantized rows, a cast keeps the scale pending,
+    and the padded grid is the dequantized one."""
+    from pipeline.side.packed import PackedTap, apply_ladder
+
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 1, 2, 5, 6, 9])
+    codes = torch.randint(-127, 128, (len(rows), 48), dtype=torch.int8)
+    scale = torch.rand(len(rows)) * 0.05
+    tap = PackedTap(codes, rows, 2, 5, scale)
+    dense = codes.float() * scale[:, None]
+    cast = tap.to(torch.float32)
+    assert cast.scale is scale and cast.values.dtype == torch.float32
+    assert torch.equal(tap.padded(), PackedTap(dense, rows, 2, 5).padded())
+    ladder = torch.nn.Linear(48, 8)
+    got = apply_ladder(ladder, tap, torch.float32)
+    got.pow(2).sum().backward()
+    g = ladder.weight.grad.clone(), ladder.bias.grad.clone()
+    ladder.zero_grad()
+    want = apply_ladder(ladder, PackedTap(dense, rows, 2, 5), torch.float32)
+    want.pow(2).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[0], ladder.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[1], ladder.bias.grad, rtol=1e-5, atol=1e-6)
