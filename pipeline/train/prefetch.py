@@ -98,7 +98,7 @@ class FramePrefetch:
         by_file: dict[Path, list[tuple[int, int]]] = {}
         for f, off, n in frames:
             by_file.setdefault(f, []).append((off, n))
-        to_read: dict[Path, list[tuple[int, int]]] = {}
+        to_read: dict[Path, tuple[int, list[tuple[int, int]]]] = {}  # file: its descriptor, frames to read
         for f, fs in by_file.items():
             fd = self._fd(f)
             if fd is None:
@@ -106,15 +106,14 @@ class FramePrefetch:
             cached = page_cache.resident(f, fs, fd) if self.skip_cached else [False] * len(fs)
             window.in_page_cache += sum(cached)
             if not all(cached):
-                to_read[f] = [fr for fr, c in zip(fs, cached) if not c]
+                to_read[f] = (fd, [fr for fr, c in zip(fs, cached) if not c])
         located: dict[tuple[Path, int], int] = {}
         if to_read and self._arr is None:
             self._arr = populated(self.nbytes)
             self._base = self._arr.ctypes.data
         pos = 0
         view = memoryview(self._arr) if to_read else None
-        for f, fs in to_read.items():
-            fd = self._fd(f)
+        for f, (fd, fs) in to_read.items():
             for a, b, inside in aligned_ranges(fs, self.nbytes - pos):
                 try:
                     got = os.preadv(fd, [view[pos:pos + (b - a)]], a)

@@ -58,8 +58,8 @@ it: ``decode_ahead``); ``by_length`` sorts each shuffled window by length
 (equal lengths stay in random order), cuts it and shuffles the batches, so batches carry little
 padding; ``packed`` hands out each tap's real rows only (``side.packed.PackedTap``, store dtype, int8
 codes with their rows' scales, applied after the ladder) with their positions, never a padded fp32
-grid. ``--shuffle-window shards
---batch-order random`` gives back the plan and batches of the earlier reader.
+grid. ``--shuffle-window shards --batch-order random`` gives back the plan and batches of the earlier
+reader.
 
 Shuffle quality at a given budget: a batch's examples are a uniform sample of its window, so the
 window size is what mixes. At 512 MB, a MiniLM-L6 bf16 cache (7 taps, d 384, 16,384-token shards,
@@ -549,16 +549,14 @@ class CacheReader:
         per_dec = [self._store_dtype(a).itemsize * self.hidden for a, _ in self._dec]
         return max([rows * b for b in per_row] + [dec_rows * b for b in per_dec] + [4 * max(rows, dec_rows)])
 
-    def _value_bytes(self) -> int:
-        """Bytes of one handed-out tap value: fp32 in a padded batch; the store's dtype in a packed
-        one (int8 codes as stored, their scales beside them: ``PackedTap.scale``)."""
-        return self._itemsize if self.packed else 4
-
     def _handed_row_bytes(self) -> int:
-        """Bytes of one token row of one tap as a batch hands it out: its values, and its float32
-        scale where the codes go out unscaled. A packed tap's gather buffer holds both, the scales
-        after the codes at a 4-byte boundary (``_gather_tap``)."""
-        return self._value_bytes() * self.hidden + (4 if self.packed and self._has_scale else 0)
+        """Bytes of one token row of one tap as a batch hands it out: fp32 values in a padded batch; in
+        a packed one the store's dtype, plus each row's float32 scale for int8 codes (``PackedTap.scale``).
+        A packed tap's gather buffer holds both, the scales after the codes at a 4-byte boundary
+        (``_gather_tap``)."""
+        if not self.packed:
+            return 4 * self.hidden
+        return self._itemsize * self.hidden + (4 if self._has_scale else 0)
 
     def _batch_nbytes(self, B: int, L: int, real: int | None = None) -> int:
         """Bytes of a batch of B examples padded to L (``real`` token rows when packed)."""
@@ -978,7 +976,7 @@ class CacheReader:
         frames (a shard's scales are one small chunk, decoded once a window; never read ahead)."""
         batches = dw.window.batches
         order = self._batch_order(dw.window)
-        examples, lens, dst, rows = order
+        _, _, dst, rows = order
         bounds = np.cumsum([0] + [len(b) for b in batches])
         dw.batch_locs = [(np.zeros(len(b), np.int64), dst[bounds[i]:bounds[i + 1]], None)
                          for i, b in enumerate(batches)]
@@ -1004,7 +1002,7 @@ class CacheReader:
                 direct.scatter_tasks(listed.segs, out, frames, listed.found[k], listed.copies[k])
                 vals.append(self._as_tensor(out))
             if self._scales:
-                segs = Segments(self.offsets[examples], lens, dst, self._scales[0][1].chunk_rows)
+                segs = self._segments(order, self._scales[0][1].chunk_rows)
                 for k, (_, direct) in enumerate(self._scales):
                     out = dw.buffers[K + k][:4 * rows].view(np.float32)
                     direct.scatter_tasks(segs, out, frames)
@@ -1029,9 +1027,14 @@ class CacheReader:
         """The frames a window in batch order decodes, listed from the shard indexes (``files``: the
         decode's own, which then keeps their descriptors and indexes; ``batch_order``: the window's
         ``_batch_order``, where the caller has it already)."""
-        order, lens, dst, _ = batch_order if batch_order is not None else self._batch_order(window)
-        segs = Segments(self.offsets[order], lens, dst, self._acts[0][1].chunk_rows)
-        return WindowFrames(segs, [direct for _, direct in self._acts], files)
+        order = batch_order if batch_order is not None else self._batch_order(window)
+        return WindowFrames(self._segments(order, self._acts[0][1].chunk_rows),
+                            [direct for _, direct in self._acts], files)
+
+    def _segments(self, batch_order: tuple, chunk_rows: int) -> Segments:
+        """A window's runs of rows in batch order (its ``_batch_order``), cut at ``chunk_rows``-row chunks."""
+        examples, lens, dst, _ = batch_order
+        return Segments(self.offsets[examples], lens, dst, chunk_rows)
 
     def _read_ahead(self, run: _Run, window: Window | None) -> None:
         """Start reading ``window``'s frames into the run's read-ahead buffer (mapped, and counted, at
