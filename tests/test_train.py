@@ -202,8 +202,10 @@ def _is_ratio_of_rounded(value: float, num: float, den: float, eps: float = 6e-4
 def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_path, minilm_fp32, interleave):
     from pipeline.bench.train import TrainBenchConfig, run_train_bench
 
+    # the interleaved runs also time the floor inside each cached process (``--in-process-floor``)
     res = run_train_bench(TrainBenchConfig(cache=minilm_fp32, batch_size=8, repeats=2, workdir=str(tmp_path),
-                                           progress=False, cached_epochs=3, interleave=interleave))
+                                           progress=False, cached_epochs=3, interleave=interleave,
+                                           in_process_floor=interleave))
     # each cached run trains three epochs (its metrics.jsonl holds them all); the floor, in its own fresh
     # process, mirrors them: a cold pass on epoch 0's batches, then steady ones on epoch 1's and 2's.
     # Every steady epoch of every run is a sample, and so is every steady pass of every floor
@@ -247,6 +249,53 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     assert res["fresh_processes"] and [len(res["processes"][a]) for a in ("cached", "live")] == [2, 1]
     assert all(p["peak_mb"] > 0 and p["wall_s"] > 0 for a in res["processes"].values() for p in a)
     assert (tmp_path / "live" / "summary.json").exists() and (tmp_path / "cached" / "summary.json").exists()
+    assert res["in_process_floor"] == interleave
+    if interleave:  # each cached process's steady epochs against its own passes of the same batches
+        steady, pairs = res["in_process_floor_s_samples"], res["cached_over_floor_in_process_pair_samples"]
+        assert len(steady) == 4 and len(pairs) == 4 and len(res["in_process_floor_cold_s_samples"]) == 2
+        assert res["in_process_floor_s"] == min(steady) > 0
+        _is_ratio_of_rounded(res["cached_over_floor_in_process"], res["cached_warm_epoch_s_min"], res["in_process_floor_s"])
+        assert res["cached_over_floor_in_process_paired"] == pytest.approx(np.median(pairs), abs=2e-3)
+        assert "cached_over_floor_in_process<=1.1" in res["goals_met"]
+        assert all(0 < p["peak_mb_before_floor"] <= p["peak_mb"] + 1 for p in res["processes"]["cached"])
+    else:
+        assert "cached_over_floor_in_process" not in res and "peak_mb_before_floor" not in res["processes"]["cached"][0]
+
+
+def test_the_in_process_floor_leaves_the_run_as_it_was(tmp_path, minilm_fp32, monkeypatch):
+    """`lst train --floor-file` (the bench's): after each epoch a fresh network steps that epoch's batches
+    held in memory, in the run's process. The run itself trains bit for bit as without it, and the floor's
+    first pass takes the run's own first steps (the same losses)."""
+    import pipeline.train.loop as loop
+    from pipeline.train.floor import read_floor_file
+
+    cfg = TrainConfig(cache=minilm_fp32, out=str(tmp_path / "plain"), epochs=3, batch_size=8, progress=False, seed=5)
+    plain = train(cfg)
+    losses: dict[int, list[float]] = {}
+    real = loop.VariantRunner.train_step
+
+    def spy(self, *a, **k):
+        got = real(self, *a, **k)
+        losses.setdefault(id(self), []).append(got)
+        return got
+
+    monkeypatch.setattr(loop.VariantRunner, "train_step", spy)
+    floor_file = tmp_path / "floor.jsonl"
+    with_floor = train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "floored")}), floor_file=str(floor_file))
+    timed = ("epoch_s", "stall_fraction", "reader_cpu_s")
+    rows_of = lambda run: [{k: v for k, v in json.loads(x).items() if k not in timed}  # noqa: E731
+                           for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert rows_of("floored") == rows_of("plain") and len(rows_of("plain")) == 3  # losses, scores, lr
+    assert with_floor["first_losses"] == plain["first_losses"] and with_floor["dev_score"] == plain["dev_score"]
+    run_losses, floor_losses = losses.values()  # the run's runner stepped first
+    steps = plain["steps"] // 3
+    assert len(run_losses) == 3 * steps and len(floor_losses) == 3 * steps
+    assert floor_losses[:steps] == run_losses[:steps]  # a fresh network on epoch 0's batches: the same steps
+    rows = read_floor_file(floor_file)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["floor_s"] > 0 for r in rows)
+    assert rows[0]["peak_mb_before"] > 0 and all("peak_mb_before" not in r for r in rows[1:])
+    with pytest.raises(TrainError, match="--floor-file"):
+        train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "live"), "live": True}), floor_file=str(floor_file))
 
 
 @pytest.mark.parametrize("recompute", ["ffn", "none"])

@@ -44,7 +44,8 @@ def _train(a: argparse.Namespace) -> int:
                                            batch_size=a.batch_size, workdir=a.workdir, device=a.device,
                                            progress=not a.no_progress, label_words=a.label_words,
                                            repeats=a.repeats, floor_batches=a.floor_batches,
-                                           cached_epochs=a.cached_epochs, interleave=a.interleave))
+                                           cached_epochs=a.cached_epochs, interleave=a.interleave,
+                                           in_process_floor=a.in_process_floor))
     emit(res, a.json)
     return 0
 
@@ -183,6 +184,11 @@ def register(sub) -> None:
                    help="run each cached run and its floor at once, taking epochs in turn, so each steady "
                         "cached epoch runs between two floor passes; each process then idles between its "
                         "epochs, which a real run does not (default: one process after the other)")
+    t.add_argument("--in-process-floor", action="store_true",
+                   help="also time the floor inside each cached `lst train` process, right after each epoch and "
+                        "its evaluation, on that epoch's batches: cached_over_floor_in_process, free of the "
+                        "drift between processes (that process's peak then holds an epoch's batches; the peak "
+                        "before is reported as peak_mb_before_floor)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")

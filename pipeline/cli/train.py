@@ -58,7 +58,7 @@ def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
 def cmd_train(a: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
-    s = train(train_config_from_args(a), epoch_gate=a.epoch_gate)
+    s = train(train_config_from_args(a), epoch_gate=a.epoch_gate, floor_file=a.floor_file)
     keys = ("task", "metric", "dev_score", "trainable_params", "trainable_pct", "peak_mem_mb", "epoch_s",
             "examples_per_s", "stall_fraction")
     if a.json:
@@ -103,6 +103,9 @@ def register(sub) -> None:
     add_output_flags(p)
     # `lst bench train` only: each epoch waits for its turn on this directory's pipes (``train.gate``)
     p.add_argument("--epoch-gate", help=argparse.SUPPRESS)
+    # `lst bench train --in-process-floor` only: after each epoch, the reader-free floor of its batches in
+    # this process, one JSON line a pass to this file (``train.floor``)
+    p.add_argument("--floor-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     q = sub.add_parser("predict", help="predict new text with a trained run (loads backbone + side network)")

@@ -270,10 +270,12 @@ def _eval_pass(runners: list[VariantRunner], reader: CacheReader, source: TapSou
 def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reader: CacheReader,
              source: TapSource, *, epochs: int, metric: str, max_steps: int | None = None,
              on_epoch: OnEpoch | None = None, resumable: bool = False, progress: bool = False,
-             pool: ThreadPoolExecutor | None = None, before_epoch: Callable[[int], None] | None = None) -> None:
+             pool: ThreadPoolExecutor | None = None, before_epoch: Callable[[int], None] | None = None,
+             after_epoch: Callable[[int], None] | None = None) -> None:
     """Train every runner's variant on one batch stream until each is done (see module doc).
     With a ``pool`` (``variant_pool``) the variants of each batch step on its threads at once.
-    ``before_epoch(epoch)`` runs before each epoch's timer starts (``gate.EpochGate``: the bench's turns)."""
+    ``before_epoch(epoch)`` runs before each epoch's timer starts (``gate.EpochGate``: the bench's turns),
+    ``after_epoch(epoch)`` once the epoch is evaluated and recorded (``floor.RunFloor``: the bench's floor)."""
     steps_per_epoch = train_reader.num_batches(0)
     for r in runners:
         r.variant.model.train()
@@ -367,6 +369,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
                 best = max(ev["score"] for ev in evals)
                 print(f"fused epoch {epoch + 1}: {len(active)} variants, {epoch_s:.1f} s, best dev {best:.4f}",
                       file=sys.stderr)
+        if after_epoch is not None:
+            after_epoch(epoch)
 
 
 def summary(v: Variant, task: dict, backbone_params: int, device: torch.device, live: bool) -> dict:

@@ -25,6 +25,7 @@ from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.side.t5 import initialise_t5_side
 from pipeline.train.config import TrainConfig, parse_read_ahead, parse_shuffle_window
+from pipeline.train.floor import Floor, RunFloor
 from pipeline.train.gate import epoch_gate as open_gate
 from pipeline.train.loop import TapMap, Variant, VariantRunner, cached_taps, run_loop, summary
 from pipeline.train.reader import Batch, CacheReader
@@ -32,7 +33,7 @@ from pipeline.train.rundir import RunDir
 from pipeline.sizes import parse_size
 
 __all__ = ["TrainConfig", "train", "build_side", "side_network", "LiveTaps", "make_readers", "label_meta",
-           "reader_peak_mb", "reader_summary"]
+           "reader_peak_mb", "reader_summary", "build_floor"]
 
 SIDE_KEYS = {f.name for f in dataclasses.fields(SideConfig)}
 
@@ -188,11 +189,29 @@ def label_meta(model: SideModel, cache: ActivationCache) -> dict:
     return {}
 
 
-def train(cfg: TrainConfig, epoch_gate: str | None = None) -> dict:
+def build_floor(cache: ActivationCache, cfg: TrainConfig, device: torch.device) -> Floor:
+    """The reader-free floor of a run (``pipeline.train.floor``): a fresh side network built as the run
+    builds its own, its runner over the run's step count, and a reader of the run's batches."""
+    model, _ = side_network(cache, cfg, device)
+    model.train()
+    taps = model.required_taps()
+    reader, _ = make_readers(cache, cfg, taps, [], device, data_seed=cfg.seed,
+                             packed=getattr(model, "accepts_packed_taps", False))
+    torch.manual_seed(cfg.seed + 1)  # the dropout stream, as the run seeds its own
+    variant = Variant(0, cfg, model, RunDir(cfg.out), {}, torch.get_rng_state())
+    return Floor(VariantRunner(variant, total_steps(cfg, reader.num_batches(0))), reader, cached_taps(taps, []))
+
+
+def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | None = None) -> dict:
     """Train (or resume) one run of ``cfg.method``; returns the summary dict (also summary.json).
-    ``epoch_gate``: a directory whose pipes hand out each epoch's start (``gate.EpochGate``; the bench's)."""
+    ``epoch_gate``: a directory whose pipes hand out each epoch's start (``gate.EpochGate``; the bench's).
+    ``floor_file``: after each epoch, time the reader-free floor of its batches in this process and
+    append it there (``floor.RunFloor``; the bench's)."""
     cache = ActivationCache.open(cfg.cache, storage_options=None)
     cache.require_complete()
+    if floor_file and (cfg.live or cfg.method != "lst"):
+        raise TrainError("--floor-file times the reader-free floor of a cached LST run; drop it with --live "
+                         f"or --method {cfg.method}")
     run = RunDir(cfg.out)
     resuming = run.prepare(cfg, cache.fingerprint, resumable=True)
     device = resolve_device(cfg.device)
@@ -224,9 +243,11 @@ def train(cfg: TrainConfig, epoch_gate: str | None = None) -> dict:
                    "backbone": cache.attrs.get("backbone")})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    floor = RunFloor(lambda: build_floor(cache, cfg, device), floor_file) if floor_file else None
     with open_gate(epoch_gate) as gate:
         run_loop([runner], train_reader, eval_reader, source, epochs=cfg.epochs, metric=task["metric"],
-                 max_steps=cfg.max_steps, resumable=True, progress=cfg.progress, before_epoch=gate)
+                 max_steps=cfg.max_steps, resumable=True, progress=cfg.progress, before_epoch=gate,
+                 after_epoch=floor)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
     s.update(reader_summary(train_reader, eval_reader, variant.epochs_here))
     run.write_summary(s)
