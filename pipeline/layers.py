@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cache", "data", "backbones"),
     ("alloc",),  # the CPU buffer cache, set up with memory's mmap setting (``alloc.prepare_process``)
     ("native",),  # the C++ extensions' builder (alloc's cache, side's CPU kernels)
-    ("devices", "metrics", "memory"),
+    ("devices", "metrics", "memory", "outdirs", "ranges"),  # outdirs, ranges: checks of --out and numeric options
     ("errors", "layers", "lazy", "sizes"),  # sizes: pure parsing, read by memory's environment setting
 )
 

@@ -89,6 +89,24 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, minilm_fp32):
     assert strip(got_rows) == strip(ref_rows)
 
 
+def test_the_same_command_again_keeps_a_finished_run_however_its_path_is_spelled(tmp_path, minilm_fp32, monkeypatch):
+    """Re-running a finished `lst train` leaves its summary as it was (it was rewritten with no epoch times),
+    and the run is its directory: `runs/r1/`, `./runs/r1` or an absolute path all name it (a different
+    spelling was refused as "a different run", and the advice, --overwrite, threw the run away)."""
+    run = tmp_path / "runs" / "r1"
+    cfg = dict(cache=minilm_fp32, epochs=2, batch_size=8, progress=False)
+    first = train(TrainConfig(out=str(run), **cfg))
+    saved = (run / "summary.json").read_text()
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(run) + "/", "runs/r1", "./runs/r1"):
+        assert train(TrainConfig(out=spelling, **cfg)) == json.loads(saved)
+        assert (run / "summary.json").read_text() == saved
+    with pytest.raises(TrainError, match="differs in epochs"):  # a different run is still refused
+        train(TrainConfig(out="runs/r1/", **{**cfg, "epochs": 3}))
+    (run / "summary.json").unlink()  # killed after its last epoch, before its summary: resumed to the end
+    assert train(TrainConfig(out="./runs/r1/", **cfg))["dev_score"] == first["dev_score"]
+
+
 def test_refuses_a_different_cache_and_missing_layers(tmp_path, tmp_path_factory, minilm_fp32):
     run = str(tmp_path / "run")
     train(TrainConfig(cache=minilm_fp32, out=run, epochs=2, max_steps=2, batch_size=8, progress=False))

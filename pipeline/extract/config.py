@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.cache.compression import COMPRESSIONS as COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+from pipeline.errors import ExtractError
+from pipeline.ranges import check_ranges
 
 CODEC_CHOICES = ("bf16", "fp16", "fp32", "int8")
 
@@ -67,3 +69,14 @@ class ExtractConfig:
               "encoder-decoder trains and scores labels from the cache (the paper's T5 setting); decoder-only: "
               "the words `lst train --head lm` scores with the frozen LM head. 'auto' uses the dataset's label "
               "names, or give one word per class: negative,positive", metavar="WORDS")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, _RANGES, ExtractError, "extract option")
+        if not 0 < self.dev_fraction < 1:
+            raise ExtractError(f"extract option dev_fraction={self.dev_fraction!r}: must be between 0 and 1 "
+                               "(the share of train carved out as validation)")
+
+
+_RANGES = (("max_length", int, 1, True), ("max_examples", int, 1, True), ("batch_tokens", int, 1, True),
+           ("shard_tokens", int, 1, True), ("workers", int, 0, True), ("dropout_draws", int, 0, True),
+           ("fisher_samples", int, 0, True), ("seed", int, None, True), ("dev_fraction", float, None, True))

@@ -37,6 +37,7 @@ from pipeline.extract.plan import build_split_plan, normalize_prompt_template
 from pipeline.extract.worker import ComputeSettings, compute_shard
 from pipeline.devices import resolve_device, spare_core
 from pipeline.extract.config import ExtractConfig
+from pipeline.outdirs import check_out_dir, is_local, local_path
 
 
 def parse_taps(layers: str, num_layers: int) -> list[int]:
@@ -55,20 +56,12 @@ def parse_taps(layers: str, num_layers: int) -> list[int]:
     return taps
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url)
-
-
 def _store_state(url: str, storage_options: dict | None) -> str:
     """'absent', 'cache' (a complete layout), 'partial' (creation was interrupted), 'invalid' (an lst
     cache this lst refuses to read) or 'foreign' (see ``store_state``)."""
     state = store_state(url, storage_options)
     if state is None:
-        if _is_local(url) and _local_path(url).exists() and any(_local_path(url).iterdir()):
+        if is_local(url) and local_path(url).exists() and any(local_path(url).iterdir()):
             return "foreign"
         return "absent"
     return state
@@ -146,6 +139,8 @@ DRAWN_SPLIT = "train"  # the split --dropout-draws passes again with dropout on
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract (or resume) a store; returns a JSON-able summary."""
     C.codec_spec(cfg.codec)
+    if is_local(cfg.out):
+        check_out_dir(local_path(cfg.out), example="data/cache/NAME.zarr")
     if cfg.precision not in ("fp32", "fp16", "bf16"):
         raise ExtractError(f"--precision {cfg.precision!r}: choose fp32, fp16 or bf16")
     t_start = time.perf_counter()
@@ -172,8 +167,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     fingerprint = build_fingerprint(cfg, path, backbone.config.model_type, bundle, taps)
 
     lock = None
-    if _is_local(cfg.out):
-        out = _local_path(cfg.out)
+    if is_local(cfg.out):
+        out = local_path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(out) + ".lock")
         try:
@@ -210,8 +205,9 @@ def _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, t
                 + "\nuse another --out, or --overwrite to replace it"
             )
         resumed = not diffs  # the same request resumes (or finds nothing to do); a stale one is replaced
-    if state == "foreign" and not cfg.overwrite:
-        raise CacheError(f"{cfg.out} exists and is not an lst activation cache; choose another --out or pass --overwrite")
+    if state == "foreign":  # never cleared, --overwrite or not: lst deletes only what it wrote
+        raise CacheError(f"{cfg.out} exists, is not empty and is not an lst activation cache; lst writes a cache "
+                         "only into a new or empty directory or over its own cache: choose another --out")
     if state == "invalid" and not cfg.overwrite:
         ActivationCache.open(cfg.out, storage_options=cfg.storage_options)  # raises what is wrong, and to --overwrite
         raise CacheError(f"{cfg.out} is an lst cache this lst cannot read; pass --overwrite to replace it")
@@ -370,7 +366,7 @@ def dask_extract_shard(url: str, storage_options, split: str, shard: int, backbo
 def _run_dask(cfg: ExtractConfig, cache, work, settings, bar) -> None:
     from distributed import Client, LocalCluster, as_completed
 
-    url = cfg.out if not _is_local(cfg.out) else str(_local_path(cfg.out).resolve())
+    url = cfg.out if not is_local(cfg.out) else str(local_path(cfg.out).resolve())
     cluster = None
     if cfg.scheduler:
         client = Client(cfg.scheduler)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TrainError
+from pipeline.outdirs import check_out_dir, foreign_files
 
 __all__ = ["SweepConfig", "run_sweep", "open_study", "study_counts", "SAMPLERS", "PRUNERS"]
 
@@ -442,6 +443,14 @@ def _identity(cfg: SweepConfig, space, cache) -> dict:
                 json.dumps(cache.fingerprint, sort_keys=True, default=str).encode()).hexdigest()}
 
 
+def _check_out(out: Path) -> None:
+    """A sweep starts in a new or empty directory, or resumes its own (``pipeline.outdirs``)."""
+    check_out_dir(out, example="runs/sweep-NAME")
+    if foreign_files(out, frozenset()) and not ((out / "sweep_config.json").exists() or (out / "study.journal").exists()):
+        raise TrainError(f"{out} is not empty and holds no sweep (no sweep_config.json or study.journal); lst starts "
+                         "a sweep only in a new or empty directory: give a new --out, e.g. --out runs/sweep-NAME")
+
+
 def _check_identity(out: Path, ident: dict) -> bool:
     p = out / "sweep_config.json"
     if not p.exists():
@@ -465,6 +474,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if not isinstance(cfg.space, dict):  # workers on other machines get the content, not a path
         cfg = dataclasses.replace(cfg, space=_space_dict(cfg.space))
     out = Path(cfg.out)
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trials").mkdir(exist_ok=True)
     resumed = _check_identity(out, _identity(cfg, space, cache))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import TrainError
+from pipeline.ranges import check_ranges
 from pipeline.sizes import parse_size
 
 
@@ -56,7 +57,8 @@ class TrainConfig:
     batch_tokens: int | None = opt(None, "also cap batches at this many padded tokens", group="optimisation")
     grad_clip: float = opt(1.0, "clip the gradient norm at this value (0: off)", group="optimisation")
     seed: int = opt(0, "seed of the init, the dropout stream and the batch order", group="optimisation", knob="int")
-    patience: int | None = opt(None, "early stopping after N epochs without dev improvement", group="optimisation")
+    patience: int | None = opt(None, "early stopping after N (>= 1) epochs without dev improvement (default: off)",
+                                  group="optimisation")
     max_steps: int | None = opt(None, "stop after N optimisation steps (quick runs)", group="optimisation")
     train_split: str = opt("train", "split to train on")
     eval_split: str = opt("validation", "split the dev score is computed on")
@@ -145,7 +147,7 @@ class TrainConfig:
 
 
 _RANGES = (("epochs", int, 1, True), ("batch_size", int, 1, True), ("batch_tokens", int, 1, True),
-           ("max_steps", int, 1, True), ("patience", int, 0, True), ("seed", int, None, True),
+           ("max_steps", int, 1, True), ("patience", int, 1, True), ("seed", int, None, True),
            ("lr", float, 0.0, False), ("weight_decay", float, 0.0, True), ("warmup_ratio", float, 0.0, True),
            ("grad_clip", float, 0.0, True))
 
@@ -153,28 +155,17 @@ _RANGES = (("epochs", int, 1, True), ("batch_size", int, 1, True), ("batch_token
 def check_values(cfg: "TrainConfig") -> None:
     """Refuse mistyped or impossible numeric options with one line naming the key and the fix
     (a YAML config is not type-checked by argparse)."""
-    for name, kind, low, inclusive in _RANGES:
-        v = getattr(cfg, name, None)
-        if v is None:
-            continue
-        if kind is float and isinstance(v, str):  # YAML reads 3e-3 (no dot) as a string
-            try:
-                v = float(v)
-                setattr(cfg, name, v)
-            except ValueError:
-                pass
-        ok_type = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
-        if not ok_type:
-            raise TrainError(f"training option {name}={v!r}: expected {'an integer' if kind is int else 'a number'}")
-        if low is not None and (v < low or (v == low and not inclusive)):
-            raise TrainError(f"training option {name}={v!r}: must be {'>=' if inclusive else '>'} {low}")
+    check_ranges(cfg, _RANGES, TrainError, "training option")
     if getattr(cfg, "warmup_ratio", None) is not None and cfg.warmup_ratio >= 1:
         raise TrainError(f"training option warmup_ratio={cfg.warmup_ratio!r}: must be below 1")
 
 
 # Keys that may differ between a run and its resume without changing its results.
 RESUME_FREE = {"progress", "overwrite", "reader_workers", "reader_inline", "reader_decode_ahead", "device", "cache",
-               "recompute", "read_ahead"}
+               "recompute", "read_ahead",
+               # the run is the directory its config.yaml is in, however its path is spelled (runs/r1/, ./runs/r1,
+               # an absolute path) or wherever it was moved
+               "out"}
 
 
 def parse_read_ahead(size: str | int) -> int:

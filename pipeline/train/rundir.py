@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.cache.fingerprint import diff_fingerprints
 from pipeline.errors import CacheError, TrainError
+from pipeline.outdirs import check_out_dir, foreign_files
 from pipeline.side.config import SideConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import RESUME_FREE, TrainConfig
@@ -38,9 +39,29 @@ class RunDir:
         return self.path / "checkpoint"
 
     # -- starting ------------------------------------------------------------------------------
+    def is_run(self) -> bool:
+        """Whether this directory holds a run lst wrote: a ``config.yaml`` with a ``train`` section."""
+        try:
+            return "train" in (yaml.safe_load((self.path / "config.yaml").read_text()) or {})
+        except (OSError, yaml.YAMLError, TypeError):
+            return False
+
     def prepare(self, cfg: TrainConfig, fingerprint: dict, *, resumable: bool) -> bool:
-        """Clear it (``overwrite``), refuse a different or finished run; True when resuming."""
+        """Clear it (``overwrite``), refuse a different or finished run; True when resuming.
+
+        Only a run's own directory is ever cleared or written into: a directory holding anything else
+        is refused, with or without ``overwrite``, and so is a run directory holding files a run
+        never writes, under ``overwrite`` (``pipeline.outdirs``)."""
+        check_out_dir(self.path)
+        stray = foreign_files(self.path, RUN_FILES)
+        if stray and not self.is_run():
+            raise TrainError(f"{self.path} is not a run directory and is not empty (it holds {_listed(stray)}); "
+                             "lst writes runs only into new or empty directories or its own runs: "
+                             "give a new --out, e.g. --out runs/NAME")
         if cfg.overwrite and self.path.exists():
+            if stray:
+                raise TrainError(f"--overwrite: {self.path} holds files no run writes ({_listed(stray)}); lst "
+                                 "clears only what it wrote: move them out, or give a new --out")
             shutil.rmtree(self.path)
         if not (self.path.exists() and any(self.path.iterdir())):
             return False
@@ -97,6 +118,26 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _write_atomic(self.path / "summary.json", json.dumps(summary, indent=2))
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run that finished (None while it has not: a run writes it last)."""
+        path = self.path / "summary.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # half-written by hand or a disk error: the run is re-finished from its resume point
+
+
+#: what a run directory holds: every file a run writes (and their atomic-write temporaries)
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "side.safetensors",
+                       "model.safetensors", "probe.safetensors"})
+RUN_FILES = RUN_FILES | frozenset(f"{n}.tmp" for n in RUN_FILES)
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 # (field, kind, lowest allowed, lowest is allowed itself) for the numeric training options

@@ -9,6 +9,7 @@ the resume point. Re-running the same command after a kill resumes from it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -214,6 +215,12 @@ def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | Non
                          f"or --method {cfg.method}")
     run = RunDir(cfg.out)
     resuming = run.prepare(cfg, cache.fingerprint, resumable=True)
+    done = run.finished_summary() if resuming else None
+    if done is not None:  # the same command again: the finished run and its summary stay as they are
+        if cfg.progress:
+            print(f"lst train: {cfg.out} already finished; its summary is kept (--overwrite trains it again)",
+                  file=sys.stderr)
+        return done
     device = resolve_device(cfg.device)
     task = cache.attrs["task"]
     torch.manual_seed(cfg.seed)
