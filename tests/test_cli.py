@@ -55,6 +55,13 @@ def test_top_level_help_lists_every_command(capsys):
         assert name in out
 
 
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    rc, out, _ = _run(["--version"], capsys)
+    assert rc == 0 and out.strip() == f"lst {version('lst-cache')}"
+
+
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
 def test_every_command_has_help(cmd, capsys):
     rc, out, err = _run([*cmd, "--help"], capsys)

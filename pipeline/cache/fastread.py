@@ -32,6 +32,14 @@ EMPTY = np.uint64(2**64 - 1)
 # most bytes a Blosc frame adds to its payload (header; incompressible data is stored verbatim) plus
 # the crc32c that follows it, with room to spare
 FRAME_OVERHEAD = 64
+#: what every damaged-shard error tells the user to do
+DAMAGED = "the store is damaged: re-extract it (`lst extract ... --overwrite`); `lst verify` lists every bad shard"
+
+
+def damaged_shard(f: Path | str, what: str) -> ChecksumError:
+    """The error for a shard file that fails a check: the file, what is wrong with it and what to do
+    (a ``CacheError``, so ``lst`` reports it in one line instead of a traceback)."""
+    return ChecksumError(f"{f}: {what}; {DAMAGED}")
 
 
 class DirectArray:
@@ -95,10 +103,7 @@ class DirectArray:
                 continue
             buf = f.read_bytes()
             n = self.chunks_per_shard
-            idx_raw = memoryview(buf)[len(buf) - 16 * n - 4:]
-            if crc32c.crc32c(idx_raw[:-4]) != int.from_bytes(idx_raw[-4:], "little"):
-                raise ChecksumError(f"{f}: shard index checksum mismatch")
-            index = np.frombuffer(idx_raw[:-4], dtype="<u8").reshape(n, 2)
+            index = self._parse_index(memoryview(buf)[max(len(buf) - self.index_nbytes, 0):], len(buf), f)
             for c in range(n):
                 c0 = s0 + c * self.chunk_rows
                 c1 = c0 + self.chunk_rows
@@ -121,7 +126,7 @@ class DirectArray:
         mv = memoryview(buf)[int(off):int(off) + int(nbytes)]
         frame = mv[:-4]
         if crc32c.crc32c(frame) != int.from_bytes(mv[-4:], "little"):
-            raise ChecksumError(f"{f}: chunk at rows {c0}:{c1} fails its checksum")
+            raise damaged_shard(f, f"chunk at rows {c0}:{c1} fails its checksum")
         if lo == c0 and hi == c1:
             blosc.decompress(frame, out[lo - start:hi - start])
         else:
@@ -149,15 +154,13 @@ class DirectArray:
             f = self._shard_file(0)
             try:
                 with open(f, "rb") as fh:
-                    size = os.fstat(fh.fileno()).st_size
-                    idx = np.frombuffer(os.pread(fh.fileno(), self.index_nbytes, size - self.index_nbytes)[:-4], "<u8")
-                    for off, _ in idx.reshape(-1, 2):
+                    for off, _ in self._shard_index(fh.fileno(), f):
                         if off != EMPTY:
                             block = header_block_nbytes(os.pread(fh.fileno(), HEADER_BYTES, int(off)))
                             if 0 < block <= self.chunk_nbytes:
                                 self._block_nbytes = block
                             break
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # no file, or a damaged one (ChecksumError): its read reports it
                 pass
         return self._block_nbytes
 
@@ -211,7 +214,7 @@ class DirectArray:
                                 mv = scratch.frame(n_frame)
                                 got = os.preadv(fd, [mv], int(off))
                             if got != n_frame or crc32c.crc32c(mv[:-4]) != int.from_bytes(mv[-4:], "little"):
-                                raise ChecksumError(f"{f}: chunk at rows {c0}:{c1} fails its checksum")
+                                raise damaged_shard(f, f"chunk at rows {c0}:{c1} fails its checksum")
                             dec = scratch.decoder if scratch is not None and out.flags.c_contiguous else None
                             if dec is not None and partial:
                                 # only the blocks holding the rows, straight into ``out``
@@ -234,13 +237,26 @@ class DirectArray:
                 os.close(fd)
 
     def _shard_index(self, fd: int, f: Path) -> np.ndarray:
-        """The open shard file's index, [chunks, 2] (offset, nbytes), its checksum verified."""
+        """The open shard file's index, [chunks, 2] (offset, nbytes), checked (``_parse_index``)."""
         size = os.fstat(fd).st_size
-        idx_raw = os.pread(fd, self.index_nbytes, size - self.index_nbytes)
-        if len(idx_raw) != self.index_nbytes or \
-                crc32c.crc32c(idx_raw[:-4]) != int.from_bytes(idx_raw[-4:], "little"):
-            raise ChecksumError(f"{f}: shard index checksum mismatch")
-        return np.frombuffer(idx_raw[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
+        return self._parse_index(os.pread(fd, self.index_nbytes, max(size - self.index_nbytes, 0)), size, f)
+
+    def _parse_index(self, raw: bytes | memoryview, size: int, f: Path) -> np.ndarray:
+        """The index at the end (``raw``) of a ``size``-byte shard file, [chunks, 2] (offset, nbytes).
+
+        Why each check: a file cut short (a truncated copy, a full disk) has no index or garbage where
+        it should be, and an unchecked offset read from it makes ``pread`` fail with an ``OverflowError``
+        or ``EINVAL`` instead of saying which file is damaged; every frame must lie before the index."""
+        if size < self.index_nbytes or len(raw) != self.index_nbytes:
+            raise damaged_shard(f, f"{size} bytes, too short to hold its shard index ({self.index_nbytes} bytes)")
+        if crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise damaged_shard(f, "shard index checksum mismatch (the file is cut short or overwritten)")
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
+        off, nbytes = index[:, 0], index[:, 1]
+        room = np.uint64(size - self.index_nbytes)
+        if ((off != EMPTY) & ((off > room) | (nbytes > room - np.minimum(off, room)))).any():
+            raise damaged_shard(f, "its shard index points past the end of the file")
+        return index
 
     def _chunks_of(self, index: np.ndarray, s0: int, lo_s: int, hi_s: int):
         """(first row, end row, first row wanted, end row wanted, frame offset, frame bytes) of each

@@ -26,13 +26,20 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def diff_fingerprints(stored: dict, requested: dict) -> list[str]:
-    """Human-readable differences in the compared keys; empty when the store matches."""
+#: how ``diff_fingerprints`` names its two sides: an existing store against an extraction's request
+#: (the default), or a run's recorded cache against the --cache given to resume it
+STORE_VS_REQUEST = ("store has", "requested")
+RUN_VS_GIVEN_CACHE = ("the run's cache has", "the given --cache has")
+
+
+def diff_fingerprints(stored: dict, requested: dict, sides: tuple[str, str] = STORE_VS_REQUEST) -> list[str]:
+    """Human-readable differences in the compared keys; empty when the store matches. ``sides`` names
+    whose value is whose, so a user can tell which cache to change (``RUN_VS_GIVEN_CACHE`` on a resume)."""
     out = []
     for key in COMPARED_KEYS:
         a, b = stored.get(key), requested.get(key)
         if a != b:
-            out.append(f"{key}: store has {_short(a)}, requested {_short(b)}")
+            out.append(f"{key}: {sides[0]} {_short(a)}, {sides[1]} {_short(b)}")
     return out
 
 

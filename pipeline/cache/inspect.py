@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
+import zarr
 
 from pipeline.cache.compression import DEFAULT_COMPRESSION
-from pipeline.cache.store import ActivationCache, tap_name
+from pipeline.cache.store import ActivationCache, SplitView, tap_name
 from pipeline.errors import CacheError
 
 
@@ -26,6 +27,7 @@ def inspect_cache(cache: ActivationCache) -> dict:
     total_stored = total_raw = total_fp16 = 0
     for name in cache.splits:
         v = cache.split(name)
+        v.check_arrays()  # a tap with no metadata is damage to report, not bytes to count
         stored = sum(_stored_bytes(cache, f"{name}/{sub}") for sub in ("acts", "scales", "dec"))
         # rows per tap: every real token, plus D decoder rows per example for T5 label targets
         dec_rows = v.num_examples * int(cache.label_targets["rows"]) if cache.label_targets else 0
@@ -87,15 +89,35 @@ class VerifyReport:
                 "missing": self.missing, "problems": self.problems}
 
 
+def readable_splits(cache: ActivationCache) -> tuple[dict[str, SplitView], list[str]]:
+    """The splits whose group and manifest read, by name, and the problem with each other one (a
+    missing split directory, a refused manifest): findings for ``lst verify``, not crashes."""
+    views, problems = {}, []
+    for name in cache.splits:
+        try:
+            views[name] = cache.split(name)
+        except CacheError as e:
+            problems.append(str(e))
+    return views, problems
+
+
+def _shard_arrays(v: SplitView, rep: VerifyReport) -> dict[str, zarr.Array]:
+    """The split's activation arrays that open, by path; each that does not is a problem (opened once
+    here, not per shard, so a tap whose zarr.json is gone is reported once)."""
+    arrays = {}
+    for path in v.activation_arrays():
+        try:
+            arrays[path] = v.array(path)
+        except CacheError as e:
+            rep.problems.append(str(e))
+    return arrays
+
+
 def verify_cache(cache: ActivationCache, progress=None) -> VerifyReport:
     """Read every chunk of every shard (checksums are checked by the crc32c codec on decode)."""
     rep = VerifyReport()
-    for name in cache.splits:
-        try:
-            v = cache.split(name)
-        except CacheError as e:  # a split whose manifest is refused: a finding, not a crash
-            rep.problems.append(str(e))
-            continue
+    views, rep.problems = readable_splits(cache)
+    for name, v in views.items():
         bad_meta = False
         for arr in ("offsets", "labels", "input_ids", "source_rows"):
             try:  # each named on its own (checksums, deleted chunks, offsets/labels contents)
@@ -110,26 +132,18 @@ def verify_cache(cache: ActivationCache, progress=None) -> VerifyReport:
         except Exception as e:  # noqa: BLE001
             rep.problems.append(f"{name}/done: {type(e).__name__}: {e}")
             continue
-        root = cache.local_root
+        arrays = _shard_arrays(v, rep)
         for shard in range(v.num_shards):
             start, end = v.shard_rows(shard)
             if not done[shard]:
                 rep.missing.append({"split": name, "shard": shard, "rows": [start, end]})
                 continue
-            arrays = []
-            for tap in cache.taps:
-                arrays.append((f"acts/{tap_name(tap)}", v.tap_array(tap), slice(start, end)))
-                if cache.spec.has_scale:
-                    arrays.append((f"scales/{tap_name(tap)}", v.scale_array(tap), slice(start, end)))
-            for tap in cache.decoder_taps:
-                arrays.append((f"dec/acts/{tap_name(tap)}", v.decoder_array(tap), shard))
-                if cache.spec.has_scale:
-                    arrays.append((f"dec/scales/{tap_name(tap)}", v.decoder_array(tap, scale=True), shard))
-            for label, arr, where in arrays:
-                f = root / name / label / "c" / str(shard) / "0" if root is not None else None
-                if f is not None and label.startswith("acts/") and not f.is_file():
+            for label, arr in arrays.items():
+                where = shard if label.startswith("dec/") else slice(start, end)
+                problem = v.shard_file_problem(label, shard) if label.startswith("acts/") else None
+                if problem:
                     rep.corrupt.append({"split": name, "shard": shard, "array": label, "rows": [start, end],
-                                        "error": f"marked done but its shard file {f} is missing"})
+                                        "error": f"marked done but {problem}"})
                     continue
                 try:
                     arr[where]

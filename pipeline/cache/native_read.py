@@ -23,8 +23,7 @@ import torch
 
 from pipeline import native
 from pipeline.cache.blosc_decode import ThreadDecoder, context_functions, context_nbytes
-from pipeline.cache.fastread import FrameTasks
-from pipeline.errors import ChecksumError
+from pipeline.cache.fastread import FrameTasks, damaged_shard
 
 __all__ = ["EXTENSION", "ENV", "FrameReader", "module"]
 
@@ -89,8 +88,10 @@ class FrameReader:
             i = int(bad[0])
             f, c0, c1 = tasks.where[i]
             code = int(status[i])
-            err = ChecksumError if code in (1, 2) else RuntimeError
-            raise err(f"{f}: chunk at rows {c0}:{c1} {_ERRORS.get(code, f'failed ({code})')}")
+            what = f"chunk at rows {c0}:{c1} {_ERRORS.get(code, f'failed ({code})')}"
+            if code in (1, 2):  # cut short or bad bytes: the store's damage, reported as such
+                raise damaged_shard(f, what)
+            raise RuntimeError(f"{f}: {what}")
 
     def close(self) -> None:
         for d in self._decoders:

@@ -24,8 +24,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
+import fsspec
 import numpy as np
 import torch
 import zarr
@@ -35,12 +36,38 @@ from pipeline.cache.fastread import DirectArray
 from pipeline.cache.faultpoints import fault_point
 from pipeline.cache.schema import (FORMAT_VERSION, SplitManifest, StoreManifest, expected_num_shards, tap_index,
                                    tap_name)
+from pipeline.outdirs import is_local, local_path
 
-__all__ = ["FORMAT_VERSION", "ActivationCache", "CacheError", "SplitPlan", "SplitView", "create_store",
-           "open_group", "store_state", "tap_index", "tap_name"]
+__all__ = ["FORMAT_VERSION", "ActivationCache", "CacheError", "DamagedStoreError", "SplitPlan", "SplitView",
+           "check_url", "create_store", "open_group", "store_state", "tap_index", "tap_name"]
 
 DEFAULT_SHARD_TOKENS = 16384
 CHUNK_TARGET_BYTES = 1 << 20
+REEXTRACT = "re-extract it (`lst extract ... --overwrite`)"
+#: what zarr raises for a node whose zarr.json is not JSON, or not the metadata of the node expected there
+UNREADABLE_METADATA = (ValueError, TypeError)
+
+
+class DamagedStoreError(CacheError):
+    """A store is there but its own metadata cannot be read (garbage or empty zarr.json, a refused
+    manifest): ``lst verify`` reports it as a finding (FAILED), where a path with no store at all, or
+    an unusable URL, stays bad input."""
+
+
+def check_url(url: str) -> None:
+    """Refuse a store URL whose protocol fsspec does not know, or whose filesystem package is not
+    installed, with what to do; fsspec would raise a bare ValueError / ImportError from deep inside Zarr."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol is None:
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise CacheError(f"{url}: unknown storage protocol {protocol!r}; give a local path or a URL fsspec "
+                         "knows (s3://, gs://, file://, ...)") from None
+    except ImportError as e:
+        raise CacheError(f"{url}: the {protocol}:// filesystem is not installed ({e}); install its fsspec "
+                         "package (e.g. `pip install s3fs`) or use a local path") from None
 
 
 def chunk_rows_for(hidden: int, codec: str, shard_tokens: int) -> int:
@@ -127,6 +154,20 @@ def store_state(url: str, storage_options: dict | None = None) -> str | None:
     except CacheError:
         return "invalid"
     return "cache" if manifest.layout_complete else "partial"
+
+
+def _no_cache_error(url: str) -> CacheError:
+    """Why there is no store at ``url``, and what to do: an existing non-empty directory is not one
+    to extract into (extract refuses it), so it is named as not a cache rather than sent to extract."""
+    p = local_path(url) if is_local(url) else None
+    if p is None or not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return CacheError(f"no activation cache at {url}: run `lst extract ... --out {url}` first")
+    if p.is_dir() and ((p / "init").is_dir() or any(p.glob("*/acts"))):  # a cache's init pack, or a split
+        return DamagedStoreError(f"cache {url}: its root zarr.json is missing; the store is damaged: {REEXTRACT}")
+    what = "directory but not an lst activation cache (it has no zarr.json)" if p.is_dir() else \
+        "file, not an lst activation cache"
+    return CacheError(f"{url} is a {what}: give the path of a cache (e.g. data/cache/NAME.zarr), or extract one "
+                      "into a new directory with `lst extract ... --out NEW.zarr`")
 
 
 def _decoder_unit_rows(plan: SplitPlan, decoder: dict, hidden_size: int, codec: str) -> tuple[int, int]:
@@ -261,13 +302,25 @@ def _create_decoder_arrays(g: zarr.Group, plan: SplitPlan, decoder: dict, hidden
                                 chunks=(1, padded), compressors=C.compressors(), fill_value=0)
 
 
+def _node(group: zarr.Group, path: str, damaged: Callable[[str], CacheError]) -> zarr.Group | zarr.Array:
+    """``group[path]``, or ``damaged(what is wrong)`` raised where the node is missing or its zarr.json
+    does not read."""
+    try:
+        return group[path]
+    except KeyError:
+        raise damaged("is missing (its zarr.json is gone)") from None
+    except UNREADABLE_METADATA as e:
+        raise damaged(f"has unreadable metadata ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 class SplitView:
     """Read/write access to one split of an open store."""
 
     def __init__(self, cache: "ActivationCache", name: str):
         self.cache = cache
         self.name = name
-        self.group: zarr.Group = cache.root[name]
+        self.group: zarr.Group = _node(cache.root, name, lambda what: CacheError(
+            f"cache {cache.url}: split {name} {what}; the store is damaged: {REEXTRACT}"))
         where = f"cache {cache.url}: split {name}"
         self.manifest: SplitManifest = SplitManifest.from_attrs(dict(self.group.attrs), where=where)
         self.manifest.check_against(cache.manifest, where)
@@ -299,21 +352,15 @@ class SplitView:
         return self.manifest.decoder_unit_rows
 
     def _damaged(self, what: str) -> CacheError:
-        return CacheError(f"cache {self.cache.url}: {self.name}/{what}; the store is damaged: re-extract it "
-                          "(`lst extract ... --overwrite`)")
+        return CacheError(f"cache {self.cache.url}: {self.name}/{what}; the store is damaged: {REEXTRACT}")
 
     def _small(self, name: str, shape: tuple[int, ...], every_chunk: bool = False) -> np.ndarray:
         """A whole per-example/per-token array, after checking its stored shape against the
         manifest (so a damaged store cannot make us allocate from a bogus shape). Checksum
         failures and (``every_chunk``) deleted chunks are refused as damage."""
-        try:
-            arr = self.group[name]
-        except KeyError:
-            raise self._damaged(f"{name} is missing") from None
+        arr = self.array(name)
         if tuple(arr.shape) != shape:
-            raise CacheError(f"cache {self.cache.url}: {self.name}/{name} has shape {tuple(arr.shape)}, the "
-                             f"split's manifest says {shape}; the store is damaged: re-extract it "
-                             "(`lst extract ... --overwrite`)")
+            raise self._damaged(f"{name} has shape {tuple(arr.shape)}, the split's manifest says {shape}")
         if every_chunk and shape[0] and arr.nchunks_initialized != arr.nchunks:
             raise self._damaged(f"{name}: {arr.nchunks - arr.nchunks_initialized} of its {arr.nchunks} chunk(s) "
                                 "are missing")
@@ -360,18 +407,30 @@ class SplitView:
     def done(self) -> np.ndarray:
         return self._small("done", (self.num_shards,))
 
+    def shard_file_problem(self, array: str, shard: int) -> str | None:
+        """Why the file of a done shard of ``array`` ('acts/layer_1') cannot hold its data -- missing, or
+        empty -- else None (and None for a store that is not local). Zarr reads either back as zeros."""
+        if not self.cache.local_root:
+            return None
+        f = self.cache.local_root / self.name / array / "c" / str(shard) / "0"
+        if not f.is_file():
+            return f"its file {f} is missing"
+        if f.stat().st_size == 0:
+            return f"its file {f} is empty"
+        return None
+
     def check_shard_files(self) -> None:
         """A shard marked done must have its data: in a local store, every tap's shard file exists
-        (a deleted one would otherwise read back as zeros)."""
+        and is not empty (``shard_file_problem``)."""
         if not self.cache.local_root:
             return
         done = self.done()
         arrays = [f"acts/{tap_name(t)}" for t in self.cache.taps]
         for shard in np.flatnonzero(done):
             for a in arrays:
-                f = self.cache.local_root / self.name / a / "c" / str(int(shard)) / "0"
-                if not f.is_file():
-                    raise self._damaged(f"{a}: shard {int(shard)} is marked done but its file {f} is missing")
+                problem = self.shard_file_problem(a, int(shard))
+                if problem:
+                    raise self._damaged(f"{a}: shard {int(shard)} is marked done but {problem}")
 
     def pending_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done())]
@@ -386,14 +445,35 @@ class SplitView:
         """Examples whose first token row lies in the shard (their decoder rows live in it)."""
         return unit_examples(self.offsets, *self.shard_rows(shard))
 
+    def array(self, path: str) -> zarr.Array:
+        """The array at ``path`` under the split ('offsets', 'acts/layer_1', ...), a missing or unreadable
+        node refused as damage (Zarr's bare KeyError or JSONDecodeError would name neither store nor fix)."""
+        node = _node(self.group, path, lambda what: self._damaged(f"{path} {what}"))
+        if not isinstance(node, zarr.Array):
+            raise self._damaged(f"{path} is a group, not an array")
+        return node
+
+    def activation_arrays(self) -> list[str]:
+        """The path of every activation array the manifests say this split holds: each tap's values
+        (and scales, for scaled codecs) and, for T5 label targets, each decoder tap's."""
+        kinds = ("acts", "scales") if self.cache.spec.has_scale else ("acts",)
+        return ([f"{k}/{tap_name(t)}" for k in kinds for t in self.cache.taps]
+                + [f"dec/{k}/{tap_name(t)}" for k in kinds for t in self.cache.decoder_taps])
+
+    def check_arrays(self) -> None:
+        """Every activation array is there and its metadata reads: a tap whose zarr.json is gone must
+        fail here, in one line, not as a KeyError in the middle of training."""
+        for path in self.activation_arrays():
+            self.array(path)
+
     def tap_array(self, tap: int) -> zarr.Array:
-        return self.group["acts"][tap_name(tap)]
+        return self.array(f"acts/{tap_name(tap)}")
 
     def decoder_array(self, tap: int, scale: bool = False) -> zarr.Array:
-        return self.group["dec"]["scales" if scale else "acts"][tap_name(tap)]
+        return self.array(f"dec/{'scales' if scale else 'acts'}/{tap_name(tap)}")
 
     def scale_array(self, tap: int) -> zarr.Array:
-        return self.group["scales"][tap_name(tap)]
+        return self.array(f"scales/{tap_name(tap)}")
 
     # -- writing -----------------------------------------------------------------------------
     def write_shard(self, shard: int, values: dict[int, tuple[np.ndarray, np.ndarray | None]],
@@ -472,13 +552,24 @@ class ActivationCache:
 
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "ActivationCache":
+        """The store at ``url``; ``CacheError`` (``DamagedStoreError`` where a store is there but its root
+        metadata does not read) saying what is wrong and what to do."""
+        check_url(url)
         try:
             root = open_group(url, mode=mode, storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-            raise CacheError(f"no activation cache at {url}: run `lst extract ... --out {url}` first") from e
+            raise _no_cache_error(url) from e
+        except UNREADABLE_METADATA as e:
+            raise DamagedStoreError(f"cache {url}: its root zarr.json does not read as a Zarr group "
+                                    f"({type(e).__name__}: {str(e)[:200]}); the store is damaged: {REEXTRACT}") from None
         if "format_version" not in root.attrs:
             raise CacheError(f"{url} is a Zarr group but not an lst activation cache (no format_version)")
-        return cls(url, root, storage_options)
+        try:
+            return cls(url, root, storage_options)
+        except DamagedStoreError:
+            raise
+        except CacheError as e:  # the manifest is refused: damaged, or written by another lst
+            raise DamagedStoreError(str(e)) from None
 
     def _update_manifest(self, **changes) -> None:
         """Write changed root attributes (checked through the manifest first)."""
@@ -490,11 +581,9 @@ class ActivationCache:
     @cached_property
     def local_root(self):
         """The store's directory when it is a plain local path, else None."""
-        from pathlib import Path
-
-        if "://" in self.url and not self.url.startswith("file://"):
+        if not is_local(self.url):
             return None
-        p = Path(self.url[len("file://"):] if self.url.startswith("file://") else self.url)
+        p = local_path(self.url)
         return p if p.is_dir() else None
 
     @property
@@ -564,6 +653,7 @@ class ActivationCache:
         for s in self.splits:
             v = self.split(s)
             v.offsets, v.labels  # noqa: B018 - read and validated on first access
+            v.check_arrays()
             v.check_shard_files()
         from pipeline.cache import initpack
 

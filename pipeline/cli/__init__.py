@@ -41,11 +41,22 @@ COMMAND_GROUPS = (extract, fisher, train, search, params, bench)
 CPU_CACHE_COMMANDS = frozenset({"extract", "fisher", "train", "predict", "sweep", "bench"})
 
 
+def _version() -> str:
+    """The installed package's version (``lst-cache`` in pyproject.toml); 'unknown' when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lst-cache")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lst", description="Ladder Side-Tuning from a compressed, resumable activation cache.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lst {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)

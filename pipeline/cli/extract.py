@@ -77,13 +77,18 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from pipeline.cache.inspect import verify_cache
-    from pipeline.cache.store import ActivationCache
+    from pipeline.cache.inspect import VerifyReport, readable_splits, verify_cache
+    from pipeline.cache.store import ActivationCache, DamagedStoreError
 
-    cache = ActivationCache.open(a.cache)
-    total = sum(cache.split(s).num_tokens for s in cache.splits)
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="verify", file=sys.stderr, disable=a.no_progress) as bar:
-        rep = verify_cache(cache, progress=bar.update)
+    try:
+        cache = ActivationCache.open(a.cache)
+    except DamagedStoreError as e:  # a store is there but its metadata is unreadable: a finding, rc 1
+        rep = VerifyReport(ok=False, problems=[str(e)])
+    else:
+        total = sum(v.num_tokens for v in readable_splits(cache)[0].values())
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="verify", file=sys.stderr,
+                  disable=a.no_progress) as bar:
+            rep = verify_cache(cache, progress=bar.update)
     res = {"store": a.cache, **rep.to_dict()}
 
     def human(r: dict) -> str:

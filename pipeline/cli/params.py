@@ -45,7 +45,8 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--backbone-config", default="t5-base",
-                   help=f"built-in name ({', '.join(BUILTIN_CONFIGS)}, mpnet), a config.json, or a model directory")
+                   help=f"built-in name ({', '.join(BUILTIN_CONFIGS)}), a config.json, or a model directory "
+                        "(default t5-base)")
     p.add_argument("--r", type=int, default=8, help="reduction factor: side width d/r (default 8)")
     p.add_argument("--layers", default=None,
                    help="kept side blocks: 'all' (default) or a comma list, numbered per --layers-base")
@@ -54,9 +55,11 @@ def register(sub) -> None:
                         "(T5-base 1,2,3,5,6,7,9,10,11; T5-large 1,3,...,23; T5-3B 23) paste as they are. "
                         "Default 1 for every other config, as `lst train --layers` and SideConfig.layers")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="resize the backbone's embeddings before counting it (default: 32100 for the T5 built-ins, "
-                        "len(tokenizer), as the official code resizes; otherwise the config's vocab)")
-    p.add_argument("--num-labels", type=int, default=2, help="task-head outputs for non-T5 backbones (default 2)")
+                   help="resize the backbone's embeddings to this many rows (> 0) before counting it (default: "
+                        "32100 for the T5 built-ins, len(tokenizer), as the official code resizes; otherwise the "
+                        "config's vocab)")
+    p.add_argument("--num-labels", type=int, default=2,
+                   help="task-head outputs for non-T5 backbones: the classes, or 1 for a regression head (default 2)")
     p.add_argument("--gate", default="learnable", choices=["learnable", "sum", "none"],
                    help="ladder gate, as `lst train --gate` (default learnable)")
     p.add_argument("--block", default="backbone", help="side-block type for non-T5 backbones (default 'backbone')")

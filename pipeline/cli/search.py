@@ -8,6 +8,7 @@ import sys
 
 from pipeline.cli.options import add_options, given
 from pipeline.cli.output import add_output_flags
+from pipeline.errors import TrainError
 from pipeline.search.space import KNOBS
 from pipeline.search.sweep import SweepConfig
 from pipeline.train.config import TrainConfig
@@ -46,8 +47,12 @@ def _sweep(a: argparse.Namespace) -> int:
     else:
         print(f"{s['out']}: {s['n_trials']}/{s['trials_target']} trials finished ({s['n_complete']} complete, "
               f"{s['n_pruned']} pruned, {s['n_failed']} failed; {s['new_trials']} this run) in {s['wall_s']} s")
-        print(f"best: trial {s['best_trial']} dev {s['metric']} {s['best_dev_score']} params {s['best_params']}")
-        print(f"report: lst report {s['out']}")
+        if s["n_complete"]:
+            print(f"best: trial {s['best_trial']} dev {s['metric']} {s['best_dev_score']} params {s['best_params']}")
+            print(f"report: lst report {s['out']}")
+    if not s["n_complete"]:  # a sweep without one result is a failed command, and says why
+        why = (s["first_error"] or "every trial was pruned").splitlines()[0]
+        raise TrainError(f"no trial of {s['out']} completed; first failure: {why}")
     return 0
 
 
@@ -55,6 +60,8 @@ def _report(a: argparse.Namespace) -> int:
     from pipeline.search.report import write_report
 
     r = write_report(a.run_dir, top=a.top, out_dir=a.out)
+    for why in r["skipped"]:
+        print(f"lst report: warning: {why}", file=sys.stderr)
     if a.json:
         print(json.dumps({k: v for k, v in r.items() if k != "leaderboard_md_text"}, default=str))
     else:
@@ -88,7 +95,7 @@ def register(sub) -> None:
                     "plots/leaderboard.csv, plots/learning_curves.csv (for `dvc plots show`).",
     )
     r.add_argument("run_dir", metavar="RUN_DIR", help="a sweep directory written by `lst sweep`")
-    r.add_argument("--top", type=int, default=5, help="trials drawn in learning_curves.png (default 5)")
+    r.add_argument("--top", type=int, default=5, help="trials drawn in learning_curves.png, 1 or more (default 5)")
     r.add_argument("--out", help="write the report files here instead of into RUN_DIR (the DVC stage uses reports/)")
     r.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     r.set_defaults(func=_report)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-import yaml
 
 from pipeline.cli.options import add_options, given
 from pipeline.cli.output import add_output_flags
-from pipeline.errors import TrainError
+from pipeline.errors import TrainError, UserError
 from pipeline.side.config import SideConfig
 from pipeline.train.config import TrainConfig
 
@@ -30,18 +27,33 @@ SIDE_FLAGS = ("r", "layers", "decoder_layers", "head", "gate", "block", "init", 
 LAYER_FLAGS = ("layers", "decoder_layers")
 
 
+def _mapping(value: object, where: str) -> dict:
+    """``value`` if it is a YAML mapping (or empty); a config's ``side: 5`` is a user error, not a TypeError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TrainError(f"{where}: expected a mapping of keys to values (e.g. 'r: 8'), got {type(value).__name__} "
+                         f"{value!r}; fix the file")
+    return value
+
+
+def config_file(path: str) -> dict:
+    """Training keys (with a ``side`` mapping) from a --config YAML: a hand-written one, or a run's own
+    config.yaml (``train:`` and ``side:`` sections), read with the sweep's --space reader so a bad file is one line."""
+    from pipeline.search.space import read_yaml
+
+    base = _mapping(read_yaml(path, "--config", TrainError), f"--config {path}")
+    if "train" in base:  # a run's own config.yaml
+        train = _mapping(base["train"], f"--config {path}: train")
+        side = {**_mapping(train.get("side"), f"--config {path}: train.side"),
+                **_mapping(base.get("side"), f"--config {path}: side")}
+        return {**train, "side": side}
+    return {**base, "side": _mapping(base.get("side"), f"--config {path}: side")}
+
+
 def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
-    base: dict = {}
-    if a.config:
-        p = Path(a.config)
-        if not p.exists():
-            raise TrainError(f"--config {p} does not exist")
-        base = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(base, dict):
-            raise TrainError(f"--config {p}: expected a mapping of training keys, got {type(base).__name__}")
-        if "train" in base:  # a run's own config.yaml
-            base = {**base["train"], "side": {**base["train"].get("side", {}), **base.get("side", {})}}
-    side = {**(base.pop("side", {}) or {}), **given(a, SideConfig, SIDE_FLAGS, exclude=LAYER_FLAGS)}
+    base = config_file(a.config) if a.config else {}
+    side = {**base.pop("side", {}), **given(a, SideConfig, SIDE_FLAGS, exclude=LAYER_FLAGS)}
     shift = 1 - a.layers_base  # SideConfig is 1-based; official LST lists are 0-based
     for key in LAYER_FLAGS:
         flag = getattr(a, key)
@@ -68,12 +80,29 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(a: argparse.Namespace) -> int:
-    from pipeline.train.predict import Predictor, read_inputs
+def _flag_text(flag: str, value: str | None, want: str) -> list[str] | None:
+    """A --text/--text-pair value as a one-item batch; an empty one is refused (nothing to predict)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise UserError(f"{flag} is empty; give {want}")
+    return [value]
 
-    if bool(a.text) == bool(a.input):
-        raise TrainError("give exactly one of --text TEXT or --input FILE")
-    texts, pairs = ([a.text], [a.text_pair] if a.text_pair else None) if a.text else read_inputs(a.input)
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from pipeline.train.predict import Predictor, check_inputs, dataset_columns, read_inputs, run_config
+
+    if (a.text is None) == (a.input is None):
+        raise UserError("give exactly one of --text TEXT or --input FILE")
+    cfg = run_config(a.run)  # a wrong --run is refused before the inputs are read and the backbone loaded
+    if a.input is not None:
+        if a.text_pair is not None:
+            raise UserError("--text-pair goes with --text; an --input table gives pairs in a 'text_pair' column")
+        (texts, pairs), source = read_inputs(a.input, dataset_columns(cfg)), f"input file {a.input}"
+    else:
+        texts, pairs, source = (_flag_text("--text", a.text, "the text to predict"),
+                                 _flag_text("--text-pair", a.text_pair, "the second sentence"), "--text")
+    check_inputs(texts, pairs, cfg, source)
     preds = Predictor(a.run, device=a.device, max_new_tokens=a.max_new_tokens).predict(texts, pairs)
     if a.json:
         print(json.dumps({"run": a.run, "predictions": preds}))
@@ -112,9 +141,10 @@ def register(sub) -> None:
     q.add_argument("--run", required=True, help="run directory written by `lst train`")
     q.add_argument("--text", help="one input text")
     q.add_argument("--text-pair", help="second segment for pair tasks")
-    q.add_argument("--input", help=".txt (one per line) or CSV/TSV/JSONL/Parquet with a text column")
-    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the backbone and side network run (default cpu)")
+    q.add_argument("--input", help=".txt (one text per line) or CSV/TSV/JSONL/Parquet with columns text (+ text_pair "
+                                   "for pair tasks), sentence1 + sentence2, sentence, or the run's dataset's own")
+    q.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where the backbone and side network run: cpu (default), cuda, or auto (CUDA when present)")
     q.add_argument("--max-new-tokens", type=int,
                    help="T5 label-scoring runs: greedy generation length cap (default: longest label + 4)")
     add_output_flags(q, progress=False)

@@ -166,6 +166,11 @@ def _drop_unlabeled_splits(
         raise DatasetError(f"{root} has no labeled split")
 
 
+def _column_option(arg: str, value: str = "NAME") -> str:
+    """How a user names a column: the `lst extract` flag, and the keyword for callers of the library."""
+    return f"--{arg.replace('_', '-')} {value} ({arg}={value} from Python)"
+
+
 def _resolve_columns(
     tables: dict[str, Table],
     text_column: str | None,
@@ -178,7 +183,8 @@ def _resolve_columns(
 
     def missing(what: str, arg: str, tried: str) -> DatasetError:
         return DatasetError(
-            f"{first.path} has no {what} column ({tried}); its columns are {cols}. Pass {arg}=<one of those>"
+            f"{first.path} has no {what} column ({tried}); its columns are {cols}. Name one with "
+            f"{_column_option(arg)}"
         )
 
     text, pair = text_column, text_pair_column
@@ -305,8 +311,8 @@ def load_dataset(
         for arg, role in ((text_column, "text"), (text_pair_column, "text_pair"), (label_column, "label")):
             if arg is not None and arg != columns[role]:
                 raise DatasetError(
-                    f"columns of the named task {task!r} are fixed ({columns}); do not pass {role}_column={arg!r}, "
-                    "or load the file as a custom dataset instead"
+                    f"columns of the named task {task!r} are fixed ({columns}); drop "
+                    f"{_column_option(f'{role}_column', repr(arg))}, or load the file as a custom dataset instead"
                 )
         _check_columns(tables, columns)
         name, force, fixed_names, metric = task, tspec.force, tspec.label_names, tspec.metric

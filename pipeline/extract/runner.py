@@ -15,8 +15,11 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock, Timeout
@@ -30,7 +33,7 @@ from pipeline.cache.backbone_config import packed_config_json
 from pipeline.cache.draws import draw_split, parse_draw
 from pipeline.cache.fingerprint import diff_fingerprints, library_versions
 from pipeline.cache.faultpoints import fault_point
-from pipeline.cache.store import ActivationCache, CacheError, create_store, store_state, tap_name
+from pipeline.cache.store import ActivationCache, CacheError, check_url, create_store, store_state, tap_name
 from pipeline.data import load_dataset, sha256_path
 from pipeline.cache import initpack
 from pipeline.extract.plan import build_split_plan, normalize_prompt_template
@@ -38,6 +41,9 @@ from pipeline.extract.worker import ComputeSettings, compute_shard
 from pipeline.devices import resolve_device, spare_core
 from pipeline.extract.config import ExtractConfig
 from pipeline.outdirs import check_out_dir, is_local, local_path
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 def parse_taps(layers: str, num_layers: int) -> list[int]:
@@ -139,6 +145,7 @@ DRAWN_SPLIT = "train"  # the split --dropout-draws passes again with dropout on
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract (or resume) a store; returns a JSON-able summary."""
     C.codec_spec(cfg.codec)
+    check_url(cfg.out)
     if is_local(cfg.out):
         check_out_dir(local_path(cfg.out), example="data/cache/NAME.zarr")
     if cfg.precision not in ("fp32", "fp16", "bf16"):
@@ -166,30 +173,50 @@ def run_extract(cfg: ExtractConfig) -> dict:
     targets, words = label_scoring(cfg, backbone, bundle)
     fingerprint = build_fingerprint(cfg, path, backbone.config.model_type, bundle, taps)
 
-    lock = None
-    if is_local(cfg.out):
-        out = local_path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(out) + ".lock")
+    with _store_lock(cfg):
+        fault_point("locked")
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise ExtractError(
-                f"{cfg.out} is being written by another extraction (lock {out}.lock is held); "
-                "wait for it to finish, or stop it first"
-            ) from None
-    fault_point("locked")
+            return _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets, words)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ExtractError(
+                    f"disk full while writing {cfg.out}: shards already marked done are kept; "
+                    "free space and re-run the same command to resume"
+                ) from e
+            raise
+
+
+@contextmanager
+def _store_lock(cfg: ExtractConfig) -> Iterator[None]:
+    """Hold ``<out>.lock`` (local stores) while the store is written: two extractions never write one store.
+
+    A lock file this process created is removed again where no store came of the run (a refused
+    --out, an error before the store was created), so failed runs leave no litter beside it; one that
+    was there before, or guards a store, stays. It is unlinked while still held, so no other process
+    holds it then, and one that opened it just before cannot take it afterwards (filelock refuses a
+    lock whose file has been unlinked)."""
+    if not is_local(cfg.out):
+        yield
+        return
+    out = local_path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(f"{out}.lock")
+    created = not path.exists()
+    lock = FileLock(str(path))
     try:
-        return _extract_locked(cfg, bundle, backbone, taps, fingerprint, device, t_start, targets, words)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ExtractError(
-                f"disk full while writing {cfg.out}: shards already marked done are kept; "
-                "free space and re-run the same command to resume"
-            ) from e
-        raise
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ExtractError(
+            f"{cfg.out} is being written by another extraction (lock {path} is held); "
+            "wait for it to finish, or stop it first"
+        ) from None
+    try:
+        yield
     finally:
-        if lock is not None:
+        try:
+            if created and _store_state(cfg.out, cfg.storage_options) in ("absent", "foreign"):
+                path.unlink(missing_ok=True)
+        finally:
             lock.release()
 
 
@@ -363,13 +390,26 @@ def dask_extract_shard(url: str, storage_options, split: str, shard: int, backbo
     return b - a
 
 
+def _connect(address: str) -> "Client":
+    """A Dask client of the running scheduler at ``address``; one that cannot be reached is the user's
+    to fix (``distributed`` raises a bare OSError after its connect timeout), as in ``lst sweep``."""
+    from distributed import Client
+
+    try:
+        return Client(address)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise ExtractError(f"cannot reach the Dask scheduler at {address}: {e}; start it (or drop --scheduler, "
+                           "or give --workers N for a local cluster) and re-run the same command: shards "
+                           "already done are kept") from None
+
+
 def _run_dask(cfg: ExtractConfig, cache, work, settings, bar) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     url = cfg.out if not is_local(cfg.out) else str(local_path(cfg.out).resolve())
     cluster = None
     if cfg.scheduler:
-        client = Client(cfg.scheduler)
+        client = _connect(cfg.scheduler)
     else:
         cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import TrainError
+from pipeline.errors import TrainError, UserError
 
 __all__ = ["collect_trials", "write_report"]
 
@@ -58,8 +58,31 @@ def _compact_config(cfg_yaml: dict, attr_config: dict | None) -> dict:
     return {k: out[k] for k in _CONFIG_KEYS if k in out}
 
 
-def collect_trials(run_dir: str | Path) -> list[dict]:
-    """One record per trial with a summary: state, config, scores, size, memory, time, history."""
+def _trial_files(d: Path) -> tuple[dict, list[dict], dict]:
+    """A trial directory's summary, per-epoch history and config.yaml; ValueError names the file that
+    is damaged (edited by hand, or cut short by a full disk)."""
+    def read(name: str, parse, empty):
+        path = d / name
+        if not path.exists():
+            return empty
+        try:
+            got = parse(path.read_text())
+        except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path} is damaged ({type(e).__name__})") from None
+        if not isinstance(got, type(empty)):
+            raise ValueError(f"{path} is damaged (holds a {type(got).__name__})")
+        return got
+
+    s = read("summary.json", json.loads, {})
+    hist = read("metrics.jsonl", lambda t: [json.loads(x) for x in t.splitlines() if x.strip()], [])
+    if any(not isinstance(h, dict) or "epoch" not in h or "dev_score" not in h for h in hist):
+        raise ValueError(f"{d / 'metrics.jsonl'} is damaged (a line without epoch and dev_score)")
+    return s, hist, read("config.yaml", lambda t: yaml.safe_load(t) or {}, {})
+
+
+def collect_trials(run_dir: str | Path, skipped: list[str] | None = None) -> list[dict]:
+    """One record per trial with a summary: state, config, scores, size, memory, time, history. A trial
+    whose files are damaged is left out, and why goes to ``skipped``: one bad trial must not hide the rest."""
     run = Path(run_dir)
     if not (run / "trials").is_dir():
         raise TrainError(f"{run} is not a sweep directory (no trials/); run `lst sweep --out {run}` first")
@@ -70,10 +93,12 @@ def collect_trials(run_dir: str | Path) -> list[dict]:
         st = states.get(n, {})
         if st.get("stale") or not (d / "summary.json").exists():
             continue
-        s = json.loads((d / "summary.json").read_text())
-        hist = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-            if (d / "metrics.jsonl").exists() else []
-        cfg_yaml = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").exists() else {}
+        try:
+            s, hist, cfg_yaml = _trial_files(d)
+        except ValueError as e:
+            if skipped is not None:
+                skipped.append(f"trial {n} left out: {e}")
+            continue
         state = st.get("state") or ("PRUNED" if s.get("pruned") else "COMPLETE")
         out.append({
             "trial": n, "state": state, "config": _compact_config(cfg_yaml, st.get("config")),
@@ -178,12 +203,18 @@ def _plots(rows: list[dict], run: Path, metric: str, top: int) -> list[str]:
 def write_report(run_dir: str | Path, top: int = 5, out_dir: str | Path | None = None) -> dict:
     """Leaderboard, plots and DVC files of a sweep, into ``out_dir`` (default: the sweep dir itself;
     the DVC pipeline writes them to reports/ so they are not inside the sweep stage's output)."""
+    if top < 1:
+        raise UserError(f"--top {top}: draw at least 1 trial's learning curve")
     run = Path(run_dir)
-    dest = Path(out_dir) if out_dir else run
-    dest.mkdir(parents=True, exist_ok=True)
-    rows = _rank(collect_trials(run))
+    skipped: list[str] = []
+    rows = _rank(collect_trials(run, skipped))
     if not rows:
-        raise TrainError(f"{run} has no finished trials yet (no trials/<n>/summary.json)")
+        raise TrainError(f"{run} has no finished trials yet (no readable trials/<n>/summary.json)"
+                         + (f"; {'; '.join(skipped)}" if skipped else ""))
+    dest = Path(out_dir) if out_dir else run
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--out {dest} is a file; give a directory for the report files, e.g. --out reports/")
+    dest.mkdir(parents=True, exist_ok=True)
     metric = rows[0]["metric"] or "score"
     files = []
     md = _markdown(rows, metric, run)
@@ -219,4 +250,4 @@ def write_report(run_dir: str | Path, top: int = 5, out_dir: str | Path | None =
     return {"run_dir": str(run), "out_dir": str(dest), "metric": metric, "files": files, "best": {k: best[k] for k in (
         "trial", "dev_score", "config", "trainable_params", "side_mem_mb")}, **{k: v for k, v in metrics.items()
                                                                                 if k.startswith("n_")},
-            "leaderboard": board[:10], "leaderboard_md_text": md}
+            "leaderboard": board[:10], "skipped": skipped, "leaderboard_md_text": md}

@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from pipeline.side.config import GATES, HEADS, INITS, POOLINGS
-from pipeline.errors import TrainError
+from pipeline.errors import LstError, TrainError
 
-__all__ = ["SpaceError", "Knob", "SearchSpace", "load_space", "KNOBS", "SIDE_KNOBS"]
+__all__ = ["SpaceError", "Knob", "SearchSpace", "load_space", "read_yaml", "KNOBS", "SIDE_KNOBS"]
 
 
 class SpaceError(TrainError):
@@ -280,15 +280,34 @@ class SearchSpace:
                 raise SpaceError(f"{self.source}: {what} cannot be built on this backbone: {e}") from None
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error (PyYAML's own message spans several, with the offending source)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
+
+
+def read_yaml(path: str | Path, what: str, error: type[LstError]) -> Any:
+    """The parsed content of a user's YAML file. Every way the file can be unusable (missing, a
+    directory, unreadable, not text, not YAML) is one ``error`` line naming ``what`` and the fix,
+    so `lst sweep --space` and `lst train --config` report them alike."""
+    p = Path(path)
+    if not p.exists():
+        raise error(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory; give a YAML file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p} is not valid YAML: {_yaml_problem(e)}; fix the file") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {p} is not a text file; give a YAML file") from None
+    except OSError as e:
+        raise error(f"{what} {p} cannot be read: {e.strerror or e}") from None
+
+
 def load_space(space: str | Path | dict) -> SearchSpace:
     """A SearchSpace from a YAML path or a dict."""
     if isinstance(space, dict):
         return SearchSpace.from_dict(space)
-    p = Path(space)
-    if not p.exists():
-        raise SpaceError(f"space file {p} does not exist")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"space file {p} is not valid YAML: {e}") from None
-    return SearchSpace.from_dict(d, source=str(p))
+    return SearchSpace.from_dict(read_yaml(space, "space file", SpaceError), source=str(space))

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import TrainError
+from pipeline.errors import CacheError, TrainError
 from pipeline.outdirs import check_out_dir, foreign_files
 
 __all__ = ["SweepConfig", "run_sweep", "open_study", "study_counts", "SAMPLERS", "PRUNERS"]
@@ -149,11 +149,40 @@ def open_study(out: str | Path, sampler=None, pruner=None, create: bool = True):
     path = Path(out) / "study.journal"
     if not create and not path.exists():
         raise TrainError(f"{out} holds no study (no study.journal); run `lst sweep --out {out}` first")
-    storage = JournalStorage(JournalFileBackend(str(path)))
-    if create:
-        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner,
-                                   direction="maximize", load_if_exists=True)
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
+    try:
+        if create:
+            _check_last_line(path)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        if create:
+            return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner,
+                                       direction="maximize", load_if_exists=True)
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # Optuna replays the journal's JSON lines
+        raise TrainError(f"{path} is damaged and cannot be replayed ({type(e).__name__}: {str(e)[:120]}); it holds "
+                         f"the sweep's trials: restore it from a copy, or start a new sweep with another --out "
+                         f"(the trials' own directories under {Path(out) / 'trials'} are kept)") from None
+
+
+def _check_last_line(journal: Path) -> None:
+    """Optuna skips an unreadable *last* journal line (a write in progress), then appends after it, which
+    makes that line a damaged middle one and the study unreadable from then on: a sweep about to write
+    refuses it first (ValueError). Read under the journal's own write lock, so another worker's append in
+    progress is never taken for damage."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not journal.exists():
+        return
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()
+    try:
+        data = journal.read_bytes()
+    finally:
+        lock.release()
+    if data:
+        last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        if not data.endswith(b"\n"):
+            raise ValueError("its last line is cut short; delete that line to resume")
+        json.loads(last)
 
 
 def _counted(t) -> bool:
@@ -287,13 +316,29 @@ def _claim(study, cfg: SweepConfig, target: int, owner: str | None = None) -> li
 
 
 def _trial_config(cfg: SweepConfig, space, params: dict, number: int):
+    return _train_config(cfg, space.train_fields(params), number)
+
+
+def _train_config(cfg: SweepConfig, fields: dict, number: int):
+    """Trial ``number``'s TrainConfig: the sweep's shared options, then the space's ``fields`` for it."""
     from pipeline.train.trainer import TrainConfig
 
-    fields = space.train_fields(params)
     base = {"seed": cfg.seed, "recompute": SWEEP_RECOMPUTE, **{k: v for k, v in cfg.train.items()}}
     return TrainConfig.from_dict({**base, **fields, "cache": cfg.cache,
                                   "out": str(Path(cfg.out) / "trials" / str(number)),
                                   "overwrite": True, "progress": False})
+
+
+def _check_trial_options(cfg: SweepConfig) -> None:
+    """The options every trial shares (--max-steps, --reader-memory, --device, ...), checked once before any
+    trial as `lst train` checks them: a bad one would otherwise fail every trial alike, its reason only in
+    the journal."""
+    from pipeline.devices import resolve_device
+    from pipeline.train.trainer import parse_reader_memory
+
+    tc = _train_config(cfg, {}, 0)
+    parse_reader_memory(tc.reader_memory)
+    resolve_device(tc.device)
 
 
 def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> list[dict]:
@@ -330,6 +375,8 @@ def _run_batch(study, trials: list, cfg: SweepConfig, space, worker: str) -> lis
     try:
         summaries = train_many(cfgs, data_seed=cfg.seed, on_epoch=on_epoch, progress=False, fuse=cfg.fuse,
                                variant_threads=cfg.variant_threads)
+    except CacheError:
+        raise  # a damaged cache fails every trial alike: the sweep stops; its claimed trials resume as stale
     except (TrainError, ValueError, RuntimeError) as e:
         for t in ok:
             t.set_user_attr("error", f"{type(e).__name__}: {e}")
@@ -424,6 +471,7 @@ def _validate(cfg: SweepConfig):
     if bad:
         raise TrainError(f"sweep train options {bad} are not allowed; allowed: {', '.join(sorted(_TRAIN_EXTRAS))} "
                          "(search knobs go in the space file)")
+    _check_trial_options(cfg)
     space = load_space(cfg.space)
     cache = ActivationCache.open(cfg.cache)
     cache.require_complete()
@@ -456,7 +504,13 @@ def _check_identity(out: Path, ident: dict) -> bool:
     if not p.exists():
         p.write_text(json.dumps(ident, indent=2, default=str))
         return False
-    old = json.loads(p.read_text())
+    try:
+        old = json.loads(p.read_text())
+        if not isinstance(old, dict):
+            raise ValueError(f"holds a {type(old).__name__}")
+    except (ValueError, OSError) as e:
+        raise TrainError(f"{p} is damaged ({type(e).__name__}: {str(e)[:80]}); it says which sweep {out} is: restore "
+                         "it from a copy, or start a new sweep with another --out") from None
     new = json.loads(json.dumps(ident, default=str))
     diffs = [k for k in new if json.dumps(old.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
     if diffs:
@@ -502,9 +556,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 
 def _space_dict(path: str) -> dict:
-    import yaml
+    from pipeline.search.space import SpaceError, read_yaml
 
-    return yaml.safe_load(Path(path).read_text())
+    return read_yaml(path, "space file", SpaceError)
 
 
 def _dispatch(cfg: SweepConfig) -> list[dict]:
@@ -541,6 +595,16 @@ def _dispatch(cfg: SweepConfig) -> list[dict]:
             cluster.close()
 
 
+def _first_error(study) -> str | None:
+    """Why the lowest-numbered failed trial failed (a kill's stale trials aside), for a sweep with no result."""
+    from optuna.trial import TrialState
+
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)), key=lambda t: t.number):
+        if not t.user_attrs.get("stale"):
+            return f"trial {t.number}: " + str(t.user_attrs.get("error") or "it finished without a dev score")
+    return None
+
+
 def _summary(cfg, study, space, target, before, after, stale, workers_out, wall, cache) -> dict:
     best = _best(study)
     task = cache.attrs["task"]
@@ -556,6 +620,7 @@ def _summary(cfg, study, space, target, before, after, stale, workers_out, wall,
         "best_trial": best[0] if best else None, "best_dev_score": best[1] if best else None,
         "best_params": best[2] if best else None,
         "best_run": str(Path(cfg.out) / "trials" / str(best[0])) if best else None,
+        "first_error": _first_error(study),
         "wall_s": round(wall, 3), "trials_per_min": round(60 * new / wall, 2) if wall else None,
         "per_worker": [{"worker": w["worker"], "trials": len(w["trials"]), "wall_s": w["wall_s"]} for w in workers_out],
         "space": space.describe(),

@@ -155,7 +155,8 @@ class SideConfig:
         if self.task_type == "classification" and self.num_labels < 2:
             raise ValueError(
                 f"classification needs num_labels >= 2, got {self.num_labels}; "
-                "for one real-valued output use task_type='regression'"
+                "the task type and class count come from the cache's dataset, so leave num_labels out "
+                "(a regression task, one real-valued output, is task_type 'regression')"
             )
         if self.task_type == "regression" and self.num_labels != 1:
             raise ValueError(f"regression has one output, so num_labels must be 1 (or None), got {self.num_labels}")

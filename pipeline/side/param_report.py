@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.backbones.registry import KNOWN_BACKBONES  # a light module: no torch at import
 from pipeline.errors import ParamsError
 
 __all__ = ["BUILTIN_CONFIGS", "T5_TOKENIZER_VOCAB", "backbone_config", "side_params", ]
@@ -33,7 +34,9 @@ _T5 = {
 }
 T5_CHECKPOINT_VOCAB = 32128
 T5_TOKENIZER_VOCAB = 32100  # len(T5Tokenizer): what the official code resizes the embeddings to
-BUILTIN_CONFIGS = (*_T5, "bert-base", "minilm")
+#: every name --backbone-config takes: the T5 v1.0 and BERT-base configs written here, and the backbones
+#: lst ships (from the backbone registry, so a new one is listed, and accepted, without an edit here)
+BUILTIN_CONFIGS = (*_T5, "bert-base", *KNOWN_BACKBONES)
 
 
 def backbone_config(name: str) -> tuple[Any, str]:
@@ -46,7 +49,7 @@ def backbone_config(name: str) -> tuple[Any, str]:
     if key == "bert-base":
         return tf.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                              intermediate_size=3072), "built-in bert-base (bert-base-uncased)"
-    if key in ("minilm", "mpnet"):
+    if key in KNOWN_BACKBONES:
         from pipeline.backbones import resolve_backbone
 
         path = resolve_backbone(key)
@@ -120,6 +123,12 @@ def side_params(name: str, r: int = 8, layers: str | None = None, layers_base: i
         layers_base = 0 if family == "t5" else 1
     if layers_base not in (0, 1):
         raise ParamsError(f"--layers-base must be 0 or 1, got {layers_base}")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or int(vocab_size) < 1):
+        raise ParamsError(f"--vocab-size {vocab_size}: the embeddings need at least one row; give a positive size, "
+                          "or leave it out for the config's own (T5 built-ins: the tokenizer's 32100)")
+    if num_labels < 1:
+        raise ParamsError(f"--num-labels {num_labels}: give 2 or more task-head outputs (classes), or 1 for a "
+                          "regression head")
     if vocab_size is None and name.strip().lower() in _T5:
         vocab_size = T5_TOKENIZER_VOCAB
     if vocab_size is not None:
@@ -140,7 +149,8 @@ def side_params(name: str, r: int = 8, layers: str | None = None, layers_base: i
 
             n = backbone_dims(config).layers
             kept = _parse_layers(layers, layers_base, n)
-            side = SideConfig(r=r, layers=kept, num_labels=num_labels, gate=gate, block=block)
+            side = SideConfig(r=r, layers=kept, num_labels=num_labels, gate=gate, block=block,
+                              task_type="regression" if num_labels == 1 else "classification")
             from pipeline.side.model import LadderSideNetwork
 
             with torch.device("meta"):
@@ -148,7 +158,8 @@ def side_params(name: str, r: int = 8, layers: str | None = None, layers_base: i
             counts = count_parameters(model)
             by_stack = None
             kept = model.layers
-            kind = f"LadderSideNetwork ({num_labels}-way task head included)"
+            head = "regression" if num_labels == 1 else f"{num_labels}-way task"
+            kind = f"LadderSideNetwork ({head} head included)"
     except ValueError as e:
         if isinstance(e, ParamsError):
             raise

@@ -25,23 +25,52 @@ from pipeline.side.config import SideConfig
 from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.train import checkpoint as ckpt
+from pipeline.devices import resolve_device
 from pipeline.errors import TrainError
+
+
+#: methods whose run holds a side network (side.safetensors) that predict can serve
+SIDE_METHODS = ("lst", "lst-live")
+
+
+def run_config(run: str | Path) -> dict:
+    """A finished LST run's config.yaml. Read before the backbone loads, so a wrong --run (or a run of
+    another method, whose weights are not a side network) is refused at once."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        if not isinstance(cfg["cache_fingerprint"], dict):
+            raise TypeError("cache_fingerprint")
+        method = (cfg.get("train") or {}).get("method", "lst")
+    except (yaml.YAMLError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise TrainError(f"{run / 'config.yaml'} is damaged ({type(e).__name__}); re-train the run") from None
+    if method not in SIDE_METHODS:
+        raise TrainError(f"{run} is a --method {method} run; lst predict serves LST side-network runs only "
+                         f"(--method {' or '.join(SIDE_METHODS)})")
+    if not (run / "side.safetensors").is_file():
+        raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
+    return cfg
+
+
+def dataset_columns(cfg: dict) -> tuple[str, str | None] | None:
+    """The run's dataset's (text, text_pair) column names (text_pair None for a single-sentence task);
+    None where the fingerprint does not record them."""
+    cols = cfg["cache_fingerprint"].get("columns") or {}
+    return (cols["text"], cols.get("text_pair")) if cols.get("text") else None
 
 
 class Predictor:
     def __init__(self, run: str | Path, device: str = "cpu", max_new_tokens: int | None = None):
         run = Path(run)
-        if not (run / "config.yaml").exists() or not (run / "side.safetensors").exists():
-            raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
-        try:
-            cfg = yaml.safe_load((run / "config.yaml").read_text())
-            fp = cfg["cache_fingerprint"]
-        except (yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError) as e:
-            raise TrainError(f"{run / 'config.yaml'} is damaged ({type(e).__name__}); re-train the run") from None
+        cfg = run_config(run)
+        fp = cfg["cache_fingerprint"]
+        device = resolve_device(device)  # `lst train`'s check: CUDA asked for on a machine without it is one line
         path = resolve_backbone(fp["backbone"])
         if weights_sha256(path) != fp["weights_sha256"]:
             raise TrainError(f"backbone {fp['backbone']!r} at {path} differs from the one run {run} was trained with")
-        self.backbone = load_backbone(str(path), device=device)
+        self.backbone = load_backbone(str(path), device=str(device))
         side = SideConfig.from_dict(cfg["side"])
         if cfg.get("label_targets"):
             self.targets = LabelTargets.from_dict(cfg["label_targets"])
@@ -59,7 +88,7 @@ class Predictor:
         self.task = cfg["task"]
         self.max_length = int(fp["max_length"])
         self.prompt_template = fp.get("prompt_template")  # extraction's prompt: new text is wrapped the same way
-        self.device = torch.device(device)
+        self.device = device
         longest = max(len(t) for t in self.targets.targets) if self.targets else 0
         self.max_new_tokens = max_new_tokens or longest + 4
 
@@ -136,21 +165,74 @@ class Predictor:
         return out
 
 
-def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
-    """A .txt file (one text per line) or a CSV/TSV/JSONL/Parquet file with a `text` column (and optional `text_pair`)."""
-    p = Path(path)
-    if not p.exists():
-        raise TrainError(f"input file {p} does not exist")
-    if p.suffix in (".txt", ""):
-        texts = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
-        return texts, None
+#: column layouts an --input table may use: (text column, pair column); the run's own dataset's come first
+INPUT_COLUMNS = (("text", "text_pair"), ("sentence1", "sentence2"), ("sentence", None))
+
+
+def _table(p: Path) -> pd.DataFrame:
+    """The input table by its suffix; a file pandas cannot parse is one line naming it, not a parser traceback."""
     readers = {".csv": pd.read_csv, ".tsv": lambda f: pd.read_csv(f, sep="\t", quoting=3),
                ".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet}
     if p.suffix not in readers:
         raise TrainError(f"input file {p}: use .txt, .csv, .tsv, .jsonl or .parquet")
-    df = readers[p.suffix](p)
-    col = "text" if "text" in df.columns else "sentence" if "sentence" in df.columns else None
-    if col is None:
-        raise TrainError(f"input file {p} needs a 'text' column; it has {', '.join(map(str, df.columns))}")
-    pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
-    return df[col].astype(str).tolist(), pairs
+    try:
+        return readers[p.suffix](p)
+    except pd.errors.EmptyDataError:
+        raise TrainError(f"input file {p} holds no texts; give at least one") from None
+    except (ValueError, OSError) as e:  # pandas' and pyarrow's parse errors are ValueErrors
+        raise TrainError(f"input file {p} cannot be read as {p.suffix[1:]}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _column(df: pd.DataFrame, name: str, p: Path) -> list[str]:
+    """One text column as strings; an empty cell is refused (the tokenizer takes no missing text)."""
+    col = df[name]
+    empty = [i for i, v in enumerate(col) if pd.isna(v) or not str(v).strip()]
+    if empty:
+        rows = ", ".join(str(i + 1) for i in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise TrainError(f"input file {p}: column {name!r} is empty in data row(s) {rows}; fill or drop those rows")
+    return col.astype(str).tolist()
+
+
+def read_inputs(path: str | Path, own: tuple[str, str | None] | None = None) -> tuple[list[str], list[str] | None]:
+    """Texts (and second segments) from a .txt file (one text per line) or a CSV/TSV/JSONL/Parquet table.
+    A table's columns are one of :data:`INPUT_COLUMNS`, or ``own`` (the run's dataset's columns), so a
+    file in the dataset's own layout predicts as it is."""
+    p = Path(path)
+    if not p.exists():
+        raise TrainError(f"input file {p} does not exist")
+    if p.is_dir():
+        raise TrainError(f"input {p} is a directory; give a file: .txt (one text per line), .csv, .tsv, .jsonl "
+                         "or .parquet")
+    if p.suffix in (".txt", ""):
+        try:
+            texts = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainError(f"input file {p} cannot be read as text: {e}") from None
+        return texts, None
+    df = _table(p)
+    layouts = tuple(dict.fromkeys(((own,) if own else ()) + INPUT_COLUMNS))
+    for text_col, pair_col in layouts:
+        if text_col in df.columns:
+            pairs = _column(df, pair_col, p) if pair_col in df.columns else None
+            return _column(df, text_col, p), pairs
+    accepted = "; ".join(f"'{t}'" + (f" (+ '{q}')" if q else "") for t, q in layouts)
+    raise TrainError(f"input file {p} has columns {', '.join(map(str, df.columns)) or 'none'}; predict reads the "
+                     f"text from one of: {accepted}")
+
+
+def check_inputs(texts: list[str], pairs: list[str] | None, cfg: dict, source: str) -> None:
+    """The inputs must fit the run's task: a pair task needs every second segment, a single-sentence task
+    takes none (the tokenizer would encode it as a pair the side network never saw)."""
+    if not texts:
+        raise TrainError(f"{source} holds no texts; give at least one")
+    columns, task = dataset_columns(cfg), cfg["task"].get("name", "this")
+    if columns is None:
+        return  # an older run that did not record its columns: taken as given
+    flag = source == "--text"
+    if columns[1] and pairs is None:
+        fix = "give the second sentence with --text-pair" if flag else \
+            f"give {source} a second column: text + text_pair, or sentence1 + sentence2"
+        raise TrainError(f"the run's task {task} takes sentence pairs ({columns[0]}, {columns[1]}): {fix}")
+    if not columns[1] and pairs is not None:
+        fix = "drop --text-pair" if flag else f"give {source} one text column (text or sentence), no pair column"
+        raise TrainError(f"the run's task {task} takes one text, not a pair: {fix}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cache.fingerprint import diff_fingerprints
+from pipeline.cache.fingerprint import RUN_VS_GIVEN_CACHE, diff_fingerprints
 from pipeline.errors import CacheError, TrainError
 from pipeline.outdirs import check_out_dir, foreign_files
 from pipeline.side.config import SideConfig
@@ -86,7 +86,7 @@ class RunDir:
             raise TrainError(
                 f"{self.path} holds a different run (differs in {', '.join(diffs)}); use another --out or --overwrite"
             )
-        fdiff = diff_fingerprints(saved["cache_fingerprint"], fingerprint)
+        fdiff = diff_fingerprints(saved["cache_fingerprint"], fingerprint, RUN_VS_GIVEN_CACHE)
         if fdiff:
             raise CacheError(f"the cache is not the cache run {self.path} was trained on:\n  " + "\n  ".join(fdiff))
 
@@ -121,26 +121,22 @@ class RunDir:
 
     def finished_summary(self) -> dict[str, Any] | None:
         """The summary of a run that finished (None while it has not: a run writes it last)."""
-        path = self.path / "summary.json"
         try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
+            return json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):  # absent, or unreadable: finished again from its resume point
             return None
-        except (OSError, ValueError):
-            return None  # half-written by hand or a disk error: the run is re-finished from its resume point
 
 
 #: what a run directory holds: every file a run writes (and their atomic-write temporaries)
-RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "side.safetensors",
-                       "model.safetensors", "probe.safetensors"})
-RUN_FILES = RUN_FILES | frozenset(f"{n}.tmp" for n in RUN_FILES)
+RUN_FILES = frozenset(name + tmp for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint",
+                                               "side.safetensors", "model.safetensors", "probe.safetensors")
+                      for tmp in ("", ".tmp"))
 
 
 def _listed(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-# (field, kind, lowest allowed, lowest is allowed itself) for the numeric training options
 def _write_atomic(path: Path, text: str) -> None:
     """A kill never leaves a half-written file (``summary.json`` marks a finished run)."""
     tmp = path.with_name(path.name + ".tmp")
