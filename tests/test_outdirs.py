@@ -99,3 +99,8 @@ def test_a_sweep_starts_only_in_a_new_or_empty_directory_or_its_own(tmp_path):
     (tmp_path / "mine" / "study.journal").write_text("")
     _check_out(tmp_path / "mine")  # a sweep of its own resumes
     _check_out(tmp_path / "new")
+    _keepsake(tmp_path / "staged").with_name("space.yaml").write_text("r: [8]\n")
+    with pytest.raises(TrainError, match="holds no sweep"):  # the space file is its own, the keepsake is not
+        _check_out(tmp_path / "staged", tmp_path / "staged" / "space.yaml")
+    (tmp_path / "staged" / "precious.txt").unlink()
+    _check_out(tmp_path / "staged", tmp_path / "staged" / "space.yaml")  # as the DVC stage writes it

@@ -491,10 +491,13 @@ def _identity(cfg: SweepConfig, space, cache) -> dict:
                 json.dumps(cache.fingerprint, sort_keys=True, default=str).encode()).hexdigest()}
 
 
-def _check_out(out: Path) -> None:
-    """A sweep starts in a new or empty directory, or resumes its own (``pipeline.outdirs``)."""
+def _check_out(out: Path, space: str | Path | dict | None = None) -> None:
+    """A sweep starts in a new directory, one holding only its own ``space`` file (as the DVC stage
+    writes it), or an empty one, or resumes its own (``pipeline.outdirs``)."""
     check_out_dir(out, example="runs/sweep-NAME")
-    if foreign_files(out, frozenset()) and not ((out / "sweep_config.json").exists() or (out / "study.journal").exists()):
+    own = frozenset({Path(space).name} if isinstance(space, (str, Path)) and
+                    Path(space).resolve().parent == out.resolve() else ())
+    if foreign_files(out, own) and not ((out / "sweep_config.json").exists() or (out / "study.journal").exists()):
         raise TrainError(f"{out} is not empty and holds no sweep (no sweep_config.json or study.journal); lst starts "
                          "a sweep only in a new or empty directory: give a new --out, e.g. --out runs/sweep-NAME")
 
@@ -525,10 +528,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
     cfg = dataclasses.replace(cfg, cache=_abs(cfg.cache), out=_abs(cfg.out),
                               space=cfg.space if isinstance(cfg.space, dict) else _abs(str(cfg.space)))
     space, cache = _validate(cfg)
+    out = Path(cfg.out)
+    _check_out(out, cfg.space)
     if not isinstance(cfg.space, dict):  # workers on other machines get the content, not a path
         cfg = dataclasses.replace(cfg, space=_space_dict(cfg.space))
-    out = Path(cfg.out)
-    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trials").mkdir(exist_ok=True)
     resumed = _check_identity(out, _identity(cfg, space, cache))
