@@ -47,8 +47,11 @@ With ``in_process_floor`` (``--in-process-floor``, session 41) each cached `lst 
 floor of each epoch's batches in its own process, right after that epoch and its evaluation
 (``lst train --floor-file``, ``train.floor``): ``cached_over_floor_in_process`` sets the fastest
 steady cached epoch against the fastest of those passes, ``..._paired`` each steady epoch against
-its own epoch's pass. Why: inside one process an epoch streamed by the reader ran 0.99-1.01 of the
-same batches held (session 41), while processes a minute apart differed by up to ~20%.
+its own epoch's pass. Why it was tried: in a probe inside one process an epoch streamed by the
+reader ran 0.99-1.01 of the same batches held, while processes a minute apart differed by up to ~20%.
+Why it is opt-in: in its two ``--repeats 3`` runs (session 41) it read 1.018 and 1.200, the pairs
+1.01-1.48 on a quiet machine, no tighter than between processes; the drift is the machine's from one
+pass to the next, and the cached process then holds an epoch's batches (its peak ~2 GB).
 ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
@@ -101,8 +104,8 @@ class TrainBenchConfig:
     # cached epoch runs between two of the floor's passes; False (default): one process after the other
     interleave: bool = False
     # each cached `lst train` also times the floor of each epoch's batches in its own process, right after
-    # that epoch and its evaluation (``train.floor``): ``cached_over_floor_in_process``, free of the drift
-    # between processes
+    # that epoch and its evaluation (``train.floor``): ``cached_over_floor_in_process``, free of the
+    # difference between processes (not of the machine's drift from pass to pass)
     in_process_floor: bool = False
 
     def __post_init__(self) -> None:
@@ -145,9 +148,8 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0,
             before_epoch(epoch)
         if epoch == 1:  # the reader alone, streaming as `lst train` reads it, nothing else running; with
             # nothing between its windows there is no step to read ahead behind, so it reads as the decode
-            alone_reader, _ = make_readers(cache, replace(cfg, read_ahead="0"), floor.runner.taps, [], device,
-                                           data_seed=cfg.seed,
-                                           packed=getattr(floor.runner.variant.model, "accepts_packed_taps", False))
+            alone_reader, _ = make_readers(cache, replace(cfg, read_ahead="0"), floor.reader.taps, [], device,
+                                           data_seed=cfg.seed, packed=floor.reader.packed)
             t0 = time.perf_counter()
             for b in alone_reader.iter_epoch(epoch):
                 del b
@@ -158,15 +160,15 @@ def floor_passes(cache: ActivationCache, cfg: TrainConfig, n_batches: int = 0,
             "reader_alone_s": alone}
 
 
-def _in_process_floor(cached_runs: list[dict], floor_rows: list[list[dict]]) -> dict:
+def _in_process_floor(cached_runs: list[dict], floor_rows: list[list[dict]], warm: float) -> dict:
     """The cached runs' steady epochs against the floor each timed in its own process right after each
-    epoch (``lst train --floor-file``): the fastest of each (``cached_over_floor_in_process``) and the
-    median of each steady epoch over its own epoch's pass (``..._paired``), both free of the drift
-    between processes that the fresh-process floor carries."""
+    epoch (``lst train --floor-file``): ``warm``, the fastest steady epoch, over the fastest pass
+    (``cached_over_floor_in_process``), and the median of each steady epoch over its own epoch's pass
+    (``..._paired``). Neither carries the difference between two processes; both carry the machine's
+    drift from one pass to the next (session 41: pairs 1.01-1.48 on a quiet machine)."""
     steady = [r["floor_s"] for rows in floor_rows for r in rows[1:]]
     pairs = [e["epoch_s"] / r["floor_s"] for c, rows in zip(cached_runs, floor_rows)
              for e, r in zip(c["epochs"][1:], rows[1:])]
-    warm = min(e["epoch_s"] for c in cached_runs for e in c["epochs"][1:])
     return {"in_process_floor_s_samples": [round(f, 3) for f in steady],
             "in_process_floor_cold_s_samples": [round(rows[0]["floor_s"], 3) for rows in floor_rows],
             "in_process_floor_s": round(min(steady), 3),
@@ -256,16 +258,14 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         in_process = work / "floor_in_process.jsonl"
         in_process_runs: list[list[dict]] = []
 
-        def cached_args() -> list[str]:
-            args = ["--epochs", str(cfg.cached_epochs)]
-            if cfg.in_process_floor:
-                in_process.unlink(missing_ok=True)
-                args += ["--floor-file", str(in_process)]
-            return args
-
         def run_cached(*extra: str) -> dict:
+            floor_args = []
+            if cfg.in_process_floor:
+                in_process.unlink(missing_ok=True)  # the run appends a line an epoch
+                floor_args = ["--floor-file", str(in_process)]
             got = run("cached", "" if extra else f"cached lst train {len(processes['cached']) + 1}/{cfg.repeats}, "
-                                                 f"{cfg.cached_epochs} epochs", *cached_args(), *extra)
+                                                 f"{cfg.cached_epochs} epochs",
+                      "--epochs", str(cfg.cached_epochs), *floor_args, *extra)
             if cfg.in_process_floor:
                 in_process_runs.append(read_floor_file(in_process))
                 processes["cached"][-1]["peak_mb_before_floor"] = in_process_runs[-1][0]["peak_mb_before"]
@@ -311,9 +311,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         pairs = [e["epoch_s"] / f for c, fl in zip(cached_runs, floor_runs)
                  for e, f in zip(c["epochs"][1:], fl["floor_steady_s"])]
         cached_s, floor = min(epochs), min(floors)
-        in_process_keys = _in_process_floor(cached_runs, in_process_runs) if cfg.in_process_floor else {}
         paired = float(np.median(pairs))
         warm_s, floor_cold = min(warm_epochs), min(cold)
+        in_process_keys = _in_process_floor(cached_runs, in_process_runs, warm_s) if cfg.in_process_floor else {}
         live = run("live", "live lst train, 1 epoch", "--live", "--epochs", "1")
         bar.set_postfix_str("counting FLOPs")
         model, _ = build_side(cache, {}, 0)

@@ -187,8 +187,9 @@ def register(sub) -> None:
     t.add_argument("--in-process-floor", action="store_true",
                    help="also time the floor inside each cached `lst train` process, right after each epoch and "
                         "its evaluation, on that epoch's batches: cached_over_floor_in_process, free of the "
-                        "drift between processes (that process's peak then holds an epoch's batches; the peak "
-                        "before is reported as peak_mb_before_floor)")
+                        "difference between processes, not of the machine's drift from pass to pass (that "
+                        "process's peak then holds an epoch's batches; the peak before is reported as "
+                        "peak_mb_before_floor)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")

@@ -7,9 +7,11 @@ each epoch and its evaluation, outside every timer.
 
 Why in the run's own process as well: on this project's VM two processes a minute apart ran the
 same steps up to ~20% apart (session 40: single steady-epoch pairs 0.76-1.49), a spread four times
-the reader's own cost (~5% of an epoch), while inside one process an epoch streamed by the reader
-ran 0.99-1.01 of the same epoch's batches held (session 41). The in-process floor sets each cached
-epoch against a pass of the same epoch in the same process, right after it.
+the reader's own cost (~5% of an epoch), while in a probe inside one process an epoch streamed by
+the reader ran 0.99-1.01 of the same epoch's batches held. The in-process floor sets each cached
+epoch against a pass of the same epoch in the same process, right after it. Measured in the bench
+(session 41), its pairs spread as widely (1.01-1.48 on a quiet machine): the drift is the machine's
+from one pass to the next, so the bench runs it only when asked (``--in-process-floor``).
 
 The floor's side network is its own: built afresh as the run builds its network, with its own
 optimizer, reader and RNG stream. The run's steps restore their own RNG state before each step, so

@@ -37,8 +37,9 @@ def run_config(run: str | Path) -> dict:
     """A finished LST run's config.yaml. Read before the backbone loads, so a wrong --run (or a run of
     another method, whose weights are not a side network) is refused at once."""
     run = Path(run)
+    unfinished = TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
     if not (run / "config.yaml").is_file():
-        raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
+        raise unfinished
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         if not isinstance(cfg["cache_fingerprint"], dict):
@@ -50,7 +51,7 @@ def run_config(run: str | Path) -> dict:
         raise TrainError(f"{run} is a --method {method} run; lst predict serves LST side-network runs only "
                          f"(--method {' or '.join(SIDE_METHODS)})")
     if not (run / "side.safetensors").is_file():
-        raise TrainError(f"{run} is not a finished training run (needs config.yaml and side.safetensors)")
+        raise unfinished
     return cfg
 
 

@@ -208,11 +208,11 @@ def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | Non
     ``epoch_gate``: a directory whose pipes hand out each epoch's start (``gate.EpochGate``; the bench's).
     ``floor_file``: after each epoch, time the reader-free floor of its batches in this process and
     append it there (``floor.RunFloor``; the bench's)."""
-    cache = ActivationCache.open(cfg.cache, storage_options=None)
-    cache.require_complete()
     if floor_file and (cfg.live or cfg.method != "lst"):
         raise TrainError("--floor-file times the reader-free floor of a cached LST run; drop it with --live "
                          f"or --method {cfg.method}")
+    cache = ActivationCache.open(cfg.cache, storage_options=None)
+    cache.require_complete()
     run = RunDir(cfg.out)
     resuming = run.prepare(cfg, cache.fingerprint, resumable=True)
     done = run.finished_summary() if resuming else None
