@@ -219,6 +219,7 @@ def test_unreachable_scheduler_is_one_line(tiny_backbones, tmp_path):
     r = _lst([*_extract_args(tiny_backbones["bert"], tmp_path / "c.zarr"), "--scheduler", "tcp://127.0.0.1:1"],
              env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"})
     _one_line_error(r.returncode, r.stderr, "extract", "cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+    assert not (tmp_path / "c.zarr").exists()  # found before the store was created
 
 
 @pytest.mark.integration

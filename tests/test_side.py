@@ -874,6 +874,8 @@ def test_int8_codes_with_their_scales_give_the_dequantized_ladder():
     cast = tap.to(torch.float32)
     assert cast.scale is scale and cast.values.dtype == torch.float32
     assert torch.equal(tap.padded(), PackedTap(dense, rows, 2, 5).padded())
+    # what the reader handed out: the codes and their scales (``lst bench scale`` counts these bytes)
+    assert tap.nbytes == 6 * 48 + 6 * 4 and PackedTap(dense, rows, 2, 5).nbytes == 6 * 48 * 4
     ladder = torch.nn.Linear(48, 8)
     got = apply_ladder(ladder, tap, torch.float32)
     got.pow(2).sum().backward()

@@ -225,8 +225,7 @@ def reader_decode_mb_s(url: str, batch_tokens: int, max_tokens: int = 2 * 16384)
     with closing(reader.iter_epoch(0)) as batches:  # closing stops the reader's threads
         for b in batches:
             tokens += b.num_tokens
-            nbytes += sum(t.values.nbytes + (t.scale.nbytes if t.scale is not None else 0)
-                          for t in b.taps)  # the bytes it handed out, in the store's dtype
+            nbytes += sum(t.nbytes for t in b.taps)  # the bytes it handed out, in the store's dtype
             del b
             if tokens >= max_tokens:
                 break

@@ -166,6 +166,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     if cfg.prompt_template is not None:  # a bad template fails before the backbone loads
         normalize_prompt_template(cfg.prompt_template,
                                   any(sp.text_pairs is not None for sp in bundle.splits.values()))
+    if cfg.scheduler:  # an unreachable cluster fails here, before the backbone loads or the store exists
+        _connect(cfg.scheduler).close()
     distributed = bool(cfg.workers or cfg.scheduler)
     # A Dask coordinator only needs the tokenizer, config and init pack: keep it off the accelerator.
     backbone = load_backbone(str(path), device="cpu" if distributed else str(device))

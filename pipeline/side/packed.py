@@ -44,6 +44,11 @@ class PackedTap:
     def shape(self) -> tuple[int, int, int]:
         return (self.batch, self.length, int(self.values.shape[-1]))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' values and pending scales, in the dtype they were handed out in."""
+        return self.values.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+
     def to(self, *args, **kwargs) -> "PackedTap":
         """Move or cast like a tensor (a dtype applies to the values, the scale staying pending; a
         device to all three)."""
