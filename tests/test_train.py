@@ -16,7 +16,7 @@ import pytest
 from pipeline.cache.store import ActivationCache, CacheError
 from pipeline.cli import main as lst_main
 from pipeline.extract.runner import ExtractConfig, run_extract
-from pipeline.errors import TrainError
+from pipeline.errors import TrainError, UserError
 from pipeline.metrics import majority_baseline
 from pipeline.train.trainer import TrainConfig, train
 
@@ -220,10 +220,11 @@ def _is_ratio_of_rounded(value: float, num: float, den: float, eps: float = 6e-4
 def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_path, minilm_fp32, interleave):
     from pipeline.bench.train import TrainBenchConfig, run_train_bench
 
-    # the interleaved runs also time the floor inside each cached process (``--in-process-floor``)
+    # the interleaved runs also time the floor inside each cached process after each epoch
+    # (``--in-process-floor``), the others step by step (``--step-floor``)
     res = run_train_bench(TrainBenchConfig(cache=minilm_fp32, batch_size=8, repeats=2, workdir=str(tmp_path),
                                            progress=False, cached_epochs=3, interleave=interleave,
-                                           in_process_floor=interleave))
+                                           in_process_floor=interleave, step_floor=not interleave))
     # each cached run trains three epochs (its metrics.jsonl holds them all); the floor, in its own fresh
     # process, mirrors them: a cold pass on epoch 0's batches, then steady ones on epoch 1's and 2's.
     # Every steady epoch of every run is a sample, and so is every steady pass of every floor
@@ -277,7 +278,25 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
         assert "cached_over_floor_in_process<=1.1" in res["goals_met"]
         assert all(0 < p["peak_mb_before_floor"] <= p["peak_mb"] + 1 for p in res["processes"]["cached"])
     else:
-        assert "cached_over_floor_in_process" not in res and "peak_mb_before_floor" not in res["processes"]["cached"][0]
+        assert "cached_over_floor_in_process" not in res
+    assert res["step_floor"] != interleave
+    if not interleave:  # each steady epoch against its twin's held steps, taken one after each of its own
+        pairs, floors = res["cached_over_floor_stepwise_pair_samples"], res["step_floor_s_samples"]
+        assert len(pairs) == 4 and len(floors) == 4 and min(floors) > 0
+        assert res["cached_over_floor_stepwise"] == pytest.approx(np.median(pairs), abs=2e-3)
+        warm = res["cached_warm_epoch_s_samples"]
+        for p, w, f in zip(pairs, warm, floors):
+            _is_ratio_of_rounded(p, w, f)
+        runs = res["cached_over_floor_stepwise_runs"]
+        _is_ratio_of_rounded(runs[0], sum(warm[:2]), sum(floors[:2]), eps=1.2e-3)
+        _is_ratio_of_rounded(runs[1], sum(warm[2:]), sum(floors[2:]), eps=1.2e-3)
+        assert res["cached_steps_over_floor_stepwise"] > 0
+        assert {"cached_over_floor_stepwise<=1.1", "cached_over_floor_stepwise_runs<=1.1"} <= set(res["goals_met"])
+        assert all(0 < p["peak_mb_before_floor"] <= p["peak_mb"] + 1 for p in res["processes"]["cached"])
+    else:
+        assert "cached_over_floor_stepwise" not in res
+    with pytest.raises(UserError, match="give one of them"):
+        TrainBenchConfig(in_process_floor=True, step_floor=True)
 
 
 def test_the_in_process_floor_leaves_the_run_as_it_was(tmp_path, minilm_fp32, monkeypatch):
@@ -314,6 +333,67 @@ def test_the_in_process_floor_leaves_the_run_as_it_was(tmp_path, minilm_fp32, mo
     assert rows[0]["peak_mb_before"] > 0 and all("peak_mb_before" not in r for r in rows[1:])
     with pytest.raises(TrainError, match="--floor-file"):
         train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "live"), "live": True}), floor_file=str(floor_file))
+
+
+def test_the_step_floor_alternates_with_the_runs_steps_and_leaves_the_run_as_it_was(tmp_path, minilm_fp32,
+                                                                                     monkeypatch):
+    """`lst train --floor-file F --floor-steps` (the bench's ``--step-floor``): from the second epoch on, a
+    twin network steps the epoch's held batches alternately with the run's steps, and the loop leaves the
+    twin's time out of the run's epoch. The run trains bit for bit as without it."""
+    import time as time_mod
+
+    import pipeline.train.floor as floor_mod
+    import pipeline.train.loop as loop
+    from pipeline.train.floor import read_floor_file
+
+    cfg = TrainConfig(cache=minilm_fp32, out=str(tmp_path / "plain"), epochs=3, batch_size=8, progress=False, seed=5)
+    plain = train(cfg)
+    order: list[int] = []
+    real = loop.VariantRunner.train_step
+
+    def spy(self, *a, **k):
+        order.append(id(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(loop.VariantRunner, "train_step", spy)
+    floor_file = tmp_path / "floor.jsonl"
+    got = train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "floored")}), floor_file=str(floor_file),
+                floor_steps=True)
+    timed = ("epoch_s", "stall_fraction", "reader_cpu_s")
+    rows_of = lambda run: [{k: v for k, v in json.loads(x).items() if k not in timed}  # noqa: E731
+                           for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert rows_of("floored") == rows_of("plain") and got["dev_score"] == plain["dev_score"]
+    steps = plain["steps"] // 3
+    run_id = order[0]
+    assert order[:steps] == [run_id] * steps  # the first epoch is the run's alone
+    twin = order[steps]
+    assert twin != run_id and order[steps:steps + 2] == [twin, twin]  # the twin's untimed warm-up steps
+    # then the twin steps each pair of batches around the run's first: run 0, twin 0, twin 1, run 1, run 2, ...
+    # so each arm's step follows the other's step on the same batch half the time (a step right after one
+    # of the same shapes finds its buffers sized in the CPU buffer cache)
+    epoch = []
+    for i in range(steps):
+        epoch += [run_id] + ([twin] * min(2, steps - i) if i % 2 == 0 else [])
+    assert order[steps + 2:] == epoch * 2
+    rows = read_floor_file(floor_file)
+    assert [r["epoch"] for r in rows] == [2, 3] and all(r["steps"] == steps and r["floor_s"] > 0 for r in rows)
+    assert rows[0]["peak_mb_before"] > 0 and "peak_mb_before" not in rows[1]
+    with pytest.raises(TrainError, match="--floor-file"):
+        train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "alone")}), floor_steps=True)
+
+    # the loop leaves each step's hook out of the epoch's time: a twin step 0.4 s long leaves it shorter
+    monkeypatch.setattr(loop.VariantRunner, "train_step", real)
+    slow_step = floor_mod.StepFloor.after_step
+
+    def slow(self, epoch, i):
+        time_mod.sleep(0.4)
+        slow_step(self, epoch, i)
+
+    monkeypatch.setattr(floor_mod.StepFloor, "after_step", slow)
+    train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "slow"), "epochs": 2}),
+          floor_file=str(tmp_path / "slow.jsonl"), floor_steps=True)
+    second = json.loads((tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()[1])
+    assert second["epoch_s"] < 0.4 * steps and 0 <= second["stall_fraction"] < 1
 
 
 @pytest.mark.parametrize("recompute", ["ffn", "none"])

@@ -52,6 +52,14 @@ reader ran 0.99-1.01 of the same batches held, while processes a minute apart di
 Why it is opt-in: in its two ``--repeats 3`` runs (session 41) it read 1.018 and 1.200, the pairs
 1.01-1.48 on a quiet machine, no tighter than between processes; the drift is the machine's from one
 pass to the next, and the cached process then holds an epoch's batches (its peak ~2 GB).
+With ``step_floor`` (``--step-floor``, session 42) the floor runs inside each cached `lst train` step by
+step instead (``lst train --floor-steps``, ``train.floor.StepFloor``): from the second epoch on, a twin
+network steps that epoch's batches, decoded before the epoch and held, alternately with the run's own
+steps, and the run's epoch leaves the twin's steps out. ``cached_over_floor_stepwise`` is the median
+over steady epochs of each against its twin's steps; ``..._runs`` each run's steady epochs together.
+Both arms are timed within the same ~100 ms, so the machine's drift, which moves a pass by up to ~20%
+from one second to the next, falls on both alike. Its cached epochs ran interleaved, so with it the
+between-process keys set an interleaved epoch against the floor process.
 ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
@@ -107,8 +115,15 @@ class TrainBenchConfig:
     # that epoch and its evaluation (``train.floor``): ``cached_over_floor_in_process``, free of the
     # difference between processes (not of the machine's drift from pass to pass)
     in_process_floor: bool = False
+    # each cached `lst train` also steps a twin network on a held batch after each of its own steps, from
+    # the second epoch on (``train.floor.StepFloor``): ``cached_over_floor_stepwise``, both arms timed
+    # within the same ~50 ms, so the machine's drift from second to second falls on both alike
+    step_floor: bool = False
 
     def __post_init__(self) -> None:
+        if self.step_floor and self.in_process_floor:
+            raise UserError("--step-floor and --in-process-floor both time the floor inside the cached run; "
+                            "give one of them")
         if self.cached_epochs < 2:
             raise UserError(f"--cached-epochs {self.cached_epochs}: the bench needs a first epoch and at least "
                             "one steady one to set against the floor; give 2 or more")
@@ -175,6 +190,26 @@ def _in_process_floor(cached_runs: list[dict], floor_rows: list[list[dict]], war
             "cached_over_floor_in_process": round(warm / min(steady), 3),
             "cached_over_floor_in_process_paired": round(float(np.median(pairs)), 3),
             "cached_over_floor_in_process_pair_samples": [round(x, 3) for x in pairs]}
+
+
+def _step_floor(cached_runs: list[dict], floor_rows: list[list[dict]]) -> dict:
+    """The cached runs' steady epochs against their twins' held steps, taken one after each of the run's
+    steps (``lst train --floor-steps``): the median over steady epochs of each epoch (as the run timed it,
+    the twin's steps left out) over its twin's steps (``cached_over_floor_stepwise``), each run's steady
+    epochs together over its twin's (``..._runs``, the worst of which is what "every run" asks), and the
+    run's own spans between the twin's steps over them (``cached_steps_over_floor_stepwise``, the same
+    ratio without the loop's epoch-end: a check on the first)."""
+    pairs = [e["epoch_s"] / r["floor_s"] for c, rows in zip(cached_runs, floor_rows)
+             for e, r in zip(c["epochs"][1:], rows)]
+    runs = [sum(e["epoch_s"] for e in c["epochs"][1:1 + len(rows)]) / sum(r["floor_s"] for r in rows)
+            for c, rows in zip(cached_runs, floor_rows)]
+    floor_s = [r["floor_s"] for rows in floor_rows for r in rows]
+    spans = sum(r["cached_steps_s"] for rows in floor_rows for r in rows)
+    return {"step_floor_s_samples": [round(f, 3) for f in floor_s],
+            "cached_over_floor_stepwise": round(float(np.median(pairs)), 3),
+            "cached_over_floor_stepwise_pair_samples": [round(x, 3) for x in pairs],
+            "cached_over_floor_stepwise_runs": [round(x, 3) for x in runs],
+            "cached_steps_over_floor_stepwise": round(spans / sum(floor_s), 3)}
 
 
 def floor_in_fresh_process(cache_url: str, config_file: Path, out: Path, n_batches: int = 0,
@@ -260,13 +295,13 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
 
         def run_cached(*extra: str) -> dict:
             floor_args = []
-            if cfg.in_process_floor:
+            if cfg.in_process_floor or cfg.step_floor:
                 in_process.unlink(missing_ok=True)  # the run appends a line an epoch
-                floor_args = ["--floor-file", str(in_process)]
+                floor_args = ["--floor-file", str(in_process), *(["--floor-steps"] if cfg.step_floor else [])]
             got = run("cached", "" if extra else f"cached lst train {len(processes['cached']) + 1}/{cfg.repeats}, "
                                                  f"{cfg.cached_epochs} epochs",
                       "--epochs", str(cfg.cached_epochs), *floor_args, *extra)
-            if cfg.in_process_floor:
+            if cfg.in_process_floor or cfg.step_floor:
                 in_process_runs.append(read_floor_file(in_process))
                 processes["cached"][-1]["peak_mb_before_floor"] = in_process_runs[-1][0]["peak_mb_before"]
             return got
@@ -313,7 +348,8 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
         cached_s, floor = min(epochs), min(floors)
         paired = float(np.median(pairs))
         warm_s, floor_cold = min(warm_epochs), min(cold)
-        in_process_keys = _in_process_floor(cached_runs, in_process_runs, warm_s) if cfg.in_process_floor else {}
+        in_process_keys = (_in_process_floor(cached_runs, in_process_runs, warm_s) if cfg.in_process_floor else
+                           _step_floor(cached_runs, in_process_runs) if cfg.step_floor else {})
         live = run("live", "live lst train, 1 epoch", "--live", "--epochs", "1")
         bar.set_postfix_str("counting FLOPs")
         model, _ = build_side(cache, {}, 0)
@@ -366,7 +402,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
             "interleaved": cfg.interleave,
             "cached_over_floor_paired": round(paired, 3),
             "cached_over_floor_pair_samples": [round(x, 3) for x in pairs],
-            "in_process_floor": cfg.in_process_floor, **in_process_keys,
+            "in_process_floor": cfg.in_process_floor, "step_floor": cfg.step_floor, **in_process_keys,
             "floor_cold_s": round(floor_cold, 3), "cached_over_floor_cold": round(cached_s / floor_cold, 3),
             # the definition until session 27: a fresh process's first epoch against the floor's steady pass
             "cached_first_over_floor_steady": round(cached_s / floor, 3),
@@ -389,7 +425,11 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                           "cached_over_floor_paired<=1.1": paired <= 1.1,
                           "cached_over_floor_cold<=1.1": cached_s / floor_cold <= 1.1,
                           **({"cached_over_floor_in_process<=1.1": in_process_keys["cached_over_floor_in_process"] <= 1.1}
-                             if in_process_keys else {})},
+                             if cfg.in_process_floor else {}),
+                          **({"cached_over_floor_stepwise<=1.1": in_process_keys["cached_over_floor_stepwise"] <= 1.1,
+                              "cached_over_floor_stepwise_runs<=1.1":
+                                  max(in_process_keys["cached_over_floor_stepwise_runs"]) <= 1.1}
+                             if cfg.step_floor else {})},
         }
     finally:
         bar.close()

@@ -45,7 +45,7 @@ def _train(a: argparse.Namespace) -> int:
                                            progress=not a.no_progress, label_words=a.label_words,
                                            repeats=a.repeats, floor_batches=a.floor_batches,
                                            cached_epochs=a.cached_epochs, interleave=a.interleave,
-                                           in_process_floor=a.in_process_floor))
+                                           in_process_floor=a.in_process_floor, step_floor=a.step_floor))
     emit(res, a.json)
     return 0
 
@@ -190,6 +190,13 @@ def register(sub) -> None:
                         "difference between processes, not of the machine's drift from pass to pass (that "
                         "process's peak then holds an epoch's batches; the peak before is reported as "
                         "peak_mb_before_floor)")
+    t.add_argument("--step-floor", action="store_true",
+                   help="also time the floor inside each cached `lst train` process step by step: from its "
+                        "second epoch, after each of the run's steps a twin network steps on that epoch's batch, "
+                        "decoded before the epoch and held; the run's epoch leaves the twin's steps out. "
+                        "cached_over_floor_stepwise sets each steady epoch against its twin's steps, both timed "
+                        "within the same ~50 ms, so the machine's drift falls on both alike (that process's peak "
+                        "then holds an epoch's batches; the peak before is reported as peak_mb_before_floor)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "
                         "every batch of the epoch, held decoded in memory)")

@@ -70,7 +70,8 @@ def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
 def cmd_train(a: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
-    s = train(train_config_from_args(a), epoch_gate=a.epoch_gate, floor_file=a.floor_file)
+    s = train(train_config_from_args(a), epoch_gate=a.epoch_gate, floor_file=a.floor_file,
+              floor_steps=a.floor_steps)
     keys = ("task", "metric", "dev_score", "trainable_params", "trainable_pct", "peak_mem_mb", "epoch_s",
             "examples_per_s", "stall_fraction")
     if a.json:
@@ -135,6 +136,8 @@ def register(sub) -> None:
     # `lst bench train --in-process-floor` only: after each epoch, the reader-free floor of its batches in
     # this process, one JSON line a pass to this file (``train.floor``)
     p.add_argument("--floor-file", help=argparse.SUPPRESS)
+    # `lst bench train --step-floor` only: that floor one held step after each of the run's own steps
+    p.add_argument("--floor-steps", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     q = sub.add_parser("predict", help="predict new text with a trained run (loads backbone + side network)")

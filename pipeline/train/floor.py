@@ -12,6 +12,9 @@ the reader ran 0.99-1.01 of the same epoch's batches held. The in-process floor 
 epoch against a pass of the same epoch in the same process, right after it. Measured in the bench
 (session 41), its pairs spread as widely (1.01-1.48 on a quiet machine): the drift is the machine's
 from one pass to the next, so the bench runs it only when asked (``--in-process-floor``).
+``lst train --floor-file F --floor-steps`` (the bench's ``--step-floor``, session 42) interleaves the
+floor with the run step by step instead (``StepFloor``), so both arms see the machine of the same
+moment.
 
 The floor's side network is its own: built afresh as the run builds its network, with its own
 optimizer, reader and RNG stream. The run's steps restore their own RNG state before each step, so
@@ -76,6 +79,85 @@ class RunFloor:
             row["peak_mb_before"] = round(peak_rss_bytes() / 2**20, 1)
             self._floor = self._build()
         row["floor_s"] = round(held_pass(self._floor, epoch, self.n_batches), 4)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class StepFloor:
+    """`lst train --floor-file F --floor-steps`: the floor one held step at a time, each right after the
+    run's own step, from epoch ``from_epoch`` (1: the steady epochs; the first stays a plain epoch).
+
+    Why: on this project's VM the same fixed work ran up to ~20% apart from one second to the next
+    (session 41), so a cached epoch and a held pass timed one after the other, even in one process,
+    differ by the machine's drift as much as by the reader. Here the run's steps (their waits for the
+    reader included) and the twin's steps on the same epoch's batches, decoded before the epoch and
+    held, alternate every ~50-100 ms, so both arms see the same machine. The loop leaves the twin's
+    steps out of its ``epoch_s`` and stall (``run_loop(after_step=)``), so the row's ratio is the
+    epoch as the run timed it against the sum of its twin's held steps.
+
+    The order within each pair of batches is run 2j, twin 2j, twin 2j+1, run 2j+1: each arm follows
+    the other on the same batch for half the steps. Why not run i, twin i throughout: a step right
+    after a step of the same shapes finds its buffers sized in the CPU buffer cache, while the first
+    step of a new batch length misses and page-faults them afresh (by-length batches: ~3,700 misses
+    and ~170 k faults an epoch on cached MiniLM SST-2). Always second, the twin never paid them and
+    the run paid them all, which read as a ~5% gap in the steps themselves (session 42:
+    ``probes_session42.json``).
+
+    Each epoch's batches are decoded before its timer starts (``before_epoch``) and each is dropped
+    once stepped. The twin is built, and steps ``warmup`` held batches untimed, before its first
+    epoch, so no first-step costs (buffers growing to the step's shapes) land in a timed step. One
+    JSON line an epoch to ``path``: ``epoch`` (1-based), ``floor_s`` (the twin's steps),
+    ``cached_steps_s`` (the run's spans between them: its steps and waits), ``steps``; the first also
+    ``peak_mb_before`` (the process's peak RSS before the twin)."""
+
+    def __init__(self, build: Callable[[], Floor], path: str | Path, from_epoch: int = 1, warmup: int = 2) -> None:
+        self._build = build
+        self.path = Path(path)
+        self.from_epoch = from_epoch
+        self.warmup = warmup
+        self._floor: Floor | None = None
+        self._held: list | None = None
+        self._row: dict = {}
+        self._last = 0.0
+
+    def before_epoch(self, epoch: int) -> None:
+        self._held = None
+        if epoch < self.from_epoch:
+            return
+        row: dict = {"epoch": epoch + 1}
+        if self._floor is None:
+            row["peak_mb_before"] = round(peak_rss_bytes() / 2**20, 1)
+            self._floor = self._build()
+            for b in list(self._floor.reader.iter_epoch(epoch))[:self.warmup]:
+                self._floor.runner.train_step(self._floor.source(b), b)
+        self._held = list(self._floor.reader.iter_epoch(epoch))
+        self._row = {**row, "floor_s": 0.0, "cached_steps_s": 0.0, "steps": 0}
+        self._last = time.perf_counter()
+
+    def after_step(self, epoch: int, i: int) -> None:
+        held = self._held
+        if held is None or i % 2 or i >= len(held):
+            return
+        self._row["cached_steps_s"] += time.perf_counter() - self._last
+        self._step(i)
+        if i + 1 < len(held):
+            self._step(i + 1)
+        self._last = time.perf_counter()
+
+    def _step(self, i: int) -> None:
+        held, floor = self._held, self._floor
+        assert held is not None and floor is not None
+        b, held[i] = held[i], None  # dropped once stepped, as a streamed batch is
+        t0 = time.perf_counter()
+        floor.runner.train_step(floor.source(b), b)
+        self._row["floor_s"] += time.perf_counter() - t0
+        self._row["steps"] += 1
+
+    def after_epoch(self, epoch: int) -> None:
+        if self._held is None:
+            return
+        self._held = None
+        row = {k: round(x, 4) if isinstance(x, float) else x for k, x in self._row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -271,11 +271,14 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
              source: TapSource, *, epochs: int, metric: str, max_steps: int | None = None,
              on_epoch: OnEpoch | None = None, resumable: bool = False, progress: bool = False,
              pool: ThreadPoolExecutor | None = None, before_epoch: Callable[[int], None] | None = None,
-             after_epoch: Callable[[int], None] | None = None) -> None:
+             after_epoch: Callable[[int], None] | None = None,
+             after_step: Callable[[int, int], None] | None = None) -> None:
     """Train every runner's variant on one batch stream until each is done (see module doc).
     With a ``pool`` (``variant_pool``) the variants of each batch step on its threads at once.
     ``before_epoch(epoch)`` runs before each epoch's timer starts (``gate.EpochGate``: the bench's turns),
-    ``after_epoch(epoch)`` once the epoch is evaluated and recorded (``floor.RunFloor``: the bench's floor)."""
+    ``after_epoch(epoch)`` once the epoch is evaluated and recorded (``floor.RunFloor``: the bench's floor).
+    ``after_step(epoch, i)`` after the epoch's i-th step, once its batch is dropped (``floor.StepFloor``: the
+    bench's floor step by step); its time is the epoch's pause, left out of ``epoch_s`` and the stall."""
     steps_per_epoch = train_reader.num_batches(0)
     for r in runners:
         r.variant.model.train()
@@ -298,7 +301,8 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
         bar = tqdm(total=steps_per_epoch, desc=name, file=sys.stderr, disable=not progress, dynamic_ncols=True,
                    leave=False)
         seen = real = grid = 0
-        for b in train_reader.iter_epoch(epoch):
+        paused = 0.0
+        for i, b in enumerate(train_reader.iter_epoch(epoch)):
             taps = source(b)
             threaded = pool is not None and len(active) > 1
             step_losses = _each(pool if threaded else None,
@@ -321,11 +325,15 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
             # before the next batch is gathered (the reader then reuses its buffers), and before the
             # evaluation a --max-steps run goes on to (it held the last batch's taps all through it)
             del b, taps
+            if after_step is not None:
+                p0 = time.perf_counter()
+                after_step(epoch, i)
+                paused += time.perf_counter() - p0
             if max_steps is not None and step >= max_steps:
                 break
         bar.close()
-        epoch_s = time.perf_counter() - t0
-        wait, total = train_reader.stats.wait_s - w0, train_reader.stats.total_s - tot0
+        epoch_s = time.perf_counter() - t0 - paused
+        wait, total = train_reader.stats.wait_s - w0, max(0.0, train_reader.stats.total_s - tot0 - paused)
         reader_cpu = train_reader.stats.cpu_s - c0
         if mkl is not None:
             mkl.release()  # a training step's GEMM buffers would sit beside the eval pass's peak

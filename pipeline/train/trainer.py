@@ -26,7 +26,7 @@ from pipeline.side.model import LadderSideNetwork
 from pipeline.side.seq2seq import T5LabelScorer
 from pipeline.side.t5 import initialise_t5_side
 from pipeline.train.config import TrainConfig, parse_read_ahead, parse_shuffle_window
-from pipeline.train.floor import Floor, RunFloor
+from pipeline.train.floor import Floor, RunFloor, StepFloor
 from pipeline.train.gate import epoch_gate as open_gate
 from pipeline.train.loop import TapMap, Variant, VariantRunner, cached_taps, run_loop, summary
 from pipeline.train.reader import Batch, CacheReader
@@ -203,14 +203,18 @@ def build_floor(cache: ActivationCache, cfg: TrainConfig, device: torch.device) 
     return Floor(VariantRunner(variant, total_steps(cfg, reader.num_batches(0))), reader, cached_taps(taps, []))
 
 
-def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | None = None) -> dict:
+def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | None = None,
+          floor_steps: bool = False) -> dict:
     """Train (or resume) one run of ``cfg.method``; returns the summary dict (also summary.json).
     ``epoch_gate``: a directory whose pipes hand out each epoch's start (``gate.EpochGate``; the bench's).
     ``floor_file``: after each epoch, time the reader-free floor of its batches in this process and
-    append it there (``floor.RunFloor``; the bench's)."""
+    append it there (``floor.RunFloor``; the bench's); with ``floor_steps``, one held step after each
+    of the run's steps from the second epoch on (``floor.StepFloor``)."""
     if floor_file and (cfg.live or cfg.method != "lst"):
         raise TrainError("--floor-file times the reader-free floor of a cached LST run; drop it with --live "
                          f"or --method {cfg.method}")
+    if floor_steps and not floor_file:
+        raise TrainError("--floor-steps times the floor step by step into --floor-file; give --floor-file too")
     cache = ActivationCache.open(cfg.cache, storage_options=None)
     cache.require_complete()
     run = RunDir(cfg.out)
@@ -250,11 +254,20 @@ def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | Non
                    "backbone": cache.attrs.get("backbone")})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    floor = RunFloor(lambda: build_floor(cache, cfg, device), floor_file) if floor_file else None
+    build = lambda: build_floor(cache, cfg, device)  # noqa: E731
+    steps = StepFloor(build, floor_file) if floor_file and floor_steps else None
+    floor = RunFloor(build, floor_file) if floor_file and not floor_steps else None
     with open_gate(epoch_gate) as gate:
+        def before_epoch(epoch: int) -> None:  # the bench's turn first, then the step floor's decode
+            if gate is not None:
+                gate(epoch)
+            if steps is not None:
+                steps.before_epoch(epoch)
+
         run_loop([runner], train_reader, eval_reader, source, epochs=cfg.epochs, metric=task["metric"],
-                 max_steps=cfg.max_steps, resumable=True, progress=cfg.progress, before_epoch=gate,
-                 after_epoch=floor)
+                 max_steps=cfg.max_steps, resumable=True, progress=cfg.progress, before_epoch=before_epoch,
+                 after_epoch=steps.after_epoch if steps else floor,
+                 after_step=steps.after_step if steps else None)
     s = summary(variant, task, int(cache.attrs["backbone"]["num_parameters"]), device, cfg.live)
     s.update(reader_summary(train_reader, eval_reader, variant.epochs_here))
     run.write_summary(s)
