@@ -115,9 +115,9 @@ class TrainBenchConfig:
     # that epoch and its evaluation (``train.floor``): ``cached_over_floor_in_process``, free of the
     # difference between processes (not of the machine's drift from pass to pass)
     in_process_floor: bool = False
-    # each cached `lst train` also steps a twin network on a held batch after each of its own steps, from
-    # the second epoch on (``train.floor.StepFloor``): ``cached_over_floor_stepwise``, both arms timed
-    # within the same ~50 ms, so the machine's drift from second to second falls on both alike
+    # each cached `lst train` also steps a twin network on the epoch's held batches between its own steps,
+    # from the second epoch on (``train.floor.StepFloor``): ``cached_over_floor_stepwise``, both arms timed
+    # within the same ~100 ms, so the machine's drift from second to second falls on both alike
     step_floor: bool = False
 
     def __post_init__(self) -> None:

@@ -192,10 +192,10 @@ def register(sub) -> None:
                         "peak_mb_before_floor)")
     t.add_argument("--step-floor", action="store_true",
                    help="also time the floor inside each cached `lst train` process step by step: from its "
-                        "second epoch, after each of the run's steps a twin network steps on that epoch's batch, "
-                        "decoded before the epoch and held; the run's epoch leaves the twin's steps out. "
+                        "second epoch, a twin network steps that epoch's batches, decoded before the epoch and "
+                        "held, alternately with the run's own steps; the run's epoch leaves the twin's steps out. "
                         "cached_over_floor_stepwise sets each steady epoch against its twin's steps, both timed "
-                        "within the same ~50 ms, so the machine's drift falls on both alike (that process's peak "
+                        "within the same ~100 ms, so the machine's drift falls on both alike (that process's peak "
                         "then holds an epoch's batches; the peak before is reported as peak_mb_before_floor)")
     t.add_argument("--floor-batches", type=int, default=0,
                    help="time the floor on this many batches spread over the epoch and scale (default 0: "

@@ -136,7 +136,7 @@ def register(sub) -> None:
     # `lst bench train --in-process-floor` only: after each epoch, the reader-free floor of its batches in
     # this process, one JSON line a pass to this file (``train.floor``)
     p.add_argument("--floor-file", help=argparse.SUPPRESS)
-    # `lst bench train --step-floor` only: that floor one held step after each of the run's own steps
+    # `lst bench train --step-floor` only: that floor a held step at a time, between the run's own steps
     p.add_argument("--floor-steps", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

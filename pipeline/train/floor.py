@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from pipeline.memory import peak_rss_bytes
 from pipeline.train.loop import TapSource, VariantRunner
 from pipeline.train.reader import CacheReader
@@ -44,6 +46,12 @@ class Floor:
     source: TapSource
 
 
+def _sync(floor: Floor) -> None:
+    """Wait for the queued kernels on CUDA, so a timer around steps times their work, not its launch."""
+    if floor.runner.device.type == "cuda":
+        torch.cuda.synchronize(floor.runner.device)
+
+
 def held_pass(floor: Floor, epoch: int, n_batches: int = 0) -> float:
     """Seconds of ``floor.runner``'s steps over ``epoch``'s batches, all decoded first and held in
     memory (``n_batches`` > 0: that many spread evenly over the epoch, the time scaled to its step
@@ -53,9 +61,11 @@ def held_pass(floor: Floor, epoch: int, n_batches: int = 0) -> float:
     n = n_batches if 0 < n_batches < steps else steps
     every = max(1, steps // n)
     batches = [b for i, b in enumerate(reader.iter_epoch(epoch)) if i % every == 0][:n]
+    _sync(floor)
     t0 = time.perf_counter()
     for b in batches:
         floor.runner.train_step(floor.source(b), b)
+    _sync(floor)
     took = time.perf_counter() - t0
     del batches
     return took / n * steps
@@ -84,8 +94,8 @@ class RunFloor:
 
 
 class StepFloor:
-    """`lst train --floor-file F --floor-steps`: the floor one held step at a time, each right after the
-    run's own step, from epoch ``from_epoch`` (1: the steady epochs; the first stays a plain epoch).
+    """`lst train --floor-file F --floor-steps`: the floor one held step at a time, between the run's own
+    steps, from epoch ``from_epoch`` (1: the steady epochs; the first stays a plain epoch).
 
     Why: on this project's VM the same fixed work ran up to ~20% apart from one second to the next
     (session 41), so a cached epoch and a held pass timed one after the other, even in one process,
@@ -125,12 +135,15 @@ class StepFloor:
         if epoch < self.from_epoch:
             return
         row: dict = {"epoch": epoch + 1}
-        if self._floor is None:
+        fresh = self._floor is None
+        if fresh:
             row["peak_mb_before"] = round(peak_rss_bytes() / 2**20, 1)
             self._floor = self._build()
-            for b in list(self._floor.reader.iter_epoch(epoch))[:self.warmup]:
-                self._floor.runner.train_step(self._floor.source(b), b)
-        self._held = list(self._floor.reader.iter_epoch(epoch))
+        floor = self._floor
+        assert floor is not None
+        self._held = list(floor.reader.iter_epoch(epoch))
+        for b in self._held[:self.warmup] if fresh else []:
+            floor.runner.train_step(floor.source(b), b)
         self._row = {**row, "floor_s": 0.0, "cached_steps_s": 0.0, "steps": 0}
         self._last = time.perf_counter()
 
@@ -148,8 +161,9 @@ class StepFloor:
         held, floor = self._held, self._floor
         assert held is not None and floor is not None
         b, held[i] = held[i], None  # dropped once stepped, as a streamed batch is
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # (the loop waited for the run's own queued kernels before this pause)
         floor.runner.train_step(floor.source(b), b)
+        _sync(floor)
         self._row["floor_s"] += time.perf_counter() - t0
         self._row["steps"] += 1
 

@@ -326,6 +326,9 @@ def run_loop(runners: list[VariantRunner], train_reader: CacheReader, eval_reade
             # evaluation a --max-steps run goes on to (it held the last batch's taps all through it)
             del b, taps
             if after_step is not None:
+                for r in active:  # the step's queued kernels are the epoch's, not the pause's
+                    if r.device.type == "cuda":
+                        torch.cuda.synchronize(r.device)
                 p0 = time.perf_counter()
                 after_step(epoch, i)
                 paused += time.perf_counter() - p0
