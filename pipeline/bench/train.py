@@ -59,7 +59,10 @@ steps, and the run's epoch leaves the twin's steps out. ``cached_over_floor_step
 over steady epochs of each against its twin's steps; ``..._runs`` each run's steady epochs together.
 Both arms are timed within the same ~100 ms, so the machine's drift, which moves a pass by up to ~20%
 from one second to the next, falls on both alike. Its cached epochs ran interleaved, so with it the
-between-process keys set an interleaved epoch against the floor process.
+between-process keys set an interleaved epoch against the floor process. Measured (session 42, three
+``--repeats 3`` runs): 1.061, 1.064 and 1.068, every steady epoch 1.046-1.099, the reader's own wait
+1.044-1.058 of each; the same runs' between-process ratio 1.284, 1.040 and 1.215. It is opt-in since it
+doubles each steady epoch's wall time and the cached process holds an epoch's batches (~2 GB peak).
 ``cached_warm_over_own_steps_samples`` reads the reader's wait within each steady epoch
 (1 / (1 - stall)), free of that drift but blind to any slowing of the steps themselves;
 ``cached_steps_over_floor`` is the other factor, the steady epoch's time outside that wait against the
