@@ -280,7 +280,7 @@ def test_bench_train_compares_minima_of_alternate_cached_epochs_and_floors(tmp_p
     else:
         assert "cached_over_floor_in_process" not in res
     assert res["step_floor"] != interleave
-    if not interleave:  # each steady epoch against its twin's held steps, taken one after each of its own
+    if not interleave:  # each steady epoch against its twin's held steps, taken between its own
         pairs, floors = res["cached_over_floor_stepwise_pair_samples"], res["step_floor_s_samples"]
         assert len(pairs) == 4 and len(floors) == 4 and min(floors) > 0
         assert res["cached_over_floor_stepwise"] == pytest.approx(np.median(pairs), abs=2e-3)

@@ -208,8 +208,8 @@ def train(cfg: TrainConfig, epoch_gate: str | None = None, floor_file: str | Non
     """Train (or resume) one run of ``cfg.method``; returns the summary dict (also summary.json).
     ``epoch_gate``: a directory whose pipes hand out each epoch's start (``gate.EpochGate``; the bench's).
     ``floor_file``: after each epoch, time the reader-free floor of its batches in this process and
-    append it there (``floor.RunFloor``; the bench's); with ``floor_steps``, one held step after each
-    of the run's steps from the second epoch on (``floor.StepFloor``)."""
+    append it there (``floor.RunFloor``; the bench's); with ``floor_steps``, its held steps between the
+    run's own steps instead, from the second epoch on (``floor.StepFloor``)."""
     if floor_file and (cfg.live or cfg.method != "lst"):
         raise TrainError("--floor-file times the reader-free floor of a cached LST run; drop it with --live "
                          f"or --method {cfg.method}")
